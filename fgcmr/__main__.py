@@ -1,0 +1,3 @@
+from fgcmr.cli import main
+
+main()

@@ -1,0 +1,138 @@
+"""The ``fgcmr`` command line (python-fire).
+
+Every stage command takes ``--config=<yaml>`` (a stage file, or an experiment file whose matching
+section is used) plus any option of the stage's config as ``--name=value`` or ``--a.b=value``.
+Modules are imported only when their command runs, so ``fgcmr --help`` is instant.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from fgcmr.config import ConfigError, load_config
+
+
+def _run(target: str, section: str | None, config: str | None, overrides: dict[str, Any]) -> Any:
+    """Load ``module:ConfigClass:function``'s typed config and call the function with it."""
+    module_name, cls_name, fn_name = target.split(":")
+    module = importlib.import_module(module_name)
+    cfg = load_config(getattr(module, cls_name), config, overrides, section=section)
+    return getattr(module, fn_name)(cfg)
+
+
+def shard(config: str | None = None, **options: Any) -> None:
+    """Write a corpus as verified WebDataset shards with a manifest.
+
+    fgcmr shard --source=<wikipedia|folder|karpathy|jsonl|csv|synthetic> --root=<input> --out=<dataset dir>
+                [--features=<file>] [--workers=N] [--task_index=I --num_tasks=T] [--data.max_items_per_shard=N]
+    fgcmr shard --source=synthetic --out=<dataset dir> --items=N [--seed=S]
+    fgcmr shard merge --out=<dataset dir>   (after a Slurm array of --num_tasks tasks)
+    """
+    _run("fgcmr.shard.job:ShardConfig:run", "shard", config, options)
+
+
+class Label:
+    """The label stage: train the siamese text labeler, then write fine-grained label sidecars."""
+
+    def tokenizer(self, config: str | None = None, **options: Any) -> None:
+        """Train a WordPiece tokenizer (English and Chinese) on a dataset's train texts: --shards=<dir> --out=<dir>."""
+        _run("fgcmr.label.tokenizer:TokenizerConfig:run", "tokenizer", config, options)
+
+    def train(self, config: str | None = None, **options: Any) -> None:
+        """Train the siamese labeler: --shards=<dataset dir> --out=<labeler dir> [--init=<pretrained dir>]."""
+        _run("fgcmr.label.train:LabelTrainConfig:run", "label", config, options)
+
+    def infer(self, config: str | None = None, **options: Any) -> None:
+        """Distributed inference: --shards=<dataset dir> --labeler=<labeler dir> → <dataset dir>/labels/<name>/."""
+        _run("fgcmr.label.infer:LabelInferConfig:run", "infer", config, options)
+
+
+def train(config: str | None = None, **options: Any) -> None:
+    """Train the two-tower model with DeepSpeed: --shards=<dataset dir> --out=<run dir> [--resume=auto]."""
+    _run("fgcmr.train.loop:TrainConfig:run", "train", config, options)
+
+
+def export(config: str | None = None, **options: Any) -> None:
+    """Consolidate a (ZeRO) checkpoint into <run dir>/export/model.safetensors: --run=<run dir>."""
+    _run("fgcmr.train.export:ExportConfig:run", "export", config, options)
+
+
+def eval(config: str | None = None, **options: Any) -> None:  # noqa: A001 - the command's name
+    """Retrieval metrics (MAP@all, MAP@R, Recall@K, median rank) and a PNG report: --run=<run dir>."""
+    _run("fgcmr.evaluate.job:EvalConfig:run", "eval", config, options)
+
+
+def pipeline(config: str, nproc: int = 1, out: str | None = None, **options: Any) -> None:
+    """shard → label (train + infer) → train → export → eval from one experiment config, on N local processes."""
+    from fgcmr.pipeline import run_pipeline
+
+    run_pipeline(config, nproc=nproc, out=out, overrides=options)
+
+
+class Submit:
+    """Render and submit Slurm job chains."""
+
+    def pipeline(self, config: str, dry_run: bool = False, **options: Any) -> None:
+        """Submit shard → label → train → eval as a dependent job chain (--dry-run prints the scripts)."""
+        from fgcmr.slurm import submit_pipeline
+
+        submit_pipeline(config, dry_run=dry_run, overrides=options)
+
+    def status(self, out: str) -> None:
+        """Show the state of a submitted chain: --out=<experiment output dir>."""
+        from fgcmr.slurm import chain_status
+
+        chain_status(out)
+
+
+class Bench:
+    """Benchmarks that print side-by-side ratios measured in one run (--json for one JSON object)."""
+
+    def train(self, config: str | None = None, **options: Any) -> None:
+        """fgcmr training samples/s vs a bare forward+backward+step loop (and --peer=open_clip)."""
+        _run("fgcmr.bench.train:BenchTrainConfig:run", None, config, options)
+
+    def label(self, config: str | None = None, **options: Any) -> None:
+        """Label inference samples/s vs a bare forward loop of the same encoder on the same batches."""
+        _run("fgcmr.bench.label:BenchLabelConfig:run", None, config, options)
+
+    def shard(self, config: str | None = None, **options: Any) -> None:
+        """Sharding items/s vs plain tarfile, and peak memory at two corpus sizes."""
+        _run("fgcmr.bench.shard:BenchShardConfig:run", None, config, options)
+
+    def data(self, config: str | None = None, **options: Any) -> None:
+        """The training input pipeline's samples/s vs the machine's decode ceiling."""
+        _run("fgcmr.bench.data:BenchDataConfig:run", None, config, options)
+
+
+COMMANDS = {
+    "shard": shard,
+    "label": Label,
+    "train": train,
+    "export": export,
+    "eval": eval,
+    "pipeline": pipeline,
+    "submit": Submit,
+    "bench": Bench,
+}
+
+
+def main() -> None:
+    import fire
+
+    from fgcmr.progress import setup_logging
+
+    setup_logging()
+    try:
+        fire.Fire(COMMANDS, name="fgcmr")
+    except ConfigError as e:
+        print(f"fgcmr: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        print(f"fgcmr: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
