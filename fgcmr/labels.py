@@ -1,0 +1,104 @@
+"""The label seam: fine-grained label sidecars and the label math the weighted loss uses.
+
+Files (written by ``fgcmr label infer``, read by ``fgcmr train``)::
+
+    <dataset>/labels/<labeler>/<split>-NNNNNN.npz   one per data shard, same keys in the same order
+        keys          str   [n]      sample keys, in shard order
+        text_emb      f16   [T, d]   every text of every sample, concatenated in sample order
+        text_offsets  i64   [n + 1]  sample i's texts are text_emb[text_offsets[i]:text_offsets[i + 1]]
+        desc_emb      f16   [n, d]   the description of sample i's image (its own text, or the mean of
+                                     its normalised caption embeddings)
+    <dataset>/labels/<labeler>/head.npz             w f32 [d], c f32 [1]: the labeler's pair head
+    <dataset>/labels/<labeler>/manifest.json        labeler, metrics, counts, per-sidecar sha256
+
+Label math, for a batch of N images and M texts (gathered across ranks if need be):
+
+- relevance ``y[i, j] = 1`` when image i and text j share a category; for data without categories
+  (category < 0), when text j belongs to image i itself;
+- siamese score ``p[i, j] = sigmoid(w · (d_i ⊙ t_j) + c)`` with ``d_i`` the description embedding
+  of image i and ``t_j`` the embedding of text j. It is a weighted inner product, so the whole
+  matrix is one product ``(D * w) @ Tᵀ + c``;
+- hardness ``h = 1 − p`` on positives (a relevant pair the labeler finds dissimilar is hard) and
+  ``h = p`` on negatives (an irrelevant pair that looks alike is hard); ``h`` lies in [0, 1].
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SIDECAR_FIELDS = ("keys", "text_emb", "text_offsets", "desc_emb")
+
+
+def labels_dir(dataset_dir: str | Path, labeler_name: str) -> Path:
+    return Path(dataset_dir) / "labels" / labeler_name
+
+
+def sidecar_path(dataset_dir: str | Path, labeler_name: str, shard_file: str) -> Path:
+    return labels_dir(dataset_dir, labeler_name) / (Path(shard_file).name.removesuffix(".tar") + ".npz")
+
+
+@dataclasses.dataclass
+class Sidecar:
+    keys: np.ndarray
+    text_emb: np.ndarray
+    text_offsets: np.ndarray
+    desc_emb: np.ndarray
+
+    def texts_of(self, i: int) -> np.ndarray:
+        return self.text_emb[self.text_offsets[i] : self.text_offsets[i + 1]]
+
+    def by_key(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """key → (text embeddings [k, d], description embedding [d])."""
+        return {str(k): (self.texts_of(i), self.desc_emb[i]) for i, k in enumerate(self.keys)}
+
+
+class SidecarError(RuntimeError):
+    """A sidecar is missing, corrupt, or does not match its data shard."""
+
+
+def read_sidecar(path: str | Path, expected_keys: list[str] | None = None) -> Sidecar:
+    """Load and check one sidecar; with ``expected_keys`` the keys must match the shard exactly."""
+    path = Path(path)
+    if not path.is_file():
+        raise SidecarError(f"label sidecar missing: {path} (run `fgcmr label infer`)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            sc = Sidecar(**{f: z[f] for f in SIDECAR_FIELDS})
+    except Exception as e:  # zipfile, KeyError, ValueError: all mean the same to the user
+        raise SidecarError(f"label sidecar unreadable: {path}: {e}") from None
+    n = len(sc.keys)
+    if len(sc.text_offsets) != n + 1 or len(sc.desc_emb) != n or sc.text_offsets[-1] != len(sc.text_emb):
+        raise SidecarError(f"label sidecar inconsistent: {path}: {n} keys, {len(sc.desc_emb)} descriptions, offsets end {sc.text_offsets[-1]} vs {len(sc.text_emb)} texts")
+    if expected_keys is not None and [str(k) for k in sc.keys] != list(expected_keys):
+        mismatch = next((i for i, (a, b) in enumerate(zip(sc.keys, expected_keys)) if str(a) != b), min(n, len(expected_keys)))
+        raise SidecarError(f"label sidecar keys do not match the data shard: {path}: first difference at position {mismatch} ({n} vs {len(expected_keys)} keys)")
+    return sc
+
+
+def read_head(dataset_dir: str | Path, labeler_name: str) -> tuple[np.ndarray, float]:
+    path = labels_dir(dataset_dir, labeler_name) / "head.npz"
+    if not path.is_file():
+        raise SidecarError(f"labeler head missing: {path} (run `fgcmr label infer`)")
+    with np.load(path, allow_pickle=False) as z:
+        return z["w"].astype(np.float32), float(np.asarray(z["c"]).reshape(-1)[0])
+
+
+def relevance(img_cat: torch.Tensor, txt_cat: torch.Tensor, img_id: torch.Tensor, txt_id: torch.Tensor) -> torch.Tensor:
+    """``y[i, j]``: same category where both have one (≥ 0), else same image id."""
+    same_cat = img_cat[:, None] == txt_cat[None, :]
+    has_cat = (img_cat[:, None] >= 0) & (txt_cat[None, :] >= 0)
+    same_img = img_id[:, None] == txt_id[None, :]
+    return torch.where(has_cat, same_cat, same_img).float()
+
+
+def pair_scores(desc_emb: torch.Tensor, text_emb: torch.Tensor, w: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """``p[i, j] = sigmoid(w · (desc_i ⊙ text_j) + c)`` as one matrix product."""
+    return torch.sigmoid((desc_emb.float() * w.float()) @ text_emb.float().T + c)
+
+
+def hardness(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``1 − p`` on positives, ``p`` on negatives."""
+    return torch.where(y > 0, 1.0 - p, p)
