@@ -1,0 +1,67 @@
+"""The typed config machinery: YAML + dotted overrides → dataclasses, one validation pass."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from fgcmr.config import ConfigError, apply_overrides, dump_yaml, load_config
+
+
+@dataclasses.dataclass
+class Inner:
+    max_items: int = 10
+    ratio: float = 0.5
+    names: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Outer:
+    source: Literal["a", "b"] = "a"
+    out: str | None = None
+    flag: bool = False
+    data: Inner = dataclasses.field(default_factory=Inner)
+
+    def validate(self) -> None:
+        if self.data.max_items <= 0:
+            raise ValueError("data.max_items must be positive")
+
+
+def test_yaml_then_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("source: b\ndata:\n  max_items: 3\n  names: [x, y]\n")
+    cfg = load_config(Outer, path, {"data.ratio": "0.25", "flag": "true"})
+    assert cfg == Outer(source="b", flag=True, data=Inner(max_items=3, ratio=0.25, names=["x", "y"]))
+
+
+def test_experiment_section_is_used(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: exp\nshard:\n  source: b\n  data: {max_items: 7}\n")
+    assert load_config(Outer, path, section="shard").data.max_items == 7
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"source": "c"}, "source='c' is not allowed; choose one of 'a', 'b'"),
+        ({"data.bogus": 1}, "unknown config field 'data.bogus'"),
+        ({"data.max_items": "many"}, "data.max_items must be an integer"),
+        ({"flag": "perhaps"}, "flag must be true or false"),
+        ({"data.max_items": 0}, "data.max_items must be positive"),
+        ({"data.max_items.x": 1}, "data.max_items must be an integer"),
+    ],
+)
+def test_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(Outer, None, overrides)
+
+
+def test_overrides_do_not_mutate_input_and_dump_round_trips(tmp_path):
+    data = {"data": {"max_items": 1}}
+    apply_overrides(data, {"data.max_items": 2})
+    assert data == {"data": {"max_items": 1}}
+    cfg = load_config(Outer, None, {"data.names": "p,q"})
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(Outer, path) == cfg
