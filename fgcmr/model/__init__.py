@@ -1,0 +1,27 @@
+"""The two-tower retrieval model, its inputs, and its export: the API later stages build on.
+
+- ``ModelConfig`` (``fgcmr.model.config``): ``image`` (``ImageTowerConfig``: ``kind`` timm | feature,
+  timm ``name``, ``pretrained`` flag, local ``checkpoint`` file, ``model_kwargs``, ``image_size``,
+  ``feature_dim``/``hidden_dim`` for the feature MLP, ``grad_checkpointing``), ``text``
+  (``TextTowerConfig``: ``kind`` transformers | feature, transformers ``config`` (with ``model_type``)
+  or local ``pretrained_dir``, ``tokenizer_dir``, ``max_length``, ``pooling``, feature MLP dims,
+  ``grad_checkpointing``), ``embed_dim``; properties ``tokenizer_dir`` and ``max_text_length``.
+- ``build_model(cfg) -> TwoTower``: ``encode_image(images) -> [N, D]``, ``encode_text(text_batch) -> [M, D]``
+  (both L2-normalised), ``forward(images, text_batch) -> (image_emb, text_emb)``, ``logit_scale``.
+- ``build_inputs(cfg, train=False) -> Inputs``: ``image(sample) -> Tensor`` (PIL decode by content +
+  timm's transform for the model, or the ``img.npy`` feature), ``text(sample, k) -> Tensor`` (token ids
+  of the k-th text, or the ``txt.npy`` feature), ``collate_texts(items) -> text_batch``.
+- ``save_export(dir, model, cfg)`` / ``load_export(dir) -> (model, cfg, inputs)``: safetensors +
+  ``model_config.json`` + ``tokenizer/``; loads without DeepSpeed on any world size.
+- ``train_wordpiece(texts, dir)``: an offline tokenizer for configs without a pretrained one.
+"""
+from fgcmr.model.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+from fgcmr.model.export import load_export, save_export
+from fgcmr.model.inputs import Inputs, build_inputs
+from fgcmr.model.tokenizer import train_wordpiece
+from fgcmr.model.two_tower import TwoTower, build_model
+
+__all__ = [
+    "ImageTowerConfig", "Inputs", "ModelConfig", "TextTowerConfig", "TwoTower",
+    "build_inputs", "build_model", "load_export", "save_export", "train_wordpiece",
+]

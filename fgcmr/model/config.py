@@ -1,0 +1,62 @@
+"""The two-tower model's configuration: data, loaded once from ``configs/models/*.yaml``."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+
+@dataclasses.dataclass
+class ImageTowerConfig:
+    """A timm backbone by name, or an MLP over a precomputed image feature (``img.npy``)."""
+
+    kind: Literal["timm", "feature"] = "timm"
+    name: str = "test_efficientnet"  # timm model name (timm kind)
+    pretrained: bool = False  # timm's own weights (needs the HF hub or its cache)
+    checkpoint: str | None = None  # local weights file (.safetensors / .pt / .pth), loaded in order if names differ
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra timm.create_model arguments
+    image_size: int | None = None  # overrides the input size of timm's data config
+    feature_dim: int = 0  # input dim (feature kind)
+    hidden_dim: int = 512  # MLP hidden width (feature kind)
+    grad_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.kind == "feature" and self.feature_dim <= 0:
+            raise ValueError("image.kind=feature needs image.feature_dim > 0")
+
+
+@dataclasses.dataclass
+class TextTowerConfig:
+    """A transformers encoder (from a config or a local pretrained dir), or an MLP over ``txt.npy``."""
+
+    kind: Literal["transformers", "feature"] = "transformers"
+    pretrained_dir: str | None = None  # local HF model dir (AutoModel.from_pretrained)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # AutoConfig.for_model kwargs, incl. model_type
+    tokenizer_dir: str | None = None  # local HF tokenizer dir; default: pretrained_dir; trained on the data if absent
+    vocab_size: int = 8000  # size of a tokenizer trained on the data
+    max_length: int = 32
+    pooling: Literal["mean", "cls"] = "mean"
+    feature_dim: int = 0
+    hidden_dim: int = 512
+    grad_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.kind == "feature" and self.feature_dim <= 0:
+            raise ValueError("text.kind=feature needs text.feature_dim > 0")
+        if self.kind == "transformers" and not self.pretrained_dir and "model_type" not in self.config:
+            raise ValueError("text.kind=transformers needs text.pretrained_dir or text.config.model_type")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    image: ImageTowerConfig = dataclasses.field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = dataclasses.field(default_factory=lambda: TextTowerConfig(config={"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}))
+    embed_dim: int = 256
+    init_logit_scale: float = 2.6593  # log(1 / 0.07), CLIP's initial temperature
+
+    @property
+    def tokenizer_dir(self) -> str | None:
+        return self.text.tokenizer_dir or self.text.pretrained_dir
+
+    @property
+    def max_text_length(self) -> int:
+        return self.text.max_length

@@ -1,0 +1,82 @@
+"""Turn a shard ``Sample`` into model inputs: decoded + transformed image, tokenised text, or features.
+
+The image transform is timm's own for the tower's model (its mean/std, size, crop), the training
+augmentation when ``train=True``. Pure CPU work, safe in DataLoader workers (picklable).
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from fgcmr.dataset import Sample
+from fgcmr.model.config import ModelConfig
+from fgcmr.model.tokenizer import load_tokenizer
+
+
+def image_data_config(cfg: ModelConfig) -> dict:
+    """timm's data config (input size, interpolation, mean/std, crop) for the image tower's model."""
+    import timm
+    from timm.data import resolve_data_config
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.image.name, allow_unregistered=False)
+    if pretrained_cfg is None:
+        raise ValueError(f"timm does not know the model {cfg.image.name!r}")
+    args = {"input_size": (3, cfg.image.image_size, cfg.image.image_size)} if cfg.image.image_size else {}
+    return resolve_data_config(args, pretrained_cfg=pretrained_cfg.to_dict())
+
+
+class Inputs:
+    def __init__(self, cfg: ModelConfig, train: bool = False):
+        self.cfg = cfg
+        self.transform = None
+        if cfg.image.kind == "timm":
+            from timm.data import create_transform
+
+            self.transform = create_transform(**image_data_config(cfg), is_training=train)
+        self.tokenizer = None
+        if cfg.text.kind == "transformers":
+            if not cfg.tokenizer_dir:
+                raise ValueError("the text tower needs a tokenizer: set text.tokenizer_dir or text.pretrained_dir")
+            self.tokenizer = load_tokenizer(cfg.tokenizer_dir)
+
+    def image(self, sample: Sample) -> torch.Tensor:
+        """``[3, H, W]`` from the image bytes (format detected from content), or the ``img.npy`` feature."""
+        if self.transform is None:
+            if sample.image_feature is None:
+                raise ValueError(f"sample {sample.key}: the image tower needs an img.npy feature")
+            return torch.from_numpy(np.asarray(sample.image_feature, dtype=np.float32).reshape(-1))
+        if sample.image is None:
+            raise ValueError(f"sample {sample.key}: no image bytes")
+        from PIL import Image
+
+        with Image.open(io.BytesIO(sample.image)) as im:
+            return self.transform(im.convert("RGB"))
+
+    def text(self, sample: Sample, k: int) -> torch.Tensor:
+        """The k-th text of the sample: token ids ``[L]`` (≤ max length), or its ``txt.npy`` feature row."""
+        if self.tokenizer is None:
+            feat = sample.text_feature
+            if feat is None:
+                raise ValueError(f"sample {sample.key}: the text tower needs a txt.npy feature")
+            feat = np.asarray(feat, dtype=np.float32)
+            return torch.from_numpy(feat[k] if feat.ndim == 2 else feat.reshape(-1))
+        ids = self.tokenizer(sample.texts[k], truncation=True, max_length=self.cfg.max_text_length)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def collate_texts(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor] | torch.Tensor:
+        """Pad token ids to the longest in the batch (with an attention mask), or stack features."""
+        if self.tokenizer is None:
+            return torch.stack(items)
+        length = max(len(t) for t in items)
+        ids = torch.full((len(items), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        for i, t in enumerate(items):
+            ids[i, : len(t)] = t
+            mask[i, : len(t)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def build_inputs(cfg: ModelConfig, train: bool = False) -> Inputs:
+    return Inputs(cfg, train=train)

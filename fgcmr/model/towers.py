@@ -1,0 +1,120 @@
+"""The towers: a backbone that maps one modality to a feature vector (``out_dim`` wide).
+
+Image: any timm model (classifier removed) or an MLP over a precomputed feature.
+Text: any transformers encoder, pooled (mean over tokens or CLS), or an MLP over a feature.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fgcmr.model.config import ImageTowerConfig, TextTowerConfig
+
+log = logging.getLogger("fgcmr.model")
+
+
+class FeatureMLP(nn.Module):
+    """Two-layer MLP for precomputed features (the Wikipedia SIFT / LDA vectors)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim))
+        self.out_dim = hidden_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TimmTower(nn.Module):
+    def __init__(self, cfg: ImageTowerConfig):
+        super().__init__()
+        import timm
+
+        self.backbone = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0, **cfg.model_kwargs)
+        if cfg.checkpoint:
+            load_weights_in_order(self.backbone, cfg.checkpoint)
+        if cfg.grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        self.out_dim = self.backbone.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+
+class HFTextTower(nn.Module):
+    def __init__(self, cfg: TextTowerConfig):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if cfg.pretrained_dir:
+            self.encoder = AutoModel.from_pretrained(cfg.pretrained_dir)
+        else:
+            kwargs = dict(cfg.config)
+            model_type = kwargs.pop("model_type")
+            self.encoder = AutoModel.from_config(AutoConfig.for_model(model_type, **kwargs))
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None  # unused: its parameters would get no gradient
+        if cfg.grad_checkpointing:
+            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.pooling = cfg.pooling
+        self.out_dim = self.encoder.config.hidden_size
+
+    def forward(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.encoder(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = text["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
+    return FeatureMLP(cfg.feature_dim, cfg.hidden_dim) if cfg.kind == "feature" else TimmTower(cfg)
+
+
+def build_text_tower(cfg: TextTowerConfig) -> nn.Module:
+    return FeatureMLP(cfg.feature_dim, cfg.hidden_dim) if cfg.kind == "feature" else HFTextTower(cfg)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image tower checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def load_weights_in_order(module: nn.Module, path: str | Path) -> None:
+    """Load a state dict by name when the names match, else tensor by tensor in order (shapes must agree).
+
+    Checkpoints from other code bases name layers differently but store them in the same order
+    (e.g. the ``efficientnet-lite0`` weights onto timm's ``tf_efficientnet_lite0``); BatchNorm's
+    ``num_batches_tracked`` counters are skipped, and the classifier is dropped when the tower has none.
+    """
+    source = {k: v for k, v in read_state_dict(path).items() if not k.endswith("num_batches_tracked")}
+    target = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    if set(target) <= set(source):
+        mapped = {k: source[k] for k in target}
+    else:
+        src = list(source.items())[: len(target)]
+        if len(src) < len(target):
+            raise ValueError(f"{path}: {len(source)} tensors, the model needs {len(target)}")
+        mapped = {}
+        for (tk, tv), (sk, sv) in zip(target.items(), src):
+            if tuple(tv.shape) != tuple(sv.shape):
+                raise ValueError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
+            mapped[tk] = sv
+    missing, _ = module.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"{path}: no weights for {missing[:3]}…")
+    log.info("loaded %d tensors from %s", len(mapped), path)

@@ -1,0 +1,41 @@
+"""The two-tower retrieval model: towers → linear projections → L2-normalised joint space."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fgcmr.model.config import ModelConfig
+from fgcmr.model.towers import build_image_tower, build_text_tower
+
+TextBatch = dict[str, torch.Tensor] | torch.Tensor
+
+
+class TwoTower(nn.Module):
+    """``encode_image`` / ``encode_text`` give unit vectors of ``embed_dim``; ``logit_scale`` is CLIP's
+    learnable temperature, shape ``(1,)`` because a 0-dim parameter breaks ``deepspeed.initialize``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.image_tower = build_image_tower(cfg.image)
+        self.text_tower = build_text_tower(cfg.text)
+        self.image_proj = nn.Linear(self.image_tower.out_dim, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text_tower.out_dim, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.image_tower(images)), dim=-1)
+
+    def encode_text(self, text: TextBatch) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_tower(text)), dim=-1)
+
+    def forward(self, images: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(text)
+
+    def tower_parameters(self) -> set[int]:
+        """Ids of the backbone parameters (the part that may be pretrained), for a separate learning rate."""
+        return {id(p) for tower in (self.image_tower, self.text_tower) for p in tower.parameters()}
+
+
+def build_model(cfg: ModelConfig) -> TwoTower:
+    return TwoTower(cfg)
