@@ -1,0 +1,231 @@
+"""``fgcmr shard``: plan a corpus into fixed chunks, write them with N workers / T tasks, assemble.
+
+The listing pass (cheap: list lines, CSV rows, synthetic indices) runs in full in every task and cuts
+each split into chunks of ``max_items_per_shard`` input items; chunk ``g`` (in listing order) belongs
+to task ``g % num_tasks``. Loading, checking and encoding items (the expensive part) happens per
+chunk in worker processes. Completed chunks are kept across reruns, so a killed job resumes, and the
+result never depends on the number of workers or tasks.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import sys
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator, Literal
+
+from fgcmr.config import ConfigError, dump_yaml, to_dict
+from fgcmr.io import atomic_write_json, read_json
+from fgcmr.progress import Progress
+from fgcmr.shard.manifest import WORK_DIR, finalize, plan_path
+from fgcmr.shard.readers import make_reader
+from fgcmr.shard.records import Skip
+from fgcmr.shard.sample import encode_sample
+from fgcmr.shard.writer import Chunk, verified_record, write_chunk
+
+log = logging.getLogger("fgcmr.shard")
+
+# Options that change how the job runs but never what it writes.
+EXECUTION_FIELDS = ("out", "workers", "task_index", "num_tasks", "merge")
+FAIL_AFTER_ENV = "FGCMR_SHARD_FAIL_AFTER"  # test hook: exit abruptly after this many chunks
+
+
+@dataclasses.dataclass
+class DataOptions:
+    """Shard limits and image handling."""
+
+    max_items_per_shard: int = 1000
+    max_bytes_per_shard: int = 1 << 30
+    max_image_side: int = 0  # > 0: images with a longer side are downscaled and re-encoded as JPEG
+    reencode: bool = False  # re-encode every image as RGB JPEG (else original bytes are kept)
+    jpeg_quality: int = 90
+    max_pixels: int = 64_000_000  # decompression-bomb guard: larger images are skipped
+
+    def validate(self) -> None:
+        for name in ("max_items_per_shard", "max_bytes_per_shard", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.max_image_side < 0:
+            raise ValueError(f"max_image_side={self.max_image_side} must be 0 (keep) or positive")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality={self.jpeg_quality} must be in 1..100")
+
+
+@dataclasses.dataclass
+class ShardConfig:
+    """What to shard, where to, and how to split the work."""
+
+    source: Literal["wikipedia", "folder", "karpathy", "jsonl", "csv", "synthetic"] = "synthetic"
+    root: str | None = None  # input directory (wikipedia, folder) or file (karpathy, jsonl, csv)
+    out: str = "shards/synthetic"
+    name: str | None = None  # dataset name in the manifest; default: the out directory's name
+    features: str | None = None  # wikipedia: .mat with I_tr/I_te (image) and/or T_tr/T_te (text) rows in list order
+    images: str | None = None  # caption corpora: image directory (default: beside the root file)
+    splits_file: str | None = None  # caption corpora: CSV image,split giving each image's split
+    default_split: str = "train"  # split of items that name none
+    splits: list[str] = dataclasses.field(default_factory=list)  # shard only these splits (default: all)
+    workers: int = 1
+    task_index: int = 0
+    num_tasks: int = 1
+    merge: bool = False  # assemble the output of a finished Slurm array of num_tasks tasks
+    items: int = 1000  # synthetic: number of items
+    seed: int = 0  # synthetic: generator seed
+    image_size: int = 64  # synthetic: image side in pixels
+    captions: int = 5  # synthetic: captions per image
+    data: DataOptions = dataclasses.field(default_factory=DataOptions)
+
+    def validate(self) -> None:
+        if self.source != "synthetic" and not self.root and not self.merge:
+            raise ValueError(f"--root is required for source={self.source!r}")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} must be at least 1")
+        if self.num_tasks < 1 or not 0 <= self.task_index < self.num_tasks:
+            raise ValueError(f"task_index={self.task_index} must be in 0..num_tasks-1 (num_tasks={self.num_tasks})")
+        if self.image_size < 8:
+            raise ValueError(f"image_size={self.image_size} must be at least 8")
+
+
+def run(cfg: ShardConfig) -> dict:
+    """Shard (this task's part of) the corpus; return the manifest, or this task's summary in an array."""
+    cfg.validate()
+    out = Path(cfg.out)
+    if cfg.merge:
+        return _report(finalize(out))
+    reader = make_reader(cfg)  # a wrong path or layout fails here, before any work
+    work = out / WORK_DIR
+    dataset_config = _prepare(work, cfg)
+    done = _write_chunks(cfg, reader, work)
+    plan = {
+        "name": cfg.name or out.resolve().name,
+        "num_tasks": cfg.num_tasks,
+        "config": dataset_config,
+        "config_yaml": dump_yaml(cfg),
+        "categories": reader.categories,
+        **done,
+    }
+    atomic_write_json(plan_path(work, cfg.task_index, cfg.num_tasks), plan)
+    if cfg.num_tasks == 1:
+        return _report(finalize(out))
+    log.info("task %d of %d done; after all tasks finish run `fgcmr shard --merge --out=%s`", cfg.task_index, cfg.num_tasks, out)
+    return plan
+
+
+def _prepare(work: Path, cfg: ShardConfig) -> dict:
+    """Create the work directory, refuse one left by a different config, drop stale temporary files."""
+    dataset_config = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_FIELDS}
+    work.mkdir(parents=True, exist_ok=True)
+    for tmp in work.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    stamp = work / "config.json"
+    if stamp.is_file():
+        previous = read_json(stamp)
+        if previous != dataset_config:
+            changed = sorted(k for k in set(previous) | set(dataset_config) if previous.get(k) != dataset_config.get(k))
+            raise ConfigError(f"{work.parent} holds shards made with a different config (changed: {', '.join(changed)}); use another --out or delete it")
+    else:
+        atomic_write_json(stamp, dataset_config)
+    return dataset_config
+
+
+def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
+    """Cut the listing into per-split chunks of ``max_items_per_shard`` refs; duplicates become skips."""
+    size = cfg.data.max_items_per_shard
+    buffers: dict[str, list] = {}
+    counters: collections.Counter = collections.Counter()
+    seen: set[str] | None = None if getattr(reader, "unique_ids", False) else set()
+    for ref in reader.refs():
+        if cfg.splits and ref.split not in cfg.splits:
+            continue
+        if seen is not None and ref.skip is None:
+            if ref.key in seen:
+                ref = dataclasses.replace(ref, skip=("duplicate_id", f"key {ref.key!r} already seen; the first occurrence wins"))
+            else:
+                seen.add(ref.key)
+        buffer = buffers.setdefault(ref.split, [])
+        buffer.append(ref)
+        if len(buffer) == size:
+            yield Chunk(ref.split, counters[ref.split], buffer, _snapshot(reader))
+            counters[ref.split] += 1
+            buffers[ref.split] = []
+    for split, buffer in buffers.items():
+        if buffer:
+            yield Chunk(split, counters[split], buffer, _snapshot(reader))
+
+
+def _snapshot(reader) -> list[str] | None:
+    return list(reader.categories) if reader.categories is not None else None
+
+
+def _write_chunks(cfg: ShardConfig, reader, work: Path) -> dict:
+    """Write this task's missing chunks; return every chunk of the corpus and the split order."""
+    all_chunks: list[tuple[str, int]] = []
+    splits: list[str] = []
+    fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0"))
+    written = 0
+    progress = Progress(None, f"shard {Path(cfg.out).name}", unit="item")
+    pool = ProcessPoolExecutor(cfg.workers, initializer=_init_worker, initargs=(cfg,)) if cfg.workers > 1 else None
+    pending: collections.deque[Future] = collections.deque()
+
+    def collect(record: dict) -> None:
+        nonlocal written
+        progress.update(record["items_in"])
+        written += 1
+        if fail_after and written >= fail_after:
+            log.warning("%s=%d: exiting abruptly (test hook)", FAIL_AFTER_ENV, fail_after)
+            os._exit(75)
+
+    try:
+        for g, chunk in enumerate(_chunks(cfg, reader)):
+            all_chunks.append((chunk.split, chunk.index))
+            if chunk.split not in splits:
+                splits.append(chunk.split)
+            if g % cfg.num_tasks != cfg.task_index:
+                continue
+            record = verified_record(work, chunk.stem)
+            if record is not None:
+                progress.update(record["items_in"])
+                continue
+            if pool is None:
+                collect(_write(reader, chunk, work, cfg.data))
+                continue
+            pending.append(pool.submit(_write_in_worker, chunk, str(work)))
+            while len(pending) > 2 * cfg.workers:
+                collect(pending.popleft().result())
+        while pending:
+            collect(pending.popleft().result())
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return {"chunks": all_chunks, "splits": splits}
+
+
+def _write(reader, chunk: Chunk, work: Path, data: DataOptions) -> dict:
+    return write_chunk(chunk, work, reader.load, lambda item, cats: encode_sample(item, cats, data), data.max_bytes_per_shard)
+
+
+_worker: dict = {}
+
+
+def _init_worker(cfg: ShardConfig) -> None:
+    _worker["reader"], _worker["data"] = make_reader(cfg), cfg.data
+
+
+def _write_in_worker(chunk: Chunk, work: str) -> dict:
+    return _write(_worker["reader"], chunk, Path(work), _worker["data"])
+
+
+def _report(manifest: dict) -> dict:
+    """Print the accounting equation (and skips by reason) that every run ends with."""
+    line = f"items_in {manifest['items_in']} = items_written {manifest['items_written']} + items_skipped {manifest['items_skipped']}"
+    if manifest["skipped"]:
+        line += " (" + ", ".join(f"{reason}: {n}" for reason, n in manifest["skipped"].items()) + ")"
+    splits = ", ".join(f"{s}: {info['items']} items in {len(info['shards'])} shards" for s, info in manifest["splits"].items())
+    print(f"{manifest['name']}: {splits}\n{line}", file=sys.stdout, flush=True)
+    return manifest
+
+
+__all__ = ["DataOptions", "ShardConfig", "Skip", "run"]

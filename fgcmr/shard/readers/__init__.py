@@ -1,0 +1,33 @@
+"""Corpus readers. Each has ``categories`` (names, or None), ``refs()`` (the cheap, ordered listing
+pass, run in the main process) and ``load(ref)`` (the expensive part, run in workers; raises ``Skip``).
+``make_reader`` checks paths and layout, so a wrong input fails before any work starts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_reader(cfg):
+    """The reader for ``cfg.source``; raises FileNotFoundError or ConfigError on a wrong path or layout."""
+    from fgcmr.config import ConfigError
+
+    if cfg.source == "synthetic":
+        from fgcmr.shard.readers.synthetic import SyntheticReader
+
+        try:
+            return SyntheticReader(cfg.items, cfg.seed, cfg.image_size, cfg.captions, cfg.data.jpeg_quality)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    root = Path(cfg.root)
+    if not root.exists():
+        raise FileNotFoundError(f"--root {root} does not exist")
+    if cfg.source == "wikipedia":
+        from fgcmr.shard.readers.wikipedia import WikipediaReader
+
+        return WikipediaReader(root, features=cfg.features)
+    if cfg.source == "folder":
+        from fgcmr.shard.readers.folder import FolderReader
+
+        return FolderReader(root, default_split=cfg.default_split)
+    from fgcmr.shard.readers.captions import CaptionReader
+
+    return CaptionReader(root, cfg.source, images=cfg.images, splits_file=cfg.splits_file, default_split=cfg.default_split)
