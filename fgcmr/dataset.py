@@ -120,3 +120,11 @@ def _set_field(sample: Sample, field: str, data: bytes) -> None:
         sample.text_feature = np.load(io.BytesIO(data), allow_pickle=False)
     elif field in IMAGE_EXTS:
         sample.image, sample.image_ext = data, field
+
+
+def sample_from_fields(key: str, fields: dict[str, bytes]) -> Sample:
+    """A ``Sample`` from one WebDataset record's raw fields (``{"json": b"…", "jpg": b"…"}``)."""
+    sample = Sample(key=key, meta={})
+    for field, data in fields.items():
+        _set_field(sample, field, data)
+    return sample
