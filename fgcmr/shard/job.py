@@ -38,7 +38,7 @@ class DataOptions:
     """Shard limits and image handling."""
 
     max_items_per_shard: int = 1000
-    max_bytes_per_shard: int = 1 << 30
+    max_bytes_per_shard: int = 1 << 30  # a shard exceeds it only by tar's padding to a 10 KiB record
     max_image_side: int = 0  # > 0: images with a longer side are downscaled and re-encoded as JPEG
     reencode: bool = False  # re-encode every image as RGB JPEG (else original bytes are kept)
     jpeg_quality: int = 90

@@ -19,6 +19,7 @@ from fgcmr.io import atomic_open, atomic_write_json, read_json, sha256_file
 from fgcmr.shard.records import Item, Ref, Skip
 
 TAR_BLOCK = 512
+TAR_END = 2 * TAR_BLOCK  # end-of-archive marker; tarfile then pads to a multiple of tarfile.RECORDSIZE
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ class PartWriter:
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
         size = sum(member_bytes(len(data)) for _, data in members)
-        if self._tar is not None and self._bytes + size > self.max_bytes:
+        if self._tar is not None and self._bytes + size + TAR_END > self.max_bytes:
             self._close_part()
         if self._tar is None:
             self._open_part()

@@ -1,0 +1,154 @@
+"""The sharder's guarantees on the synthetic corpus: byte-identical output across reruns, worker
+counts, Slurm-array tasks + merge and kill-and-resume; size limits; clear errors on bad usage."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from fgcmr.config import ConfigError, load_config
+from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.shard.job import FAIL_AFTER_ENV, ShardConfig, run
+
+REPO = Path(__file__).resolve().parents[1]
+ITEMS, PER_SHARD = 150, 16
+
+
+def shard(out: Path, **options) -> dict:
+    cfg = ShardConfig(source="synthetic", out=str(out), items=ITEMS, seed=7, **options)
+    cfg.data.max_items_per_shard = PER_SHARD
+    return run(cfg)
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """Every file a consumer reads (config.yaml records how the job ran, so it is left out)."""
+    names = ["manifest.json", "sizes.json", "skipped.jsonl", *sorted(p.name for p in root.glob("*.tar"))]
+    return {name: (root / name).read_bytes() for name in names}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "synth"
+    shard(out)
+    return out
+
+
+def test_reference_layout_and_manifest(reference):
+    m = json.loads((reference / "manifest.json").read_text())
+    assert m["items_in"] == m["items_written"] == ITEMS and m["items_skipped"] == 0 and m["skipped"] == {}
+    sizes = json.loads((reference / "sizes.json").read_text())
+    for split, info in m["splits"].items():
+        assert info["items"] == sum(s["items"] for s in info["shards"])
+        for n, s in enumerate(info["shards"]):
+            assert s["file"] == f"{split}-{n:06d}.tar" and sizes[s["file"]] == s["items"] <= PER_SHARD
+            assert (reference / s["file"]).stat().st_size == s["bytes"]
+    assert m["config"]["items"] == ITEMS and "workers" not in m["config"]
+    assert "items: 150" in (reference / "config.yaml").read_text()
+    with tarfile.open(reference / "train-000000.tar") as tar:
+        members = tar.getmembers()
+    assert all(t.mtime == 0 and t.uid == 0 and t.gid == 0 and t.uname == "" and t.gname == "" for t in members)
+    assert [t.name.split(".", 1)[1] for t in members[:3]] == ["jpg", "json", "txt"]
+
+
+def test_rerun_is_byte_identical_and_keeps_shards(reference, tmp_path):
+    shard(tmp_path / "synth")
+    assert outputs(tmp_path / "synth") == outputs(reference)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "synth" / ".parts").glob("*.tar")}
+    shard(tmp_path / "synth")  # complete: verified, nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "synth" / ".parts").glob("*.tar")} == before
+    assert outputs(tmp_path / "synth") == outputs(reference)
+
+
+def test_two_workers_equal_one(reference, tmp_path):
+    shard(tmp_path / "synth", workers=2)
+    assert outputs(tmp_path / "synth") == outputs(reference)
+
+
+def test_array_tasks_then_merge_equal_single_run(reference, tmp_path):
+    out = tmp_path / "synth"
+    shard(out, task_index=1, num_tasks=3)
+    shard(out, task_index=0, num_tasks=3)
+    with pytest.raises(FileNotFoundError, match=r"tasks \[2\] of 3"):
+        run(ShardConfig(out=str(out), merge=True))
+    shard(out, task_index=2, num_tasks=3)
+    manifest = run(ShardConfig(out=str(out), merge=True))
+    assert manifest["items_written"] == ITEMS
+    assert outputs(out) == outputs(reference)
+
+
+def test_killed_run_resumes_to_identical_output(reference, tmp_path):
+    out = tmp_path / "synth"
+    cmd = [sys.executable, "-m", "fgcmr", "shard", "--source=synthetic", f"--out={out}", f"--items={ITEMS}",
+           "--seed=7", f"--data.max_items_per_shard={PER_SHARD}"]
+    killed = subprocess.run(cmd, cwd=REPO, env={**os.environ, FAIL_AFTER_ENV: "4"}, capture_output=True, text=True)
+    assert killed.returncode == 75, killed.stderr
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
+    done = {p.name: p.stat().st_mtime_ns for p in (out / ".parts").glob("*-p*.tar")}
+    assert len(done) == 4
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"items_in {ITEMS} = items_written {ITEMS} + items_skipped 0" in resumed.stdout
+    assert {n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in (out / ".parts").glob("*-p*.tar")) if n in done} == done
+    assert outputs(out) == outputs(reference)
+
+
+def test_corrupt_part_is_rewritten(reference, tmp_path):
+    out = tmp_path / "synth"
+    shard(out)
+    part = next((out / ".parts").glob("test-c000001-p000.tar"))
+    data = bytearray(part.read_bytes())
+    data[600] ^= 0xFF
+    part.unlink()  # a new inode: the final shard (a hard link to the old one) keeps its bytes
+    part.write_bytes(bytes(data))
+    shard(out)
+    assert outputs(out) == outputs(reference)
+
+
+def test_byte_limit_cuts_shards(tmp_path):
+    cfg = ShardConfig(source="synthetic", out=str(tmp_path / "s"), items=40, seed=0)
+    cfg.data.max_items_per_shard, cfg.data.max_bytes_per_shard = 1000, 20_000
+    m = run(cfg)
+    shards = m["splits"]["train"]["shards"]
+    assert len(shards) > 2 and sum(s["items"] for s in shards) == 32
+    assert all(s["bytes"] <= -(-20_000 // tarfile.RECORDSIZE) * tarfile.RECORDSIZE for s in shards)
+    assert sum(1 for p in m["splits"]["train"]["shards"] for _ in iter_samples(tmp_path / "s" / p["file"])) == 32
+
+
+def test_max_side_reencodes(tmp_path):
+    cfg = ShardConfig(source="synthetic", out=str(tmp_path / "s"), items=5, seed=0, image_size=96)
+    cfg.data.max_image_side = 40
+    run(cfg)
+    ds = open_dataset(tmp_path / "s")
+    sample = next(iter_samples(ds.shards("train")[0]))
+    assert sample.meta["image_size"] == [40, 40] and sample.image_ext == "jpg"
+
+
+def test_other_config_in_same_out_is_refused(tmp_path):
+    shard(tmp_path / "synth")
+    with pytest.raises(ConfigError, match="different config.*seed"):
+        run(ShardConfig(source="synthetic", out=str(tmp_path / "synth"), items=ITEMS, seed=8))
+
+
+def test_dotted_override_and_bad_values():
+    cfg = load_config(ShardConfig, overrides={"data.max_items_per_shard": "500", "source": "csv", "root": "x"})
+    assert cfg.data.max_items_per_shard == 500
+    with pytest.raises(ConfigError, match="source='tvgraz' is not allowed"):
+        load_config(ShardConfig, overrides={"source": "tvgraz"})
+    with pytest.raises(ConfigError, match="root is required"):
+        load_config(ShardConfig, overrides={"source": "wikipedia"})
+    with pytest.raises(ConfigError, match="max_items_per_shard"):
+        load_config(ShardConfig, overrides={"data.max_items_per_shard": 0})
+
+
+def test_cli_wrong_path_is_a_usage_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fgcmr", "shard", "--source=wikipedia", "--root=/nonexistent/corpus", f"--out={tmp_path / 'x'}"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "/nonexistent/corpus does not exist" in result.stderr
+    assert not (tmp_path / "x").exists()

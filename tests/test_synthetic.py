@@ -1,0 +1,75 @@
+"""The embedded synthetic corpus: deterministic, balanced, learnable by construction, streaming."""
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.shard.readers.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, SYNONYMS, SyntheticReader, spec_of, split_of
+
+
+def test_items_are_deterministic_per_index():
+    a, b = SyntheticReader(50, seed=3), SyntheticReader(50, seed=3)
+    refs = list(a.refs())
+    for ref in refs[:10]:
+        x, y = a.load(ref), b.load(ref)
+        assert x.image == y.image and x.texts == y.texts
+    assert SyntheticReader(50, seed=4).load(refs[0]).image != a.load(refs[0]).image
+    # an item does not depend on the corpus size: the same index gives the same item
+    assert SyntheticReader(10, seed=3).load(refs[7]).texts == a.load(refs[7]).texts
+
+
+def test_split_categories_and_attributes_are_balanced_and_shared():
+    n = 2000
+    specs = [spec_of(0, i) for i in range(n)]
+    splits = Counter(split_of(i) for i in range(n))
+    assert splits == {"train": 1600, "test": 400}
+    per_shape = Counter(s.shape for s in specs)
+    assert len(per_shape) == 10 and min(per_shape.values()) > n / 10 * 0.75
+    # every colour, size and position occurs with every shape: attributes are shared across categories
+    for attr, values in (("colour", COLOURS), ("size", SIZES), ("position", POSITIONS)):
+        pairs = {(s.shape, getattr(s, attr)) for s in specs}
+        assert len(pairs) == 10 * len(values), attr
+
+
+def test_captions_differ_and_name_shape_and_attributes():
+    reader = SyntheticReader(40, seed=0)
+    for ref in list(reader.refs())[:40]:
+        spec, item = spec_of(0, ref.data), reader.load(ref)
+        assert len(item.texts) == 5 and len(set(item.texts)) == 5
+        names = SYNONYMS[SHAPES[spec.shape]]
+        assert sum(any(n.split()[0] in t for n in names) for t in item.texts) >= 4
+        assert all(spec.colour in t for t in item.texts)
+
+
+def test_image_shows_the_shape_in_its_colour():
+    reader = SyntheticReader(20, seed=1, image_size=96)
+    for ref in list(reader.refs())[:20]:
+        spec, item = spec_of(1, ref.data), reader.load(ref)
+        img = np.asarray(Image.open(io.BytesIO(item.image)).convert("RGB"), dtype=np.int32)
+        assert img.shape == (96, 96, 3)
+        close = (np.abs(img - np.array(COLOURS[spec.colour])).sum(-1) < 60).mean()
+        assert 0.01 < close < 0.6, (ref.id, close)
+
+
+def test_fixture_dataset_round_trips_through_the_seam_reader(synthetic_dataset):
+    ds = open_dataset(synthetic_dataset)
+    m = ds.manifest
+    assert m["items_in"] == m["items_written"] + m["items_skipped"] == 240
+    assert ds.split_names == ["train", "test"] and ds.items("train") == 192 and ds.items("test") == 48
+    assert ds.categories == SHAPES
+    keys = []
+    for split in ds.split_names:
+        for info, path in zip(ds.shard_infos(split), ds.shards(split)):
+            samples = list(iter_samples(path))
+            assert len(samples) == info.items <= 40
+            for s in samples:
+                assert "." not in s.key and s.meta["id"] == s.key and s.meta["split"] == split
+                assert ds.categories[s.category] == s.meta["category_name"]
+                assert s.image_ext == "jpg" and Image.open(io.BytesIO(s.image)).size == (64, 64)
+                assert len(s.texts) == 5 and s.meta["image_size"] == [64, 64]
+                keys.append(s.key)
+    assert len(set(keys)) == 240
