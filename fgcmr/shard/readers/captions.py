@@ -38,6 +38,11 @@ class CaptionReader:
         self.splits = _read_splits(Path(splits_file)) if splits_file else {}
         self.categories: list[str] | None = None
         self._category_ids: dict[str, int] = {}
+        if kind == "karpathy":
+            with open(root, encoding="utf-8", errors="replace") as f:
+                head = f.read(1 << 16)
+            if not head.lstrip().startswith("{") or '"images"' not in head:
+                raise ConfigError(f"{root}: not a Karpathy JSON file (expected an object with an 'images' list)")
         if kind == "csv":
             with open(root, encoding="utf-8-sig", newline="") as f:
                 header = next(csv.reader(f), [])
