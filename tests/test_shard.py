@@ -152,3 +152,19 @@ def test_cli_wrong_path_is_a_usage_error(tmp_path):
     )
     assert result.returncode == 2 and "/nonexistent/corpus does not exist" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "datasets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_dataset_configs_load(path):
+    cfg = load_config(ShardConfig, path, section="shard")
+    assert cfg.out.startswith("shards/") and (cfg.source == "synthetic" or cfg.root)
+
+
+def test_bench_shard_prints_one_json_object(tmp_path, capsys):
+    from fgcmr.bench.shard import BenchShardConfig, run as bench
+
+    result = bench(BenchShardConfig(items=40, image_size=48, memory_items=[100, 1000], out=str(tmp_path), json=True))
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == result and result["ratio"] > 0 and result["items_per_s"] > 0
+    assert 20 < result["peak_mb_small"] and result["peak_mb_large"] < 1.25 * result["peak_mb_small"]  # streaming
+    assert list(tmp_path.iterdir()) == []  # scratch space removed

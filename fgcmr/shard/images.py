@@ -28,10 +28,14 @@ def check_image(
     width, height = img.size
     if width * height > max_pixels:
         raise Skip("too_many_pixels", f"{width}x{height} > max_pixels={max_pixels}")
-    _decode(img)
     ext = _EXTS.get(img.format or "")
     too_big = max_side > 0 and max(width, height) > max_side
-    if ext is not None and not reencode and not too_big:
+    keep = ext is not None and not reencode and not too_big
+    if keep and img.format == "JPEG":
+        # Verifying needs every entropy-coded byte, not full-size pixels: decode at 1/8 scale.
+        img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+    _decode(img)
+    if keep:
         return data, ext, (width, height)
     img = to_rgb(img)
     if too_big:

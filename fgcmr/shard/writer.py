@@ -72,7 +72,7 @@ class PartWriter:
         self._path = self.work / f"{self.stem}-p{len(self.parts):03d}.tar"
         self._stack = contextlib.ExitStack()
         f = self._stack.enter_context(atomic_open(self._path, "wb"))
-        self._tar = tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT)
         self._items = self._bytes = 0
 
     def _close_part(self) -> None:

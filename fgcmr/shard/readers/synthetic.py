@@ -200,7 +200,7 @@ class SyntheticReader:
 
     def refs(self) -> Iterator[Ref]:
         for i in range(self.items):
-            yield Ref(id=f"synth{i:08d}", split=split_of(i), category=spec_of(self.seed, i).shape, data=i)
+            yield Ref(id=f"synth{i:08d}", split=split_of(i), data=i)  # category drawn in load(), in the worker
 
     def load(self, ref: Ref) -> Item:
         spec = spec_of(self.seed, ref.data)

@@ -1,0 +1,126 @@
+"""``fgcmr bench shard``: the sharder's items/s next to a plain-tarfile loop, and its peak memory.
+
+Both sides do the same work per item (generate the synthetic image and captions, write the image,
+json and first caption as tar members); the sharder additionally decodes every image to verify it,
+hashes every shard, and keeps resumable chunk records. Peak memory is the maximum resident set size
+of a ``fgcmr shard`` child process at two corpus sizes: streaming means it barely grows.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from fgcmr.shard.job import ShardConfig, run as shard_run
+from fgcmr.shard.readers.synthetic import SyntheticReader
+
+
+@dataclasses.dataclass
+class BenchShardConfig:
+    items: int = 1000  # throughput corpus size
+    image_size: int = 224
+    workers: int = 1
+    max_items_per_shard: int = 500
+    memory_items: list[int] = dataclasses.field(default_factory=lambda: [10_000, 100_000])
+    memory_image_size: int = 32
+    out: str | None = None  # scratch directory (default: a temporary one, removed afterwards)
+    json: bool = False  # print one JSON object instead of the table
+
+    def validate(self) -> None:
+        if len(self.memory_items) != 2 or min(self.memory_items) < 1:
+            raise ValueError(f"memory_items={self.memory_items} must be two positive corpus sizes")
+        if self.items < 1 or self.workers < 1:
+            raise ValueError("items and workers must be positive")
+
+
+def run(cfg: BenchShardConfig) -> dict:
+    with tempfile.TemporaryDirectory(dir=cfg.out) as scratch:
+        scratch = Path(scratch)
+        fgcmr_rate = _time_fgcmr(cfg, scratch / "fgcmr")
+        plain_rate = _time_plain(cfg, scratch / "plain")
+        small, large = (_peak_rss_mb(n, cfg.memory_image_size, scratch / f"mem{n}") for n in cfg.memory_items)
+    result = {
+        "items": cfg.items,
+        "image_size": cfg.image_size,
+        "workers": cfg.workers,
+        "items_per_s": round(fgcmr_rate, 1),
+        "plain_tarfile_items_per_s": round(plain_rate, 1),
+        "ratio": round(fgcmr_rate / plain_rate, 3),
+        "items_small": cfg.memory_items[0],
+        "items_large": cfg.memory_items[1],
+        "memory_image_size": cfg.memory_image_size,
+        "peak_mb_small": round(small, 1),
+        "peak_mb_large": round(large, 1),
+        "machine": machine(),
+    }
+    if cfg.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"fgcmr bench shard on {result['machine']}\n"
+            f"  synthetic {cfg.image_size}-px items, {cfg.items} items, workers={cfg.workers}\n"
+            f"  fgcmr shard    {fgcmr_rate:9.1f} items/s\n"
+            f"  plain tarfile  {plain_rate:9.1f} items/s (1 process)\n"
+            f"  ratio          {result['ratio']:9.3f}\n"
+            f"  peak RSS of `fgcmr shard` ({cfg.memory_image_size} px): {cfg.memory_items[0]} items {small:.1f} MB, "
+            f"{cfg.memory_items[1]} items {large:.1f} MB"
+        )
+    return result
+
+
+def _time_fgcmr(cfg: BenchShardConfig, out: Path) -> float:
+    shard = ShardConfig(source="synthetic", out=str(out), items=cfg.items, image_size=cfg.image_size, workers=cfg.workers)
+    shard.data.max_items_per_shard = cfg.max_items_per_shard
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # keep stdout for the result (one JSON object with --json)
+        shard_run(shard)
+    return cfg.items / (time.perf_counter() - start)
+
+
+def _time_plain(cfg: BenchShardConfig, out: Path) -> float:
+    """The baseline: generate each item and add its members to tars with plain ``tarfile``."""
+    out.mkdir(parents=True)
+    reader = SyntheticReader(cfg.items, image_size=cfg.image_size)
+    start = time.perf_counter()
+    tar = None
+    for n, ref in enumerate(reader.refs()):
+        if n % cfg.max_items_per_shard == 0:
+            if tar is not None:
+                tar.close()
+            tar = tarfile.open(out / f"{n // cfg.max_items_per_shard:06d}.tar", "w")
+        item = reader.load(ref)
+        meta = json.dumps({"id": item.id, "split": item.split, "category": item.category, "texts": item.texts}).encode()
+        for name, data in ((f"{ref.key}.jpg", item.image), (f"{ref.key}.json", meta), (f"{ref.key}.txt", item.texts[0].encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tar.close()
+    return cfg.items / (time.perf_counter() - start)
+
+
+def _peak_rss_mb(items: int, image_size: int, out: Path) -> float:
+    """Peak resident memory of a ``fgcmr shard`` child process sharding ``items`` synthetic items."""
+    cmd = [sys.executable, "-m", "fgcmr", "shard", "--source=synthetic", f"--out={out}", f"--items={items}", f"--image_size={image_size}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def machine() -> str:
+    mem = ""
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        mem = f", {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM"
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.node()} ({cpu}, {os.cpu_count()} CPUs{mem}, Python {platform.python_version()}, {platform.system()})"
