@@ -1,18 +1,21 @@
 """Where am I? Rank, world size and rendezvous from whichever launcher started this process.
 
 Supported, in order of precedence: torchrun / the deepspeed launcher (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), SLURM (``SLURM_PROCID``, ``SLURM_NTASKS``,
-``SLURM_LOCALID``, the first host of ``SLURM_JOB_NODELIST``, a port derived from the job id), or a
-plain single process. MPI is never needed. NCCL is chosen on CUDA and gloo on CPU; each rank is
-pinned to its local GPU. Every stage calls ``init()`` once and passes the resulting ``DistEnv`` down.
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), an ``srun`` step (``SLURM_PROCID``,
+``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``, the first host of the step's node list via
+``scontrol show hostnames``, a port derived from the job and step ids), or a plain single process.
+MPI is never needed. NCCL is chosen on CUDA and gloo on CPU; each rank is pinned to its local GPU
+and given its share of the node's cores as threads. Every stage calls ``init()`` once and passes
+the resulting ``DistEnv`` down.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import re
 import subprocess
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +32,7 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     launcher: str = "single"
+    cpus: int | None = None  # CPUs given to this rank by the launcher (Slurm's --cpus-per-task), if known
 
     @property
     def is_main(self) -> bool:
@@ -40,7 +44,10 @@ class DistEnv:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        """This rank's GPU; ``local_rank`` modulo the visible count, as Slurm may expose one GPU per task."""
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", self.local_rank % torch.cuda.device_count())
 
     @property
     def backend(self) -> str:
@@ -56,40 +63,76 @@ def first_slurm_host(nodelist: str) -> str:
             return hosts[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    head = nodelist.split(",")[0]
+    head = re.match(r"[^,\[]*(\[[^\]]*\])?", nodelist).group(0)
     if "[" in head:
         prefix, rest = head.split("[", 1)
-        return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+        return prefix + re.split(r"[-,\]]", rest)[0]
     return head
 
 
-def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
-    """Read the launcher's variables; never touches torch.distributed."""
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """This node's task count from Slurm's compressed ``SLURM_*TASKS_PER_NODE`` (``2(x3),1``)."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"cannot parse Slurm tasks per node {tasks_per_node!r}")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[min(node_id, len(counts) - 1)]
+
+
+def slurm_port(job_id: int, step_id: int = 0) -> int:
+    """A rendezvous port every rank of a Slurm step derives alike, distinct for concurrent jobs and steps.
+
+    Kept in 10000–31999, below Linux's ephemeral range (32768+), so an outgoing connection on the
+    first node cannot already hold it. Jobs 5,500 ids apart share a port only if they share a node too.
+    """
+    return 10000 + (job_id * 4 + step_id % 4) % 22000
+
+
+def resolve_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the launcher's variables; never touches torch.distributed.
+
+    torchrun / the deepspeed launcher win over Slurm (``srun torchrun ...`` is a valid way to
+    launch). Slurm is used only inside an ``srun`` step: a batch script's own shell also carries
+    ``SLURM_PROCID=0`` and ``SLURM_NTASKS=N``, but it is one process, and joining a group of N there
+    would hang; it resolves as a single process.
+    """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
+        local_size = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env["WORLD_SIZE"]
         return DistEnv(
             rank=int(env["RANK"]),
             world_size=int(env["WORLD_SIZE"]),
             local_rank=int(env.get("LOCAL_RANK", 0)),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
+            local_world_size=int(local_size),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
-            launcher="torchrun",
+            launcher="deepspeed" if "LOCAL_SIZE" in env and "LOCAL_WORLD_SIZE" not in env else "torchrun",
+            cpus=_int(env.get("SLURM_CPUS_PER_TASK")),
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        job_id = int(env.get("SLURM_JOB_ID") or 0)
+        step_id = int(env.get("SLURM_STEP_ID") or 0)
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
+            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
-            local_world_size=int(tasks_per_node.split("(")[0].split(",")[0] or 1),
+            local_world_size=tasks_on_node(per_node, int(env.get("SLURM_NODEID", 0))),
             master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
-            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            master_port=int(env.get("MASTER_PORT") or slurm_port(job_id, step_id)),
             launcher="slurm",
+            cpus=_int(env.get("SLURM_CPUS_PER_TASK")),
         )
-    return DistEnv()
+    if int(env.get("SLURM_NTASKS") or 1) > 1:
+        log.warning("SLURM_NTASKS=%s but this process was not started by srun: running as a single process", env["SLURM_NTASKS"])
+    return DistEnv(cpus=_int(env.get("SLURM_CPUS_PER_TASK")))
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value else None
 
 
 def export_env(d: DistEnv) -> None:
@@ -104,15 +147,27 @@ def export_env(d: DistEnv) -> None:
     )
 
 
+def thread_count(d: DistEnv, environ: Mapping[str, str] | None = None) -> int:
+    """Intra-op threads per rank: Slurm's CPUs per task, else a launcher's ``OMP_NUM_THREADS``,
+    else this process's usable cores shared among the ranks on this node (never oversubscribe)."""
+    env = os.environ if environ is None else environ
+    if d.cpus:
+        return d.cpus
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        return int(env["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, d.local_world_size))
+
+
 def init(threads: int | None = None) -> DistEnv:
     """Resolve the topology, pin the GPU, set thread counts and join the process group (if > 1 rank)."""
     d = resolve_env()
     export_env(d)
     if torch.cuda.is_available():
-        torch.cuda.set_device(d.local_rank)
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // max(1, d.local_world_size))
+        torch.cuda.set_device(d.device)
+    threads = threads or thread_count(d)
     torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for worker processes started later
     if d.distributed and not dist.is_initialized():
         dist.init_process_group(backend=d.backend, rank=d.rank, world_size=d.world_size)
     if d.is_main:

@@ -1,0 +1,136 @@
+"""fgcmr.distributed: one resolution of rank/world/rendezvous per launcher, and real gloo groups.
+
+Unit tests feed each launcher's real variables to ``resolve_env``; the integration tests run a
+2-process all_reduce under torchrun (via launchers/torchrun.sh) and under ``srun -n2``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fgcmr.distributed import DistEnv, first_slurm_host, resolve_env, slurm_port, tasks_on_node, thread_count
+
+from slurm_cluster import REPO, slurm  # noqa: F401  (session fixture)
+
+# What `srun -N2 -n3` (2 tasks on node a01, 1 on a02) gives its third task, as Slurm 22.05 sets it.
+SRUN_TASK = {
+    "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "1", "SLURM_PROCID": "2", "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "1", "SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3",
+    "SLURM_JOB_NODELIST": "a[01-02]", "SLURM_STEP_NODELIST": "a[01-02]",
+    "SLURM_TASKS_PER_NODE": "2,1", "SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_CPUS_PER_TASK": "6",
+}
+
+
+def test_single_process_defaults():
+    d = resolve_env({})
+    assert (d.rank, d.world_size, d.local_rank, d.launcher, d.distributed) == (0, 1, 0, "single", False)
+
+
+def test_torchrun_variables():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "n0",
+           "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x", "GROUP_RANK": "0"}
+    assert resolve_env(env) == DistEnv(3, 8, 1, 4, "n0", 1234, "torchrun")
+
+
+def test_deepspeed_launcher_variables():
+    # deepspeed.launcher.launch sets LOCAL_SIZE / CROSS_RANK instead of torchrun's LOCAL_WORLD_SIZE.
+    env = {"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "2", "LOCAL_SIZE": "3", "CROSS_RANK": "1",
+           "CROSS_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}
+    assert resolve_env(env) == DistEnv(5, 6, 2, 3, "10.0.0.1", 29501, "deepspeed")
+
+
+def test_torchrun_inside_slurm_wins_over_slurm():
+    env = dict(SRUN_TASK, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2", MASTER_ADDR="x", MASTER_PORT="9")
+    d = resolve_env(env)
+    assert (d.launcher, d.world_size, d.master_port, d.cpus) == ("torchrun", 2, 9, 6)
+
+
+def test_srun_task_variables(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the node list is parsed in Python
+    d = resolve_env(SRUN_TASK)
+    assert d == DistEnv(2, 3, 0, 1, "a01", slurm_port(4242, 1), "slurm", cpus=6)
+    assert thread_count(d, {}) == 6
+
+
+def test_batch_shell_is_a_single_process():
+    # sbatch's own shell carries SLURM_PROCID=0 and SLURM_NTASKS=N but no step: joining N ranks would hang.
+    env = {k: v for k, v in SRUN_TASK.items() if not k.startswith("SLURM_STEP")} | {"SLURM_PROCID": "0"}
+    d = resolve_env(env)
+    assert (d.world_size, d.launcher) == (1, "single")
+
+
+def test_tasks_per_node_and_hostnames(monkeypatch):
+    assert [tasks_on_node("2(x3),1", i) for i in range(4)] == [2, 2, 2, 1]
+    assert tasks_on_node("8", 0) == 8
+    with pytest.raises(ValueError, match="tasks per node"):
+        tasks_on_node("two", 0)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert first_slurm_host("gpu[007-009,012],cpu1") == "gpu007"
+    assert first_slurm_host("gpu[3,5]") == "gpu3"
+    assert first_slurm_host("nodeA,nodeB") == "nodeA"
+
+
+def test_slurm_ports_differ_per_job_and_step_and_avoid_ephemeral_range():
+    ports = {slurm_port(j, s) for j in range(1000, 1100) for s in range(4)}
+    assert len(ports) == 400
+    assert all(10000 <= p < 32768 for p in ports)
+
+
+def test_thread_counts():
+    assert thread_count(DistEnv(cpus=5), {"OMP_NUM_THREADS": "1"}) == 5
+    assert thread_count(DistEnv(local_world_size=2), {"OMP_NUM_THREADS": "3"}) == 3
+    cores = len(os.sched_getaffinity(0))
+    assert thread_count(DistEnv(local_world_size=2), {}) == max(1, cores // 2)
+    assert thread_count(DistEnv(local_world_size=10 * cores), {}) == 1
+
+
+WORKER = """
+import json, sys, torch, torch.distributed as dist
+from fgcmr.distributed import init
+d = init()
+t = torch.tensor([float(d.rank + 1)])
+dist.all_reduce(t)
+out = {"rank": d.rank, "world": d.world_size, "local_rank": d.local_rank, "local_world": d.local_world_size,
+       "launcher": d.launcher, "backend": dist.get_backend(), "sum": t.item(), "threads": torch.get_num_threads()}
+open(f"{sys.argv[1]}/rank{d.rank}.json", "w").write(json.dumps(out))
+dist.destroy_process_group()
+"""
+
+
+def _check_two_ranks(out: Path, launcher: str) -> None:
+    results = sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1]
+    for r in results:
+        assert (r["world"], r["local_world"], r["launcher"], r["backend"], r["sum"]) == (2, 2, launcher, "gloo", 3.0)
+    assert [r["local_rank"] for r in results] == [0, 1]
+
+
+def _clean_env() -> dict[str, str]:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+
+
+@pytest.mark.slow
+def test_all_reduce_under_torchrun_launcher(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = _clean_env() | {"PYTHON": sys.executable}
+    subprocess.run([str(REPO / "launchers/torchrun.sh"), "-n", "2", str(script), str(tmp_path)],
+                   env=env, cwd=REPO, check=True, timeout=180)
+    _check_two_ranks(tmp_path, "torchrun")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_all_reduce_under_srun(tmp_path, slurm):  # noqa: F811
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    subprocess.run(["srun", "-N1", "-n2", "--cpus-per-task=1", sys.executable, str(script), str(tmp_path)],
+                   env=_clean_env(), cwd=REPO, check=True, timeout=180)
+    _check_two_ranks(tmp_path, "slurm")
+    assert json.loads((tmp_path / "rank0.json").read_text())["threads"] == 1
