@@ -135,6 +135,9 @@ def test_folder_layout_with_html(tmp_path):
     ("folder", lambda p: p.mkdir(), "no category folders"),
     ("csv", lambda p: p.write_text("path,text\n"), "'image' and 'caption'"),
     ("karpathy", lambda p: p.mkdir(), "must be the karpathy caption file"),
+    ("karpathy", lambda p: p.write_text("[1, 2]"), "not a Karpathy JSON file"),
+    ("jsonl", lambda p: p.write_text("\n"), "no items found"),
+    ("folder", lambda p: (p / "empty_category").mkdir(parents=True), "no items found"),
 ])
 def test_unknown_layout_fails_before_work(tmp_path, source, make, match):
     make(tmp_path / "in")

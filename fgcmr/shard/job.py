@@ -9,6 +9,7 @@ result never depends on the number of workers or tasks.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -98,6 +99,9 @@ def run(cfg: ShardConfig) -> dict:
     work = out / WORK_DIR
     dataset_config = _prepare(work, cfg)
     done = _write_chunks(cfg, reader, work)
+    if not done["chunks"]:
+        _discard(out, work)
+        raise ConfigError(f"source={cfg.source!r} root={cfg.root}: no items found" + (f" in splits {cfg.splits}" if cfg.splits else ""))
     plan = {
         "name": cfg.name or out.resolve().name,
         "num_tasks": cfg.num_tasks,
@@ -128,6 +132,14 @@ def _prepare(work: Path, cfg: ShardConfig) -> dict:
     else:
         atomic_write_json(stamp, dataset_config)
     return dataset_config
+
+
+def _discard(out: Path, work: Path) -> None:
+    """Remove what ``_prepare`` created for a corpus that turned out to be empty."""
+    (work / "config.json").unlink(missing_ok=True)
+    for path in (work, out):
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
