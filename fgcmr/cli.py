@@ -73,17 +73,22 @@ def pipeline(config: str, nproc: int = 1, out: str | None = None, **options: Any
 class Submit:
     """Render and submit Slurm job chains."""
 
-    def pipeline(self, config: str, dry_run: bool = False, **options: Any) -> None:
-        """Submit shard → label → train → eval as a dependent job chain (--dry-run prints the scripts)."""
+    def pipeline(self, config: str, dry_run: bool = False, out: str | None = None, **options: Any) -> None:
+        """Submit shard → merge → label → infer → train → eval as an afterok job chain.
+
+        fgcmr submit pipeline <experiment.yaml> [--out=<dir>, default runs/<name>] [--dry-run] [--slurm.nodes=4 ...]
+        Scripts, logs and chain.json go to <out>/slurm/; --dry-run prints the scripts and submits nothing.
+        """
         from fgcmr.slurm import submit_pipeline
 
-        submit_pipeline(config, dry_run=dry_run, overrides=options)
+        submit_pipeline(config, dry_run=dry_run, overrides=options, out=out)
 
     def status(self, out: str) -> None:
-        """Show the state of a submitted chain: --out=<experiment output dir>."""
+        """Show the state of each job of a submitted chain, and which failed with its log: --out=<dir>."""
         from fgcmr.slurm import chain_status
 
-        chain_status(out)
+        if any(t.state in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL") for t in chain_status(out)):
+            sys.exit(1)
 
 
 class Bench:

@@ -1,0 +1,158 @@
+"""``fgcmr submit pipeline`` and ``fgcmr submit status``: submit a job chain and report on it.
+
+Everything a chain needs lives in ``<out>/slurm/``: the frozen experiment file the jobs read (so
+editing the original after submitting changes nothing), one sbatch script per job, ``logs/`` and
+``chain.json`` (job ids, scripts, log paths), which ``submit status`` reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from fgcmr.config import ConfigError, apply_overrides, build, dump_yaml, read_yaml
+from fgcmr.io import atomic_write_json, atomic_write_text, read_json
+from fgcmr.slurm.chain import Job, plan, render
+from fgcmr.slurm.config import SlurmConfig
+
+log = logging.getLogger("fgcmr.slurm")
+FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def default_out(experiment: dict) -> Path:
+    return Path("runs") / str(experiment.get("name") or "experiment")
+
+
+def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str, Any] | None = None, out: str | None = None) -> list[dict]:
+    """Render the chain's scripts and submit them with ``afterok`` dependencies (or only print them)."""
+    experiment = apply_overrides(read_yaml(config_path), {k: v for k, v in (overrides or {}).items() if v is not None})
+    cfg = build(SlurmConfig, experiment.get("slurm") or {}, "slurm")
+    out_dir = Path(out) if out else default_out(experiment)
+    chain_dir = (out_dir / "slurm").resolve()
+    logs = Path(cfg.logs).resolve() if cfg.logs else chain_dir / "logs"
+    frozen = chain_dir / "experiment.yaml"
+    name = str(experiment.get("name") or Path(config_path).stem)
+    jobs = plan(experiment, cfg)
+    if not jobs:
+        raise ConfigError(f"{config_path}: no stage sections (shard, label, infer, train, eval) to submit")
+    scripts = {job.name: render(job, cfg, name, frozen, Path.cwd(), logs) for job in jobs}
+    if dry_run:
+        for job, prev in zip(jobs, [None, *jobs]):
+            print(f"# ---- {chain_dir / (job.name + '.sbatch')}   ({sbatch_command(job, prev and f'<{prev.name}>')})")
+            print(scripts[job.name])
+        return []
+    atomic_write_text(frozen, dump_yaml(experiment))
+    logs.mkdir(parents=True, exist_ok=True)
+    submitted: list[dict] = []
+    try:
+        for job in jobs:
+            script = chain_dir / f"{job.name}.sbatch"
+            atomic_write_text(script, scripts[job.name])
+            job_id = sbatch(job, script, submitted[-1]["job_id"] if submitted else None)
+            submitted.append({"name": job.name, "job_id": job_id, "array": job.array, "script": str(script),
+                              "log": job.log_pattern(logs).replace("%A", job_id).replace("%j", job_id)})
+    except (OSError, subprocess.CalledProcessError) as e:
+        if submitted:
+            subprocess.run(["scancel", *(j["job_id"] for j in submitted)], check=False)
+        detail = getattr(e, "stderr", "") or e
+        raise RuntimeError(f"sbatch failed for job {job.name!r} ({detail}); cancelled the jobs already submitted") from None
+    chain = {"name": name, "experiment": str(frozen), "out": str(out_dir.resolve()),
+             "submitted": datetime.datetime.now().isoformat(timespec="seconds"), "jobs": submitted}
+    atomic_write_json(chain_dir / "chain.json", chain)
+    for j in submitted:
+        print(f"{j['name']:<6} job {j['job_id']:<8} log {j['log']}")
+    run_dir = (experiment.get("train") or {}).get("out")
+    if run_dir:
+        print(f"TensorBoard: tensorboard --logdir {shlex.quote(str(Path(run_dir) / 'tensorboard'))}")
+    print(f"Status:      fgcmr submit status --out={shlex.quote(str(out_dir))}")
+    return submitted
+
+
+def sbatch_command(job: Job, after: str | None) -> str:
+    deps = ["--kill-on-invalid-dep=yes"] + ([f"--dependency=afterok:{after}"] if after else [])
+    return " ".join(["sbatch", "--parsable", *deps, f"{job.name}.sbatch"])
+
+
+def sbatch(job: Job, script: Path, after: str | None) -> str:
+    """Submit one script; dependents of a failed job are cancelled by Slurm, never started."""
+    cmd = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes", *([f"--dependency=afterok:{after}"] if after else []), str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return done.stdout.strip().split(";")[0]
+
+
+@dataclasses.dataclass
+class TaskState:
+    job: str  # the chain's job name
+    job_id: str  # e.g. 12 or 12_0 for an array task
+    state: str
+    exit_code: str
+    reason: str
+    log: str
+
+
+def chain_status(out: str) -> list[TaskState]:
+    """Print the state of every job (and array task) of the chain under ``out``; name failures and their logs."""
+    chain_file = Path(out) / "slurm" / "chain.json"
+    if not chain_file.is_file():
+        raise FileNotFoundError(f"{chain_file} not found: submit with `fgcmr submit pipeline <experiment.yaml> --out={out}`")
+    chain = read_json(chain_file)
+    states = [t for j in chain["jobs"] for t in query(j)]
+    print(f"chain {chain['name']} submitted {chain['submitted']}")
+    print(f"{'job':<6} {'id':<10} {'state':<11} {'exit':<6} {'reason':<26} log")
+    for t in states:
+        print(f"{t.job:<6} {t.job_id:<10} {t.state:<11} {t.exit_code:<6} {t.reason:<26} {t.log}")
+    for t in states:
+        if t.state in FAILED:
+            print(f"FAILED: job {t.job} ({t.job_id}) ended {t.state} with exit code {t.exit_code}; log: {t.log}")
+            for line in _tail(t.log, 3):
+                print(f"    | {line}")
+    never = [t.job for t in states if t.reason == "DependencyNeverSatisfied"]
+    if never:
+        print(f"never started (a job they depend on failed): {', '.join(dict.fromkeys(never))}")
+    return states
+
+
+def _tail(path: str, n: int) -> list[str]:
+    try:
+        return Path(path).read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def query(job: dict) -> list[TaskState]:
+    """The Slurm records of one chain job: ``scontrol`` while the controller holds it, else ``sacct``."""
+    records = _scontrol(job["job_id"]) or _sacct(job["job_id"])
+    if not records:
+        return [TaskState(job["name"], job["job_id"], "UNKNOWN", "-", "not known to scontrol or sacct", job["log"])]
+    out = []
+    for r in sorted(records, key=lambda r: int(r["ArrayTaskId"]) if r.get("ArrayTaskId", "").isdigit() else -1):
+        task = r.get("ArrayTaskId", "")
+        job_id = f"{r.get('ArrayJobId', job['job_id'])}_{task}" if task else r.get("JobId", job["job_id"])
+        log_path = job["log"].replace("%a", task or "*")
+        log_shown = log_path if Path(log_path).exists() else "- (none yet)"
+        out.append(TaskState(job["name"], job_id, r.get("JobState", "?"), r.get("ExitCode", "-"), r.get("Reason", ""), log_shown))
+    return out
+
+
+def _scontrol(job_id: str) -> list[dict[str, str]]:
+    done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if done.returncode != 0:
+        return []
+    return [dict(tok.split("=", 1) for tok in line.split() if "=" in tok) for line in done.stdout.splitlines() if line.strip()]
+
+
+def _sacct(job_id: str) -> list[dict[str, str]]:
+    done = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode,Reason"], capture_output=True, text=True)
+    if done.returncode != 0:
+        return []
+    rows = []
+    for line in done.stdout.splitlines():
+        jid, state, code, reason = (line.split("|") + ["", "", "", ""])[:4]
+        base, _, task = jid.partition("_")
+        rows.append({"JobId": jid, "ArrayJobId": base, "ArrayTaskId": task, "JobState": state.split()[0] if state else "?",
+                     "ExitCode": code, "Reason": reason})
+    return rows
