@@ -90,11 +90,13 @@ def test_killed_run_resumes_to_identical_output(reference, tmp_path):
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
     done = {p.name: p.stat().st_mtime_ns for p in (out / ".parts").glob("*-p*.tar")}
     assert len(done) == 4
+    stale = out / ".parts" / ".train-c000009-p000.tar.x1y2.tmp"  # what a kill during a write leaves
+    stale.write_bytes(b"half a tar")
     resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"items_in {ITEMS} = items_written {ITEMS} + items_skipped 0" in resumed.stdout
     assert {n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in (out / ".parts").glob("*-p*.tar")) if n in done} == done
-    assert outputs(out) == outputs(reference)
+    assert outputs(out) == outputs(reference) and not stale.exists()
 
 
 def test_corrupt_part_is_rewritten(reference, tmp_path):

@@ -118,11 +118,9 @@ def run(cfg: ShardConfig) -> dict:
 
 
 def _prepare(work: Path, cfg: ShardConfig) -> dict:
-    """Create the work directory, refuse one left by a different config, drop stale temporary files."""
+    """Create the work directory and refuse one left by a different config."""
     dataset_config = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_FIELDS}
     work.mkdir(parents=True, exist_ok=True)
-    for tmp in work.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
     stamp = work / "config.json"
     if stamp.is_file():
         previous = read_json(stamp)

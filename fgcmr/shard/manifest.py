@@ -49,6 +49,8 @@ def finalize(out: Path) -> dict:
         if record is None:
             raise ConfigError(f"{out}: chunk {chunk_stem(split, index)} is missing or incomplete; rerun the shard task that owns it")
         records.append(record)
+    for tmp in work.glob(".*.tmp"):  # left by killed runs; every task has finished, so none is in use
+        tmp.unlink(missing_ok=True)
     splits = _place_shards(out, work, plan["splits"], records)
     skipped = _write_skips(out, records)
     categories = plan["categories"] or []
