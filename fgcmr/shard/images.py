@@ -24,7 +24,7 @@ def check_image(
     """Return ``(bytes, ext, (width, height))`` of a verified image, or raise ``Skip``."""
     if not data:
         raise Skip("empty_image", "zero-byte file")
-    img = _open(data)
+    img = _open(data, max_pixels)
     width, height = img.size
     if width * height > max_pixels:
         raise Skip("too_many_pixels", f"{width}x{height} > max_pixels={max_pixels}")
@@ -43,7 +43,9 @@ def check_image(
     return encode_jpeg(img, quality), "jpg", img.size
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only); Pillow's own bomb check is aligned with ``max_pixels`` while it runs."""
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -54,6 +56,8 @@ def _open(data: bytes) -> Image.Image:
         raise Skip("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
     except Exception as e:  # a malformed header can raise almost anything inside a plugin
         raise Skip("corrupt_image", f"{type(e).__name__}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def _decode(img: Image.Image) -> None:

@@ -23,7 +23,7 @@ from fgcmr.io import atomic_write_json, read_json
 from fgcmr.progress import Progress
 from fgcmr.shard.manifest import WORK_DIR, finalize, plan_path
 from fgcmr.shard.readers import make_reader
-from fgcmr.shard.records import Skip
+from fgcmr.shard.records import make_key
 from fgcmr.shard.sample import encode_sample
 from fgcmr.shard.writer import Chunk, verified_record, write_chunk
 
@@ -149,6 +149,8 @@ def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
     for ref in reader.refs():
         if cfg.splits and ref.split not in cfg.splits:
             continue
+        if make_key(ref.split) != ref.split:  # split names become file names
+            ref = dataclasses.replace(ref, split=make_key(ref.split))
         if seen is not None and ref.skip is None:
             if ref.key in seen:
                 ref = dataclasses.replace(ref, skip=("duplicate_id", f"key {ref.key!r} already seen; the first occurrence wins"))
@@ -237,5 +239,3 @@ def _report(manifest: dict) -> dict:
     print(f"{manifest['name']}: {splits}\n{line}", file=sys.stdout, flush=True)
     return manifest
 
-
-__all__ = ["DataOptions", "ShardConfig", "Skip", "run"]
