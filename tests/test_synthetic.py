@@ -73,3 +73,21 @@ def test_fixture_dataset_round_trips_through_the_seam_reader(synthetic_dataset):
                 assert len(s.texts) == 5 and s.meta["image_size"] == [64, 64]
                 keys.append(s.key)
     assert len(set(keys)) == 240
+
+
+def test_text_tells_categories_apart_yet_has_hard_negatives():
+    """A linear text model separates categories; raw word overlap does not (attributes dominate)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    reader = SyntheticReader(600, seed=0)
+    items = [reader.load(ref) for ref in reader.refs()]
+    texts = {s: [t for i in items if i.split == s for t in i.texts] for s in ("train", "test")}
+    labels = {s: np.array([i.category for i in items if i.split == s for _ in i.texts]) for s in ("train", "test")}
+    words = CountVectorizer().fit(texts["train"])
+    train, test = words.transform(texts["train"]), words.transform(texts["test"])
+    accuracy = (LogisticRegression(max_iter=500).fit(train, labels["train"]).predict(test) == labels["test"]).mean()
+    assert accuracy > 0.95
+    nearest = cosine_similarity(test, train).argmax(1)
+    assert (labels["train"][nearest] != labels["test"]).mean() > 0.2  # the most similar text is often another category
