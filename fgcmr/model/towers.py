@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fgcmr.model.config import ImageTowerConfig, TextTowerConfig
+from fgcmr.model.config import ImageTowerConfig, TextTowerConfig, resolve_path
 
 log = logging.getLogger("fgcmr.model")
 
@@ -35,7 +35,7 @@ class TimmTower(nn.Module):
 
         self.backbone = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0, **cfg.model_kwargs)
         if cfg.checkpoint:
-            load_weights_in_order(self.backbone, cfg.checkpoint)
+            load_weights_in_order(self.backbone, resolve_path(cfg.checkpoint))
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         self.out_dim = self.backbone.num_features
@@ -50,7 +50,7 @@ class HFTextTower(nn.Module):
         from transformers import AutoConfig, AutoModel
 
         if cfg.pretrained_dir:
-            self.encoder = AutoModel.from_pretrained(cfg.pretrained_dir)
+            self.encoder = AutoModel.from_pretrained(resolve_path(cfg.pretrained_dir))
         else:
             kwargs = dict(cfg.config)
             model_type = kwargs.pop("model_type")

@@ -29,8 +29,10 @@ class TwoTower(nn.Module):
     def encode_text(self, text: TextBatch) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_tower(text)), dim=-1)
 
-    def forward(self, images: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode_image(images), self.encode_text(text)
+    def forward(self, images: torch.Tensor, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image_emb, text_emb, logit_scale)``; the scale is returned (as a new tensor) so that a loss
+        outside the module sees it even when ZeRO-3 has partitioned the parameter away again."""
+        return self.encode_image(images), self.encode_text(text), self.logit_scale * 1.0
 
     def tower_parameters(self) -> set[int]:
         """Ids of the backbone parameters (the part that may be pretrained), for a separate learning rate."""

@@ -1,0 +1,188 @@
+"""``fgcmr bench train``: fgcmr's training step vs a bare forward+backward+step loop, side by side.
+
+Both run the same model (same seed), the same loss and the same in-memory micro-batches on the same
+number of processes, in alternating rounds so machine noise hits both alike. fgcmr's side is the
+real ``Trainer`` (DeepSpeed engine, global-batch loss, monitoring with TensorBoard on rank 0, stop-
+signal agreement); the bare side is ``torch.optim.AdamW`` on the model (DDP when > 1 process) with
+the same clipping. The ratio fgcmr/bare is the framework's overhead; the goal is ≥ 0.95.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fgcmr.distributed import all_gather_objects, barrier
+from fgcmr.losses import LossConfig, RetrievalLoss
+from fgcmr.model import ModelConfig, build_model
+from fgcmr.train.config import OptimConfig, load_model_config
+from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config, param_groups
+from fgcmr.train.loop import Trainer, init_distributed
+from fgcmr.train.monitor import Monitor
+from fgcmr.train.signals import StopRequest
+
+
+@dataclasses.dataclass
+class BenchTrainConfig:
+    model: str = "tiny"
+    deepspeed: str = "zero0_fp32"
+    loss: str = "pairwise"
+    nproc: int = 2  # processes, started here unless already under a launcher
+    micro_batch: int = 32
+    steps: int = 20  # measured steps per round and side
+    warmup: int = 5  # unmeasured steps per side before the first round
+    rounds: int = 3
+    batches: int = 8  # distinct in-memory micro-batches, cycled
+    peer: str | None = None
+    json: bool = False
+
+    def validate(self) -> None:
+        if self.peer is not None:
+            raise ValueError(f"--peer={self.peer}: peer benchmarks are not available in this build")
+        if min(self.nproc, self.steps, self.rounds, self.batches) < 1:
+            raise ValueError("nproc, steps, rounds and batches must be ≥ 1")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def synthetic_batches(cfg: ModelConfig, n: int, micro_batch: int, seed: int) -> list[dict]:
+    """Random inputs of the model's shapes (images, token ids or features), categories 0–9."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        if cfg.image.kind == "timm":
+            size = cfg.image.image_size or 224
+            image = torch.randn(micro_batch, 3, size, size, generator=g)
+        else:
+            image = torch.randn(micro_batch, cfg.image.feature_dim, generator=g)
+        if cfg.text.kind == "transformers":
+            ids = torch.randint(5, int(cfg.text.config.get("vocab_size", cfg.text.vocab_size)), (micro_batch, cfg.text.max_length), generator=g)
+            text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            text = torch.randn(micro_batch, cfg.text.feature_dim, generator=g)
+        out.append({"image": image, "text": text, "category": torch.randint(0, 10, (micro_batch,), generator=g),
+                    "image_id": torch.randint(0, 1 << 62, (micro_batch,), generator=g)})
+    return out
+
+
+def cycle(batches: list[dict]):
+    while True:
+        yield from batches
+
+
+def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(model_cfg)
+
+
+def _bare_side(model_cfg: ModelConfig, optim: OptimConfig, loss_fn: RetrievalLoss, device: torch.device):
+    model = _fresh_model(model_cfg).to(device)
+    opt = torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    net = torch.nn.parallel.DistributedDataParallel(model) if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 else model
+
+    def step(batch: dict) -> None:
+        image_emb, text_emb, scale = net(batch["image"], batch["text"])
+        loss = loss_fn(image_emb, text_emb, batch, scale).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        opt.step()
+    return step
+
+
+def _timed(fn, n: int) -> float:
+    barrier()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    barrier()
+    return time.perf_counter() - t
+
+
+def measure(cfg: BenchTrainConfig) -> dict:
+    env = init_distributed()
+    model_cfg = load_model_config(cfg.model)
+    if model_cfg.text.kind == "transformers":
+        model_cfg.text.config.setdefault("vocab_size", model_cfg.text.vocab_size)
+    optim = OptimConfig(warmup_steps=1)
+    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.micro_batch, optim)
+    loss_fn = RetrievalLoss(LossConfig(name=cfg.loss))
+    from fgcmr.train.step import to_device
+
+    dtype = compute_dtype(ds_cfg)
+    batches = [to_device(b, env.device, torch.float32) for b in synthetic_batches(model_cfg, cfg.batches, cfg.micro_batch, seed=env.rank)]
+    engine, _ = build_engine(_fresh_model(model_cfg), ds_cfg, optim, total_steps=1 << 30)
+    with tempfile.TemporaryDirectory() as tb:
+        monitor = Monitor(Path(tb), env.is_main, 1 << 30, cfg.micro_batch * env.world_size, log_every=10, hist_every=100)
+        trainer = Trainer(engine, loss_fn, monitor, dtype, grad_accum=1)
+        stop = StopRequest(engine.device)
+        fg_iter, state = cycle(batches), {"step": 0}
+
+        def fgcmr_step() -> None:
+            state["step"] = trainer.step(fg_iter, state["step"])
+            stop.agreed()
+
+        bare_iter, bare = cycle(batches), _bare_side(model_cfg, optim, loss_fn, env.device)
+        _timed(fgcmr_step, cfg.warmup)
+        _timed(lambda: bare(next(bare_iter)), cfg.warmup)
+        fg_time = bare_time = 0.0
+        for _ in range(cfg.rounds):
+            fg_time += _timed(fgcmr_step, cfg.steps)
+            bare_time += _timed(lambda: bare(next(bare_iter)), cfg.steps)
+        stop.restore()
+        monitor.close()
+    samples = cfg.rounds * cfg.steps * cfg.micro_batch * env.world_size
+    result = {
+        "fgcmr_samples_per_s": samples / fg_time, "bare_samples_per_s": samples / bare_time, "ratio": bare_time / fg_time,
+        "model": cfg.model, "deepspeed": cfg.deepspeed, "loss": cfg.loss, "processes": env.world_size,
+        "micro_batch": cfg.micro_batch, "steps": cfg.rounds * cfg.steps, "machine": machine(),
+    }
+    all_gather_objects(None)
+    return result
+
+
+def _launch(cfg: BenchTrainConfig) -> int:
+    """Re-run this command on ``nproc`` local ranks (torchrun's variables); rank 0's output is ours."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(cfg.nproc):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(cfg.nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(cfg.nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "fgcmr", "bench", "train", *sys.argv[3:]], env=env,
+                                      stdout=None if rank == 0 else subprocess.DEVNULL))
+    return max(p.wait() for p in procs)
+
+
+def run(cfg: BenchTrainConfig) -> dict | None:
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and cfg.nproc > 1:
+        code = _launch(cfg)
+        if code:
+            sys.exit(code)
+        return None
+    result = measure(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        if cfg.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(f"machine: {result['machine']}\n"
+                  f"model {cfg.model}, {cfg.deepspeed}, loss {cfg.loss}, {result['processes']} processes × micro-batch {cfg.micro_batch}, {result['steps']} steps per side\n"
+                  f"fgcmr train : {result['fgcmr_samples_per_s']:8.1f} samples/s\n"
+                  f"bare loop   : {result['bare_samples_per_s']:8.1f} samples/s\n"
+                  f"ratio       : {result['ratio']:.3f} (goal ≥ 0.95)", flush=True)
+    return result

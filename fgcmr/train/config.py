@@ -1,0 +1,95 @@
+"""The training job's configuration (``fgcmr train``), and where named model / DeepSpeed configs live."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from fgcmr.config import ConfigError, apply_overrides, build, read_yaml
+from fgcmr.losses import LossConfig
+from fgcmr.model.config import ModelConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    micro_batch: int = 32  # per rank, per forward
+    workers: int = 2  # DataLoader workers per rank
+    resampled: bool = True  # sample shards with replacement (no shard-count constraint, equal batches per rank)
+    samples_per_epoch: int | None = None  # default: the split's item count
+    shuffle_buffer: int = 500
+    augment: bool = True  # timm's training transform (else its eval transform)
+    split: str = "train"
+    tokenizer_samples: int = 100_000  # texts read to train a tokenizer when the model has none
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0  # cosine decays to lr × this
+    tower_lr_mult: float = 1.0  # lr multiplier of the (pretrained) towers vs the new projection heads
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    shards: str = ""  # dataset dir (fgcmr shard output)
+    out: str = ""  # run dir
+    model: str = "tiny"  # a configs/models/<name>.yaml or a path to one
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. --model_overrides.embed_dim=128
+    deepspeed: str = "zero0_fp32"  # a configs/deepspeed/<name>.json or a path to one
+    labels: str | None = None  # labeler name: sidecars under <shards>/labels/<name>/
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs × steps per epoch
+    seed: int = 0
+    resume: str | None = None  # "auto": the run dir's latest checkpoint, or a checkpoint tag dir
+    checkpoint_every: int = 500  # optimizer steps
+    keep_last: int = 3
+    log_every: int = 10
+    hist_every: int = 100
+
+    def validate(self) -> None:
+        if not self.shards or not self.out:
+            raise ValueError("--shards=<dataset dir> and --out=<run dir> are required")
+        if self.loss.needs_labels and not self.labels:
+            raise ValueError(f"loss {self.loss.name!r} needs label sidecars: pass --labels=<labeler name> (or --loss.name=pairwise)")
+        for name in ("checkpoint_every", "keep_last", "log_every", "hist_every", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1")
+
+
+def named_config_path(name: str, kind: str, suffix: str) -> Path:
+    """``name`` as a path if it is one, else ``configs/<kind>/<name><suffix>``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    path = CONFIGS / kind / f"{name}{suffix}"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (CONFIGS / kind).glob(f"*{suffix}"))
+        raise ConfigError(f"no {kind} config {name!r}; choose a file or one of {', '.join(choices)}")
+    return path
+
+
+def load_model_config(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    data = read_yaml(named_config_path(name, "models", ".yaml"))
+    data = apply_overrides(data, _flatten(overrides or {}))
+    return build(ModelConfig, data, "model")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

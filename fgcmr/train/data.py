@@ -1,0 +1,151 @@
+"""The training input pipeline: WebDataset shards → decoded, transformed, tokenised micro-batches.
+
+Resampled shards (default) give every rank and worker an endless, independently seeded stream, so
+ranks always see equal batch counts; without resampling shards are split by node and worker, which
+needs shards ≥ ranks × workers (checked up front, instead of a hang in a collective). An epoch is an
+explicit number of samples. Each image is paired with one of its texts, drawn at random each time.
+Label sidecars (``fgcmr.labels``) are joined by key inside the workers.
+
+Data position on resume: the stream is reseeded from the resume step, so a resumed run continues
+with fresh (not repeated) samples; the exact within-shard position is not restored.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from fgcmr.dataset import DatasetInfo, sample_from_fields
+from fgcmr.labels import SidecarError, labels_dir, read_sidecar, sidecar_path
+from fgcmr.model.inputs import Inputs
+from fgcmr.train.signals import ignore_stop_signals
+
+log = logging.getLogger("fgcmr.train")
+
+
+def key_id(key: str) -> int:
+    """A stable 63-bit integer id for a sample key (the relevance matrix compares image ids)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def check_sidecars(dataset: DatasetInfo, split: str, labeler: str) -> None:
+    """Every data shard of the split has its sidecar (keys are checked when each is read)."""
+    missing = [s.name for s in dataset.shards(split) if not sidecar_path(dataset.root, labeler, s.name).is_file()]
+    if missing:
+        raise SidecarError(
+            f"{len(missing)} of {len(dataset.shards(split))} label sidecars missing in {labels_dir(dataset.root, labeler)} "
+            f"(first: {missing[0]}); run `fgcmr label infer --shards={dataset.root}` or train with --loss.name=pairwise"
+        )
+
+
+def check_shard_split(n_shards: int, world_size: int, workers: int) -> None:
+    need = world_size * max(1, workers)
+    if n_shards < need:
+        raise ValueError(
+            f"{n_shards} shards cannot feed {world_size} ranks × {max(1, workers)} workers without resampling "
+            f"(a rank would hang in a collective); use data.resampled=true, fewer workers, or reshard into ≥ {need} shards"
+        )
+
+
+class LabelJoin:
+    """key → (text embeddings, description embedding), from the sidecar of the sample's shard."""
+
+    def __init__(self, dataset_root: Path, labeler: str, cache_shards: int = 4):
+        self.root, self.labeler, self.cache_shards = dataset_root, labeler, cache_shards
+        self._cache: dict[str, dict] = {}
+
+    def __call__(self, shard_url: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        table = self._cache.get(shard_url)
+        if table is None:
+            if len(self._cache) >= self.cache_shards:
+                self._cache.pop(next(iter(self._cache)))
+            table = self._cache[shard_url] = read_sidecar(sidecar_path(self.root, self.labeler, Path(shard_url).name)).by_key()
+        if key not in table:
+            raise SidecarError(f"sample {key} of {shard_url} has no entry in its label sidecar")
+        return table[key]
+
+
+class MakeItem:
+    """One raw WebDataset record → a training item (or None: a counted, logged skip of a bad sample)."""
+
+    def __init__(self, inputs: Inputs, labels: LabelJoin | None, seed: int):
+        self.inputs, self.labels, self.seed = inputs, labels, seed
+        self.rng: random.Random | None = None
+        self.skipped = 0
+
+    def __call__(self, raw: dict) -> dict | None:
+        if self.rng is None:  # seeded inside the worker, distinct per rank and worker
+            info = torch.utils.data.get_worker_info()
+            self.rng = random.Random(f"{self.seed}:{wds.utils.pytorch_worker_seed()}:{info.id if info else 0}")
+        key = raw["__key__"]
+        try:
+            sample = sample_from_fields(key, {k: v for k, v in raw.items() if not k.startswith("__")})
+            k = self.rng.randrange(len(sample.texts))
+            item = {"image": self.inputs.image(sample), "text": self.inputs.text(sample, k)}
+        except (ValueError, OSError, KeyError) as e:  # PIL's UnidentifiedImageError is an OSError
+            self.skipped += 1
+            log.warning("skipped bad sample %s in %s (%d so far): %s", key, raw.get("__url__"), self.skipped, e)
+            return None
+        item["category"] = -1 if sample.category is None else int(sample.category)
+        item["image_id"] = key_id(key)
+        if self.labels is not None:
+            texts, desc = self.labels(raw["__url__"], key)
+            item["label_text_emb"], item["desc_emb"] = texts[k], desc
+        return item
+
+
+class Collate:
+    def __init__(self, inputs: Inputs):
+        self.inputs = inputs
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = {
+            "image": torch.stack([it["image"] for it in items]),
+            "text": self.inputs.collate_texts([it["text"] for it in items]),
+            "category": torch.tensor([it["category"] for it in items], dtype=torch.long),
+            "image_id": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
+        }
+        for name in ("label_text_emb", "desc_emb"):
+            if name in items[0]:
+                batch[name] = torch.from_numpy(np.stack([it[name] for it in items]).astype(np.float32))
+        return batch
+
+
+def build_pipeline(urls: list[str], inputs: Inputs, micro_batch: int, batches_per_worker: int, *, resampled: bool = True,
+                   shuffle_buffer: int = 500, labels: LabelJoin | None = None, seed: int = 0) -> wds.DataPipeline:
+    if resampled:
+        shards = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        shards = [wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker]
+    return wds.DataPipeline(
+        *shards,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
+        wds.map(MakeItem(inputs, labels, seed)),
+        wds.batched(micro_batch, collation_fn=Collate(inputs), partial=False),
+    ).with_epoch(nbatches=batches_per_worker)
+
+
+def build_loader(dataset: DatasetInfo, inputs: Inputs, *, split: str, micro_batch: int, workers: int, batches_per_rank: int,
+                 world_size: int, resampled: bool, shuffle_buffer: int, labeler: str | None, seed: int) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding ``batches_per_rank`` micro-batches per pass (rounded up to whole workers)."""
+    urls = [str(p) for p in dataset.shards(split)]
+    if not resampled:
+        check_shard_split(len(urls), world_size, workers)
+    labels = None
+    if labeler:
+        check_sidecars(dataset, split, labeler)
+        labels = LabelJoin(dataset.root, labeler)
+    per_worker = math.ceil(batches_per_rank / max(1, workers))
+    pipeline = build_pipeline(urls, inputs, micro_batch, per_worker, resampled=resampled, shuffle_buffer=shuffle_buffer, labels=labels, seed=seed)
+    return torch.utils.data.DataLoader(
+        pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
+    )

@@ -1,0 +1,57 @@
+"""``fgcmr export``: a (ZeRO) checkpoint of any world size → ``<run>/export/`` that loads without DeepSpeed."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from fgcmr.config import build, read_yaml
+from fgcmr.model import ModelConfig, build_model, save_export
+from fgcmr.progress import setup_logging
+from fgcmr.train.checkpoint import latest_tag
+
+log = logging.getLogger("fgcmr.export")
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    run: str = ""  # run dir of `fgcmr train`
+    tag: str | None = None  # checkpoint tag (default: latest)
+    out: str | None = None  # default: <run>/export
+
+    def validate(self) -> None:
+        if not self.run:
+            raise ValueError("--run=<run dir> is required")
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights: merged from ZeRO partitions (stages 1–3, any world size), else the stage-0 module."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = ckpt_dir / tag
+    if not tag_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {tag_dir}")
+    if any("optim_states" in p.name for p in tag_dir.iterdir()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in state["module"].items()}
+
+
+def run(cfg: ExportConfig) -> Path:
+    setup_logging()
+    run_dir = Path(cfg.run)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run (no config.yaml); run `fgcmr train` first")
+    model_cfg = build(ModelConfig, read_yaml(run_dir / "config.yaml")["model"], "model")
+    ckpt_dir = run_dir / "checkpoints"
+    tag = cfg.tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    state = consolidated_state_dict(ckpt_dir, tag)
+    model = build_model(model_cfg)
+    model.load_state_dict(state, strict=True)
+    out = save_export(Path(cfg.out) if cfg.out else run_dir / "export", model, model_cfg)
+    log.info("exported %s (%s, %d tensors) → %s", run_dir, tag, len(state), out)
+    return out

@@ -1,0 +1,188 @@
+"""``fgcmr train``: DeepSpeed training of the two-tower model on sharded data, resumable and signal-safe.
+
+Run directory: ``config.yaml`` (the resolved train, model and DeepSpeed configs), ``tokenizer/``
+(when trained on the data), ``checkpoints/`` (see ``checkpoint``), ``tensorboard/`` and
+``train_metrics.json`` (the last logged figures). Exit code ``EXIT_REQUEUE`` (75) after a
+SIGTERM/SIGUSR1-triggered checkpoint; rerun with ``--resume=auto``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from fgcmr.config import dump_yaml, to_dict
+from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
+from fgcmr.distributed import DistEnv, barrier, init
+from fgcmr.io import atomic_write_json, atomic_write_text
+from fgcmr.labels import read_head
+from fgcmr.losses import RetrievalLoss
+from fgcmr.model import ModelConfig, build_inputs, build_model, train_wordpiece
+from fgcmr.progress import setup_logging
+from fgcmr.train import checkpoint
+from fgcmr.train.config import TrainConfig, load_model_config
+from fgcmr.train.data import build_loader
+from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
+from fgcmr.train.monitor import Monitor
+from fgcmr.train.signals import EXIT_REQUEUE, StopRequest
+from fgcmr.train.step import micro_step, to_device
+
+__all__ = ["TrainConfig", "run"]
+log = logging.getLogger("fgcmr.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    samples_per_epoch: int
+    epochs: int
+    max_steps: int | None
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro_batch * self.world_size * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.samples_per_epoch // self.samples_per_step)
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps if self.max_steps is not None else self.epochs * self.steps_per_epoch
+
+
+def init_distributed() -> DistEnv:
+    """Join the process group (a free port for a lone process, so parallel single runs do not collide)."""
+    import deepspeed
+
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    env = init()
+    setup_logging(env.rank)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend=env.backend)
+    return env
+
+
+def ensure_tokenizer(model_cfg: ModelConfig, dataset: DatasetInfo, run_dir: Path, env: DistEnv, split: str, max_texts: int, vocab_size: int) -> ModelConfig:
+    """A transformers tower built from a config gets a WordPiece tokenizer trained on the split's texts
+    (once, by rank 0, kept in the run dir for resumes and export), and the tokenizer's vocabulary size."""
+    text = model_cfg.text
+    if text.kind != "transformers" or model_cfg.tokenizer_dir:
+        return model_cfg
+    tok_dir = run_dir / "tokenizer"
+    if env.is_main and not (tok_dir / "tokenizer.json").is_file():
+        texts = itertools.islice((t for shard in dataset.shards(split) for s in iter_samples(shard) for t in s.texts), max_texts)
+        train_wordpiece(texts, tok_dir, vocab_size)
+        log.info("trained a WordPiece tokenizer on %s texts → %s", split, tok_dir)
+    barrier()
+    from fgcmr.model.tokenizer import load_tokenizer
+
+    config = {**text.config, "vocab_size": len(load_tokenizer(tok_dir))}
+    return dataclasses.replace(model_cfg, text=dataclasses.replace(text, tokenizer_dir=str(tok_dir), config=config))
+
+
+def forever(loader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+class Trainer:
+    """One optimizer step (``grad_accum`` micro-steps) with its timing and monitoring: the unit the
+    training loop repeats and ``fgcmr bench train`` measures."""
+
+    def __init__(self, engine, loss_fn: RetrievalLoss, monitor: Monitor, dtype: torch.dtype, grad_accum: int):
+        self.engine, self.loss_fn, self.monitor, self.dtype, self.grad_accum = engine, loss_fn, monitor, dtype, grad_accum
+
+    def step(self, batches: Iterator[dict], step: int) -> int:
+        t0 = time.perf_counter()
+        data_time = 0.0
+        measure = self.monitor.logs_at(step + 1)
+        for _ in range(self.grad_accum):
+            t = time.perf_counter()
+            batch = to_device(next(batches), self.engine.device, self.dtype)
+            data_time += time.perf_counter() - t
+            out, grad_norm = micro_step(self.engine, self.loss_fn, batch, measure_grad_norm=measure)
+        step += 1
+        self.monitor.update(step, out, time.perf_counter() - t0, data_time, self.engine.get_lr()[0], grad_norm)
+        return step
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    env = init_distributed()
+    run_dir, dataset = Path(cfg.out), open_dataset(cfg.shards)
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_cfg = load_model_config(cfg.model, cfg.model_overrides)
+    model_cfg = ensure_tokenizer(model_cfg, dataset, run_dir, env, cfg.data.split, cfg.data.tokenizer_samples, model_cfg.text.vocab_size)
+    sched = Schedule(env.world_size, cfg.data.micro_batch, cfg.optim.grad_accum,
+                     cfg.data.samples_per_epoch or dataset.items(cfg.data.split), cfg.epochs, cfg.max_steps)
+
+    torch.manual_seed(cfg.seed)
+    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.data.micro_batch, cfg.optim)
+    engine, _ = build_engine(build_model(model_cfg), ds_cfg, cfg.optim, sched.total_steps)
+    head = None
+    if cfg.loss.needs_labels:
+        w, c = read_head(dataset.root, cfg.labels)
+        head = (torch.from_numpy(w).to(engine.device), c)
+    loss_fn = RetrievalLoss(cfg.loss, head)
+
+    client = checkpoint.resume(engine, ckpt_dir, cfg.resume) if cfg.resume else None
+    step, samples_seen = (client["step"], client["samples_seen"]) if client else (0, 0)
+    resolved = {"train": to_dict(cfg), "model": to_dict(model_cfg), "deepspeed": ds_cfg, "schedule": {**dataclasses.asdict(sched), "total_steps": sched.total_steps}}
+    if env.is_main:
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(resolved))
+
+    loader = build_loader(
+        dataset, build_inputs(model_cfg, train=cfg.data.augment), split=cfg.data.split, micro_batch=cfg.data.micro_batch,
+        workers=cfg.data.workers, batches_per_rank=sched.steps_per_epoch * sched.grad_accum, world_size=env.world_size,
+        resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
+        labeler=cfg.labels if cfg.loss.needs_labels else None, seed=cfg.seed + 1_000_003 * step,
+    )
+    monitor = Monitor(run_dir, env.is_main, sched.total_steps, sched.samples_per_step, cfg.log_every, cfg.hist_every)
+    monitor.text("config", dump_yaml(resolved))
+    trainer = Trainer(engine, loss_fn, monitor, compute_dtype(ds_cfg), sched.grad_accum)
+    stop = StopRequest(engine.device)
+    saved_at = step if client else None
+
+    def save() -> None:
+        nonlocal saved_at
+        if saved_at != step:
+            state = {"step": step, "samples_seen": samples_seen, "epoch": samples_seen / sched.samples_per_epoch, "world_size": env.world_size}
+            checkpoint.save(engine, ckpt_dir, step, state, cfg.keep_last)
+            saved_at = step
+
+    log.info("training %d steps of %d samples (%d ranks × %d × accum %d) from step %d",
+             sched.total_steps, sched.samples_per_step, env.world_size, cfg.data.micro_batch, cfg.optim.grad_accum, step)
+    batches = forever(loader)
+    try:
+        while step < sched.total_steps:
+            step = trainer.step(batches, step)
+            samples_seen += sched.samples_per_step
+            if step % cfg.checkpoint_every == 0:
+                save()
+            if stop.agreed():
+                log.warning("stop signal received: checkpointing at step %d, exiting %d for requeue", step, EXIT_REQUEUE)
+                save()
+                sys.exit(EXIT_REQUEUE)
+        save()
+    finally:
+        stop.restore()
+        monitor.close()
+    summary = {"step": step, "samples_seen": samples_seen, "world_size": env.world_size, **monitor.last_values}
+    if env.is_main:
+        atomic_write_json(run_dir / "train_metrics.json", summary)
+    barrier()
+    return summary

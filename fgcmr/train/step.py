@@ -1,0 +1,39 @@
+"""One training micro-step through the DeepSpeed engine: the code both ``fgcmr train`` and the bench run."""
+from __future__ import annotations
+
+import torch
+
+from fgcmr.losses import LossOutput, RetrievalLoss
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Move a collated batch; floating inputs of the towers take the engine's compute dtype."""
+    def move(x: torch.Tensor, cast: bool) -> torch.Tensor:
+        x = x.to(device, non_blocking=True)
+        return x.to(dtype) if cast and x.is_floating_point() else x
+
+    text = batch["text"]
+    out = {k: move(v, False) for k, v in batch.items() if k not in ("image", "text")}
+    out["image"] = move(batch["image"], True)
+    out["text"] = {k: move(v, False) for k, v in text.items()} if isinstance(text, dict) else move(text, True)
+    return out
+
+
+def reports_grad_norm(engine) -> bool:
+    """DeepSpeed records the global gradient norm in its ZeRO and mixed-precision optimizers only."""
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+
+
+def micro_step(engine, loss_fn: RetrievalLoss, batch: dict, measure_grad_norm: bool = False) -> tuple[LossOutput, float | None]:
+    """Forward, global-batch loss, backward, and ``engine.step`` (an optimizer step at accumulation
+    boundaries). With ``measure_grad_norm``, also the pre-clipping gradient norm of this step."""
+    image_emb, text_emb, logit_scale = engine(batch["image"], batch["text"])
+    out = loss_fn(image_emb, text_emb, batch, logit_scale)
+    engine.backward(out.loss)
+    norm = None
+    if measure_grad_norm and engine.is_gradient_accumulation_boundary() and not reports_grad_norm(engine):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None]).item()
+    engine.step()
+    if measure_grad_norm and norm is None:
+        norm = engine.get_global_grad_norm()
+    return out, None if norm is None else float(norm)

@@ -1,0 +1,190 @@
+"""Training end to end on 2 gloo processes: ZeRO 0/2/3, weighted loss with sidecars, SIGTERM, resume, export.
+
+Launches are few and short (each costs ~10 s): one launch per check group, asserting several things each.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.labels import labels_dir, sidecar_path
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+LABELER = "random-test-labels"
+
+
+def write_random_sidecars(dataset_dir: Path, name: str = LABELER, dim: int = 16) -> None:
+    """Sidecars in the ``fgcmr.labels`` format with random embeddings (the real labeler lands separately)."""
+    ds = open_dataset(dataset_dir)
+    rng = np.random.default_rng(0)
+    for split in ds.split_names:
+        for shard in ds.shards(split):
+            samples = list(iter_samples(shard))
+            counts = [len(s.texts) for s in samples]
+            path = sidecar_path(dataset_dir, name, shard.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, keys=np.array([s.key for s in samples]),
+                     text_emb=rng.standard_normal((sum(counts), dim)).astype(np.float16),
+                     text_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                     desc_emb=rng.standard_normal((len(samples), dim)).astype(np.float16))
+    np.savez(labels_dir(dataset_dir, name) / "head.npz", w=rng.standard_normal(dim).astype(np.float32), c=np.array([0.1], np.float32))
+
+
+def launch(args: list[str], port: int, log_dir: Path, nproc: int = 2) -> list[subprocess.Popen]:
+    """Start ``fgcmr train`` on ``nproc`` local ranks (torchrun's variables, no launcher in between)."""
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+        log = open(log_dir / f"rank{rank}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "fgcmr", "train", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait(procs: list[subprocess.Popen], log_dir: Path, timeout: float = 240) -> list[int]:
+    codes = [p.wait(timeout=timeout) for p in procs]
+    return codes
+
+
+def logs(log_dir: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(log_dir.glob("rank*.log")))
+
+
+def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return [f"--config={REPO / 'configs/train/tiny.yaml'}", f"--shards={dataset}", f"--out={out}", "--data.micro_batch=16",
+            "--data.workers=1", "--log_every=1", "--hist_every=2", "--optim.warmup_steps=2", *extra]
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def assert_loss_went_down(run_dir: Path) -> None:
+    losses = [v for _, v in scalars(run_dir, "train/loss")]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def embed_probe(model, inputs, dataset: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = list(iter_samples(open_dataset(dataset).shards("test")[0]))[:8]
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([inputs.image(s) for s in samples]))
+        txt = model.encode_text(inputs.collate_texts([inputs.text(s, 0) for s in samples]))
+    return img, txt
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(pred, timeout: float, procs: list[subprocess.Popen]) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a rank exited early")
+        if time.monotonic() > end:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.2)
+
+
+def _adam_steps(tag_dir: Path) -> set[int]:
+    """Adam's per-parameter step counters in every rank's ZeRO optimizer shard."""
+    steps = set()
+    for f in tag_dir.glob("*optim_states.pt"):
+        state = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for group in state["base_optimizer_state"]["state"].values():
+            steps.add(int(group["step"]))
+    return steps
+
+
+def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path: Path):
+    write_random_sidecars(synthetic_dataset)
+    run = tmp_path / "run"
+    args = train_args(synthetic_dataset, run, "--deepspeed=zero2_fp32", f"--labels={LABELER}", "--loss.name=weighted_pairwise",
+                      "--max_steps=12", "--checkpoint_every=4", "--keep_last=2")
+    first = tmp_path / "first"
+    first.mkdir()
+    procs = launch(args, _port(), first)
+    _wait_for(lambda: "step 5/12" in logs(first), 240, procs)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    assert wait(procs, first) == [75, 75], logs(first)
+    stopped = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 5 <= stopped < 12
+    assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+
+    second = tmp_path / "second"
+    second.mkdir()
+    assert wait(launch([*args, "--resume=auto"], _port(), second), second) == [0, 0], logs(second)
+    assert f"at step {stopped}" in logs(second)
+    tags = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert tags[-1] == "step_00000012" and len(tags) == 2  # keep_last
+    assert _adam_steps(run / "checkpoints" / "step_00000012") == {12}  # optimizer state carried over the resume
+    lr = dict(scalars(run, "train/lr"))
+    from fgcmr.train.engine import warmup_cosine
+
+    factor = warmup_cosine(12, 2, 0.0)
+    assert lr[stopped + 1] == pytest.approx(0.002 * factor(stopped), rel=1e-5)  # scheduler resumed too
+    steps = [s for s, _ in scalars(run, "train/loss")]
+    assert steps == list(range(1, 13))
+    for tag in ("train/mu_pos", "train/mu_neg", "train/var_pos", "train/var_neg", "train/grad_norm",
+                "perf/samples_per_s", "perf/step_time_s", "perf/data_wait_frac"):
+        assert len(scalars(run, tag)) == 12, tag
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert {"similarity/positive", "similarity/negative", "weights/omega"} <= set(acc.Tags()["histograms"])
+    omega = acc.Histograms("weights/omega")[-1].histogram_value
+    assert 1.0 <= omega.min and omega.max <= 2.0
+
+    # export (ZeRO-2 partitions of 2 ranks merged in one process) == the full module weights DeepSpeed kept
+    from fgcmr.model import build_model, load_export
+    from fgcmr.train.export import ExportConfig
+    from fgcmr.train.export import run as export
+
+    out = export(ExportConfig(run=str(run)))
+    model, cfg, inputs = load_export(out)
+    reference = build_model(cfg).eval()
+    module = torch.load(run / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    reference.load_state_dict(module)
+    for a, b in zip(embed_probe(model, inputs, synthetic_dataset), embed_probe(reference, inputs, synthetic_dataset)):
+        torch.testing.assert_close(a, b)
+    # and it loads in a fresh process that never imports DeepSpeed
+    code = (f"import sys, torch; from fgcmr.model import load_export; m, c, i = load_export({str(out)!r}); "
+            "print(m.encode_image(torch.zeros(1, 3, 64, 64)).norm().item(), 'deepspeed' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert res.stdout.split()[-2:] == ["1.0", "False"], res.stderr[-2000:]
+
+
+def test_zero0_and_zero3_loss_goes_down(synthetic_dataset: Path, tmp_path: Path):
+    for stage, loss in (("zero0_fp32", "pairwise"), ("zero3_fp32", "clip")):
+        run, logdir = tmp_path / stage, tmp_path / f"{stage}-logs"
+        logdir.mkdir()
+        args = train_args(synthetic_dataset, run, f"--deepspeed={stage}", f"--loss.name={loss}", "--max_steps=12", "--checkpoint_every=100")
+        assert wait(launch(args, _port(), logdir), logdir) == [0, 0], logs(logdir)
+        assert_loss_went_down(run)
+    from fgcmr.model import load_export
+    from fgcmr.train.export import ExportConfig
+    from fgcmr.train.export import run as export
+
+    model, _, inputs = load_export(export(ExportConfig(run=str(tmp_path / "zero3_fp32"))))  # ZeRO-3 partitions consolidated
+    img, txt = embed_probe(model, inputs, synthetic_dataset)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(len(img)))
