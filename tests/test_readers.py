@@ -23,6 +23,7 @@ def samples(root: Path, split: str) -> list:
     return [s for path in ds.shards(split) for s in iter_samples(path)]
 
 
+@pytest.mark.slow
 def test_wikipedia_texts_with_original_features(data_root, tmp_path):
     root = data_root / "wikipedia_rasiwasia2010"
     m = run(ShardConfig(source="wikipedia", root=str(root), features=str(root / "raw_features.mat"), out=str(tmp_path / "wiki")))
@@ -42,6 +43,7 @@ def test_wikipedia_texts_with_original_features(data_root, tmp_path):
     assert "&nbsp;" not in "".join(s.texts[0] for s in test)
 
 
+@pytest.mark.slow
 def test_web_news_zh_missing_skipped_png_kept(data_root, tmp_path):
     m = run(ShardConfig(source="wikipedia", root=str(data_root / "web_news_zh_testsplit"), splits=["test"], out=str(tmp_path / "news")))
     assert (m["items_in"], m["items_written"], m["skipped"]) == (500, 497, {"missing_image": 3})
@@ -58,6 +60,7 @@ def test_web_news_zh_missing_skipped_png_kept(data_root, tmp_path):
     assert all(s.texts[0] and any("\u4e00" <= ch <= "\u9fff" for ch in s.texts[0]) for s in test)
 
 
+@pytest.mark.slow
 def test_flickr8k_captions_grouped_with_standard_splits(data_root, tmp_path):
     root = data_root / "flickr8k_500"
     m = run(ShardConfig(source="csv", root=str(root / "captions.txt"), splits_file=str(root / "splits.csv"), out=str(tmp_path / "f8k")))

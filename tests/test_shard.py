@@ -64,6 +64,7 @@ def test_rerun_is_byte_identical_and_keeps_shards(reference, tmp_path):
     assert outputs(tmp_path / "synth") == outputs(reference)
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one(reference, tmp_path):
     shard(tmp_path / "synth", workers=2)
     assert outputs(tmp_path / "synth") == outputs(reference)
@@ -81,6 +82,7 @@ def test_array_tasks_then_merge_equal_single_run(reference, tmp_path):
     assert outputs(out) == outputs(reference)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_output(reference, tmp_path):
     out = tmp_path / "synth"
     cmd = [sys.executable, "-m", "fgcmr", "shard", "--source=synthetic", f"--out={out}", f"--items={ITEMS}",
@@ -147,6 +149,7 @@ def test_dotted_override_and_bad_values():
         load_config(ShardConfig, overrides={"data.max_items_per_shard": 0})
 
 
+@pytest.mark.slow
 def test_cli_wrong_path_is_a_usage_error(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "fgcmr", "shard", "--source=wikipedia", "--root=/nonexistent/corpus", f"--out={tmp_path / 'x'}"],
@@ -162,6 +165,7 @@ def test_dataset_configs_load(path):
     assert cfg.out.startswith("shards/") and (cfg.source == "synthetic" or cfg.root)
 
 
+@pytest.mark.slow
 def test_bench_shard_prints_one_json_object(tmp_path, capsys):
     from fgcmr.bench.shard import BenchShardConfig, run as bench
 
