@@ -109,11 +109,12 @@ def test_jsonl_groups_captions_of_one_image(tmp_path):
         {"image": "z.jpg"},
     ]
     text = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n\n"
-    (tmp_path / "caps.jsonl").write_text(text)
+    bad_bytes = b'{"image": "z.jpg", "caption": "caf\xe9"}\n'
+    (tmp_path / "caps.jsonl").write_bytes(text.encode() + bad_bytes)
     m = run(ShardConfig(source="jsonl", root=str(tmp_path / "caps.jsonl"), out=str(tmp_path / "j")))
     assert m["categories"] == ["dogs", "cats"]
-    assert (m["items_in"], m["items_written"]) == (5, 2)
-    assert m["skipped"] == {"bad_record": 2, "duplicate_id": 1}
+    assert (m["items_in"], m["items_written"]) == (6, 2)
+    assert m["skipped"] == {"bad_record": 2, "duplicate_id": 1, "text_not_utf8": 1}
     (x,) = samples(tmp_path / "j", "train")
     assert x.texts == ["first of x", "second of x"] and x.meta["category_name"] == "dogs" and x.category == 0
     (y,) = samples(tmp_path / "j", "test")

@@ -15,6 +15,7 @@ looked up under ``images`` (default: an ``images/`` folder beside the caption fi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +24,7 @@ from fgcmr.config import ConfigError
 from fgcmr.shard.records import Item, Ref, Skip
 
 KARPATHY_SPLITS = {"restval": "train"}
+_SKIP = "\0skip"  # marks an unreadable record; cannot collide with a field of a real record
 
 
 class CaptionReader:
@@ -55,10 +57,10 @@ class CaptionReader:
             return
         group: list[dict] = []
         for record in self._records():
-            if "skip" in record:
+            if _SKIP in record:
                 yield from self._flush(group)
                 group = []
-                yield Ref(id=record["id"], split=self.default_split, skip=record["skip"])
+                yield Ref(id=record["id"], split=self.default_split, skip=record[_SKIP])
             elif group and record["image"] != group[0]["image"]:
                 yield from self._flush(group)
                 group = [record]
@@ -67,7 +69,7 @@ class CaptionReader:
         yield from self._flush(group)
 
     def _records(self) -> Iterator[dict]:
-        """Caption records as dicts; an unreadable one is ``{"id", "skip"}``."""
+        """Caption records as dicts; an unreadable one is ``{"id": ..., _SKIP: (reason, detail)}``."""
         with open(self.root, encoding="utf-8-sig", errors="replace", newline="") as f:
             if self.kind == "csv":
                 rows = enumerate(csv.DictReader(f), start=2)
@@ -76,9 +78,9 @@ class CaptionReader:
             for n, row in rows:
                 where = f"{self.root.name}:{n}"
                 if not isinstance(row, dict):
-                    yield {"id": f"line{n}", "skip": ("bad_record", f"{where}: not a JSON object")}
+                    yield {"id": f"record{n}", _SKIP: ("bad_record", f"{where}: not a JSON object")}
                 elif not str(row.get("image") or "").strip() or row.get("caption") is None:
-                    yield {"id": f"line{n}", "skip": ("bad_record", f"{where}: needs 'image' and 'caption'")}
+                    yield {"id": f"record{n}", _SKIP: ("bad_record", f"{where}: needs 'image' and 'caption'")}
                 else:
                     yield row
 
@@ -89,7 +91,10 @@ class CaptionReader:
         image = str(first["image"]).strip()
         split = str(first.get("split") or self.splits.get(image) or self.default_split)
         category = first.get("category")
-        yield self._ref(image, split, [str(r["caption"]) for r in group], None if category in (None, "") else str(category))
+        ref = self._ref(image, split, [str(r["caption"]) for r in group], None if category in (None, "") else str(category))
+        if any("\ufffd" in text for text in ref.data[1]):  # the file is read with errors="replace"
+            ref = dataclasses.replace(ref, skip=("text_not_utf8", f"{image}: a caption is not valid UTF-8"))
+        yield ref
 
     def _karpathy_refs(self) -> Iterator[Ref]:
         try:
