@@ -148,3 +148,20 @@ def test_unknown_layout_fails_before_work(tmp_path, source, make, match):
     with pytest.raises(ConfigError, match=match):
         run(ShardConfig(source=source, root=str(tmp_path / "in"), out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
+
+
+def test_folder_layout_with_split_folders(tmp_path):
+    root = tmp_path / "tvgraz"
+    for split in ("train", "test"):
+        _jpeg(root / split / "harp" / "1.jpg")
+        (root / split / "harp" / "1.txt").write_text(f"a harp in {split}")
+    m = run(ShardConfig(source="folder", root=str(root), out=str(tmp_path / "f")))
+    assert list(m["splits"]) == ["train", "test"] and m["items_written"] == 2
+    (s,) = samples(tmp_path / "f", "test")
+    assert s.meta["id"] == "test/harp/1" and s.texts == ["a harp in test"]
+
+
+def test_missing_features_file_is_a_clear_error(data_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--features .*nope.mat does not exist"):
+        run(ShardConfig(source="wikipedia", root=str(data_root / "wikipedia_rasiwasia2010"), features=str(tmp_path / "nope.mat"), out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()

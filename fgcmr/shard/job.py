@@ -177,7 +177,8 @@ def _write_chunks(cfg: ShardConfig, reader, work: Path) -> dict:
     splits: list[str] = []
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0"))
     written = 0
-    progress = Progress(None, f"shard {Path(cfg.out).name}", unit="item")
+    total = None if cfg.splits else getattr(reader, "total", None)
+    progress = Progress(total, f"shard {Path(cfg.out).name}", unit="item")
     pool = ProcessPoolExecutor(cfg.workers, initializer=_init_worker, initargs=(cfg,)) if cfg.workers > 1 else None
     pending: collections.deque[Future] = collections.deque()
 

@@ -1,6 +1,7 @@
 """Corpus readers. Each has ``categories`` (names, or None), ``refs()`` (the cheap, ordered listing
 pass, run in the main process) and ``load(ref)`` (the expensive part, run in workers; raises ``Skip``).
-``make_reader`` checks paths and layout, so a wrong input fails before any work starts."""
+A reader may set ``total`` (items, when known without listing) and ``unique_ids`` (no duplicate
+check needed). ``make_reader`` checks paths and layout, so a wrong input fails before any work starts."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -195,6 +195,7 @@ class SyntheticReader:
         if not 1 <= num_captions <= len(TEMPLATES):
             raise ValueError(f"num_captions={num_captions} must be between 1 and {len(TEMPLATES)}")
         self.items, self.seed, self.image_size = items, seed, image_size
+        self.total = items  # known up front: progress shows an ETA
         self.num_captions, self.quality = num_captions, quality
         self.categories = list(SHAPES)
 
