@@ -6,19 +6,48 @@ Modules are imported only when their command runs, so ``fgcmr --help`` is instan
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import sys
+import typing
 from typing import Any
 
 from fgcmr.config import ConfigError, load_config
 
 
-def _run(target: str, section: str | None, config: str | None, overrides: dict[str, Any]) -> Any:
-    """Load ``module:ConfigClass:function``'s typed config and call the function with it."""
+def _run(target: str, section: str | None, config: str | None, overrides: dict[str, Any], command: Any = None) -> Any:
+    """Load ``module:ConfigClass:function``'s typed config and call the function with it.
+
+    ``--help`` lands in ``overrides`` (the stage takes ``**options``), so it is answered here with
+    the command's docstring and every option of its config, with defaults and allowed values.
+    """
     module_name, cls_name, fn_name = target.split(":")
     module = importlib.import_module(module_name)
-    cfg = load_config(getattr(module, cls_name), config, overrides, section=section)
+    cls = getattr(module, cls_name)
+    if overrides.keys() & {"help", "h"}:
+        print(_options_help(cls, inspect.getdoc(command) or ""))
+        return None
+    cfg = load_config(cls, config, overrides, section=section)
     return getattr(module, fn_name)(cfg)
+
+
+def _options_help(cls: type, doc: str) -> str:
+    lines = [doc, "", "Options (--name=value; nested as --section.name=value; or from --config=<yaml>):"] if doc else ["Options:"]
+
+    def walk(c: type, prefix: str) -> None:
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            kind = " | ".join(map(repr, typing.get_args(tp))) if typing.get_origin(tp) is typing.Literal else getattr(tp, "__name__", str(tp))
+            lines.append(f"  --{prefix}{f.name}  [{kind}]  default: {default!r}")
+
+    walk(cls, "")
+    return "\n".join(lines)
 
 
 def shard(config: str | None = None, **options: Any) -> None:
@@ -27,9 +56,9 @@ def shard(config: str | None = None, **options: Any) -> None:
     fgcmr shard --source=<wikipedia|folder|karpathy|jsonl|csv|synthetic> --root=<input> --out=<dataset dir>
                 [--features=<file>] [--workers=N] [--task_index=I --num_tasks=T] [--data.max_items_per_shard=N]
     fgcmr shard --source=synthetic --out=<dataset dir> --items=N [--seed=S]
-    fgcmr shard merge --out=<dataset dir>   (after a Slurm array of --num_tasks tasks)
+    fgcmr shard --merge --out=<dataset dir>   (after a Slurm array of --num_tasks tasks)
     """
-    _run("fgcmr.shard.job:ShardConfig:run", "shard", config, options)
+    _run("fgcmr.shard.job:ShardConfig:run", "shard", config, options, shard)
 
 
 class Label:
@@ -37,34 +66,43 @@ class Label:
 
     def tokenizer(self, config: str | None = None, **options: Any) -> None:
         """Train a WordPiece tokenizer (English and Chinese) on a dataset's train texts: --shards=<dir> --out=<dir>."""
-        _run("fgcmr.label.tokenizer:TokenizerConfig:run", "tokenizer", config, options)
+        _run("fgcmr.label.tokenizer:TokenizerConfig:run", "tokenizer", config, options, self.tokenizer)
 
     def train(self, config: str | None = None, **options: Any) -> None:
         """Train the siamese labeler: --shards=<dataset dir> --out=<labeler dir> [--init=<pretrained dir>]."""
-        _run("fgcmr.label.train:LabelTrainConfig:run", "label", config, options)
+        _run("fgcmr.label.train:LabelTrainConfig:run", "label", config, options, self.train)
 
     def infer(self, config: str | None = None, **options: Any) -> None:
         """Distributed inference: --shards=<dataset dir> --labeler=<labeler dir> → <dataset dir>/labels/<name>/."""
-        _run("fgcmr.label.infer:LabelInferConfig:run", "infer", config, options)
+        _run("fgcmr.label.infer:LabelInferConfig:run", "infer", config, options, self.infer)
 
 
 def train(config: str | None = None, **options: Any) -> None:
     """Train the two-tower model with DeepSpeed: --shards=<dataset dir> --out=<run dir> [--resume=auto]."""
-    _run("fgcmr.train.loop:TrainConfig:run", "train", config, options)
+    _run("fgcmr.train.loop:TrainConfig:run", "train", config, options, train)
 
 
 def export(config: str | None = None, **options: Any) -> None:
     """Consolidate a (ZeRO) checkpoint into <run dir>/export/model.safetensors: --run=<run dir>."""
-    _run("fgcmr.train.export:ExportConfig:run", "export", config, options)
+    _run("fgcmr.train.export:ExportConfig:run", "export", config, options, export)
 
 
 def eval(config: str | None = None, **options: Any) -> None:  # noqa: A001 - the command's name
     """Retrieval metrics (MAP@all, MAP@R, Recall@K, median rank) and a PNG report: --run=<run dir>."""
-    _run("fgcmr.evaluate.job:EvalConfig:run", "eval", config, options)
+    _run("fgcmr.evaluate.job:EvalConfig:run", "eval", config, options, eval)
 
 
-def pipeline(config: str, nproc: int = 1, out: str | None = None, **options: Any) -> None:
-    """shard → label (train + infer) → train → export → eval from one experiment config, on N local processes."""
+def pipeline(config: str | None = None, nproc: int = 1, out: str | None = None, **options: Any) -> None:
+    """shard → label (train + infer) → train → export → eval from one experiment config, on N local processes.
+
+    fgcmr pipeline --config=<experiment.yaml> [--nproc=N] [--out=<dir>] [--<section>.<option>=value ...]
+    Stages whose verified outputs exist are skipped, so rerunning after a crash continues.
+    """
+    if config is None or options.keys() & {"help", "h"}:
+        print(inspect.getdoc(pipeline))
+        if config is None and not options.keys() & {"help", "h"}:
+            sys.exit(2)
+        return
     from fgcmr.pipeline import run_pipeline
 
     run_pipeline(config, nproc=nproc, out=out, overrides=options)
@@ -96,19 +134,19 @@ class Bench:
 
     def train(self, config: str | None = None, **options: Any) -> None:
         """fgcmr training samples/s vs a bare forward+backward+step loop (and --peer=open_clip)."""
-        _run("fgcmr.bench.train:BenchTrainConfig:run", None, config, options)
+        _run("fgcmr.bench.train:BenchTrainConfig:run", None, config, options, self.train)
 
     def label(self, config: str | None = None, **options: Any) -> None:
         """Label inference samples/s vs a bare forward loop of the same encoder on the same batches."""
-        _run("fgcmr.bench.label:BenchLabelConfig:run", None, config, options)
+        _run("fgcmr.bench.label:BenchLabelConfig:run", None, config, options, self.label)
 
     def shard(self, config: str | None = None, **options: Any) -> None:
         """Sharding items/s vs plain tarfile, and peak memory at two corpus sizes."""
-        _run("fgcmr.bench.shard:BenchShardConfig:run", None, config, options)
+        _run("fgcmr.bench.shard:BenchShardConfig:run", None, config, options, self.shard)
 
     def data(self, config: str | None = None, **options: Any) -> None:
         """The training input pipeline's samples/s vs the machine's decode ceiling."""
-        _run("fgcmr.bench.data:BenchDataConfig:run", None, config, options)
+        _run("fgcmr.bench.data:BenchDataConfig:run", None, config, options, self.data)
 
 
 COMMANDS = {
