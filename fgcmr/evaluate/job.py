@@ -1,0 +1,284 @@
+"""``fgcmr eval``: embed a split with the exported model on N ranks, score it, draw the report.
+
+Each rank embeds its round-robin share of the split's shards (``fgcmr.dataset.iter_samples``, so
+every sample exactly once); rank 0 gathers the per-shard results, restores shard order and writes
+
+    <run>/eval/metrics.json     metrics of ``split`` at top level, every split under ``splits``,
+                                classical baselines (optional), data and model provenance
+    <run>/eval/report.png       PR curves, similarity histograms, top-5 images for a few text queries
+    <run>/eval/config.yaml      this job's resolved config
+    <run>/eval/tensorboard/     the same numbers as scalars ``eval/<split>/<metric>``
+
+The dataset comes from the run's ``config.yaml`` (``train.shards``) unless ``--shards`` is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fgcmr import distributed
+from fgcmr.config import dump_yaml, read_yaml
+from fgcmr.dataset import DatasetInfo, Sample, iter_samples, open_dataset
+from fgcmr.evaluate.metrics import RECALL_KS, retrieval_metrics
+from fgcmr.io import atomic_write_json, atomic_write_text, sha256_file
+from fgcmr.progress import Progress, setup_logging
+
+log = logging.getLogger("fgcmr.eval")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    run: str = ""  # run dir of `fgcmr train` (holds export/ and config.yaml)
+    shards: str | None = None  # dataset dir; default: the run's train.shards
+    export: str | None = None  # default: <run>/export
+    out: str | None = None  # default: <run>/eval
+    split: str = "test"  # the split whose metrics are metrics.json's top level
+    extra_splits: list[str] = dataclasses.field(default_factory=list)  # also evaluated, e.g. [val]
+    batch_size: int = 64  # images per forward (texts: all their captions)
+    baselines: bool = False  # CCA and semantic matching on the dataset's img.npy features and texts
+    baseline_train_split: str = "train"
+    baseline_hellinger: bool = False  # square-root the image features first (histograms such as SIFT BoW)
+    baseline_cca_dim: int = 10
+    report: bool = True
+    report_queries: int = 3
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if not self.run:
+            raise ValueError("--run=<run dir> is required")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be ≥ 1")
+
+
+@dataclasses.dataclass
+class Embedded:
+    """One split in shard order: image/text embeddings, categories, text owners, texts, raw features."""
+
+    keys: list[str]
+    img_emb: np.ndarray
+    txt_emb: np.ndarray
+    img_cat: np.ndarray
+    txt_owner: np.ndarray
+    texts: list[str]
+    img_feat: np.ndarray | None
+    txt_feat: np.ndarray | None
+    skipped: int
+
+
+def run(cfg: EvalConfig) -> dict | None:
+    env = distributed.init()
+    setup_logging(env.rank)
+    from fgcmr.model import load_export
+
+    run_dir = Path(cfg.run)
+    export_dir = Path(cfg.export) if cfg.export else run_dir / "export"
+    out = Path(cfg.out) if cfg.out else run_dir / "eval"
+    dataset = open_dataset(cfg.shards or _run_shards(run_dir))
+    model, _, inputs = load_export(export_dir, device=env.device)
+    started = time.time()
+    results = {}
+    for split in [cfg.split, *[s for s in cfg.extra_splits if s != cfg.split]]:
+        emb = embed_split(dataset, split, model, inputs, env, cfg.batch_size, keep_features=cfg.baselines)
+        if env.is_main:
+            results[split] = emb
+    distributed.barrier()
+    if not env.is_main:
+        return None
+    metrics = summarise(cfg, dataset, export_dir, run_dir, results, env.world_size, time.time() - started)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    atomic_write_json(out / "metrics.json", metrics)
+    if cfg.tensorboard:
+        _log_tensorboard(out / "tensorboard", metrics, _train_steps(run_dir))
+    if cfg.report:
+        _draw(out / "report.png", dataset, cfg, results[cfg.split], metrics, run_dir)
+    log.info("%s", format_table(metrics))
+    log.info("wrote %s", out / "metrics.json")
+    return metrics
+
+
+def _run_shards(run_dir: Path) -> str:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run (no config.yaml); pass --shards=<dataset dir>")
+    shards = (read_yaml(path).get("train") or {}).get("shards")
+    if not shards:
+        raise FileNotFoundError(f"{path} names no train.shards; pass --shards=<dataset dir>")
+    return shards
+
+
+@torch.no_grad()
+def embed_split(dataset: DatasetInfo, split: str, model, inputs, env, batch_size: int, keep_features: bool) -> Embedded | None:
+    """Embed this rank's shards of ``split``; rank 0 returns the whole split in shard order."""
+    shards = dataset.shards(split)
+    mine = distributed.shard_slice(list(enumerate(shards)), env.rank, env.world_size)
+    parts = []
+    with Progress(sum(dataset.shard_infos(split)[i].items for i, _ in mine), f"eval {split} rank{env.rank}", "samples", enabled=env.is_main) as progress:
+        for index, path in mine:
+            parts.append((index, _embed_shard(path, model, inputs, env.device, batch_size, keep_features, progress)))
+    gathered = [p for rank_parts in distributed.all_gather_objects(parts) for p in rank_parts]
+    if not env.is_main:
+        return None
+    return _concat([part for _, part in sorted(gathered, key=lambda p: p[0])])
+
+
+def _embed_shard(path: Path, model, inputs, device, batch_size: int, keep_features: bool, progress: Progress) -> dict:
+    part = {"keys": [], "img": [], "txt": [], "cat": [], "n_texts": [], "texts": [], "img_feat": [], "txt_feat": [], "skipped": 0}
+    batch: list[tuple[Sample, torch.Tensor, list[torch.Tensor]]] = []
+    for sample in iter_samples(path):
+        progress.update()
+        try:
+            item = (sample, inputs.image(sample), [inputs.text(sample, k) for k in range(_num_texts(sample, inputs))])
+        except Exception as e:  # a bad sample is counted and logged, never fatal
+            log.warning("skipping sample %s in %s: %s", sample.key, path.name, e)
+            part["skipped"] += 1
+            continue
+        batch.append(item)
+        if len(batch) == batch_size:
+            _flush(batch, part, model, inputs, device, keep_features)
+    if batch:
+        _flush(batch, part, model, inputs, device, keep_features)
+    return part
+
+
+def _num_texts(sample: Sample, inputs) -> int:
+    if inputs.tokenizer is None and sample.text_feature is not None:
+        return 1 if sample.text_feature.ndim == 1 else len(sample.text_feature)
+    return len(sample.texts)
+
+
+def _flush(batch: list, part: dict, model, inputs, device, keep_features: bool) -> None:
+    images = torch.stack([img for _, img, _ in batch]).to(device)
+    texts = [t for _, _, ts in batch for t in ts]
+    text_batch = inputs.collate_texts(texts)
+    text_batch = {k: v.to(device) for k, v in text_batch.items()} if isinstance(text_batch, dict) else text_batch.to(device)
+    part["img"].append(model.encode_image(images).float().cpu().numpy())
+    part["txt"].append(model.encode_text(text_batch).float().cpu().numpy())
+    for sample, _, ts in batch:
+        part["keys"].append(sample.key)
+        part["cat"].append(-1 if sample.category is None else int(sample.category))
+        part["n_texts"].append(len(ts))
+        part["texts"].extend(sample.texts[: len(ts)] if len(sample.texts) >= len(ts) else sample.texts[:1] * len(ts))
+        if keep_features:
+            part["img_feat"].append(None if sample.image_feature is None else np.asarray(sample.image_feature, np.float32).reshape(-1))
+            part["txt_feat"].append(None if sample.text_feature is None else np.asarray(sample.text_feature, np.float32).reshape(-1))
+    batch.clear()
+
+
+def _concat(parts: list[dict]) -> Embedded:
+    n_texts = np.array([n for p in parts for n in p["n_texts"]], dtype=np.int64)
+    img_feat = [f for p in parts for f in p["img_feat"]]
+    txt_feat = [f for p in parts for f in p["txt_feat"]]
+    return Embedded(
+        keys=[k for p in parts for k in p["keys"]],
+        img_emb=np.concatenate([a for p in parts for a in p["img"]]) if n_texts.size else np.zeros((0, 1), np.float32),
+        txt_emb=np.concatenate([a for p in parts for a in p["txt"]]) if n_texts.size else np.zeros((0, 1), np.float32),
+        img_cat=np.array([c for p in parts for c in p["cat"]], dtype=np.int64),
+        txt_owner=np.repeat(np.arange(len(n_texts)), n_texts),
+        texts=[t for p in parts for t in p["texts"]],
+        img_feat=np.stack(img_feat) if img_feat and all(f is not None for f in img_feat) else None,
+        txt_feat=np.stack(txt_feat) if txt_feat and all(f is not None for f in txt_feat) else None,
+        skipped=sum(p["skipped"] for p in parts),
+    )
+
+
+def summarise(cfg: EvalConfig, dataset: DatasetInfo, export_dir: Path, run_dir: Path, results: dict[str, Embedded], world_size: int, seconds: float) -> dict:
+    """metrics.json: the main split's metrics at top level, every split, baselines, provenance."""
+    splits = {}
+    for split, emb in results.items():
+        if len(emb.keys) == 0:
+            raise ValueError(f"split {split!r} of {dataset.root} has no usable sample ({emb.skipped} skipped)")
+        m = retrieval_metrics(emb.img_emb, emb.txt_emb, emb.img_cat, emb.txt_owner)
+        m.update(images=len(emb.keys), texts=len(emb.txt_owner), skipped_samples=emb.skipped)
+        splits[split] = m
+    metrics = {**splits[cfg.split], "split": cfg.split}
+    if cfg.baselines:
+        from fgcmr.evaluate.run_baselines import baseline_metrics
+
+        metrics["baselines"] = baseline_metrics(dataset, cfg, results[cfg.split])
+    metrics["splits"] = {s: {k: v for k, v in m.items() if not k.startswith("pr_")} for s, m in splits.items()}
+    metrics["data"] = {
+        "shards": str(dataset.root), "name": dataset.name, "manifest_sha256": sha256_file(dataset.root / "manifest.json"),
+    }
+    train_cfg = _train_config(run_dir)
+    metrics["model"] = {
+        "export": str(export_dir), "sha256": sha256_file(export_dir / "model.safetensors"),
+        "loss": (train_cfg.get("loss") or {}).get("name"), "seed": train_cfg.get("seed"), "labels": train_cfg.get("labels"),
+    }
+    metrics["eval"] = {"world_size": world_size, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return metrics
+
+
+def _train_config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    return (read_yaml(path).get("train") or {}) if path.is_file() else {}
+
+
+def _train_steps(run_dir: Path) -> int:
+    path = run_dir / "config.yaml"
+    return int(((read_yaml(path).get("schedule") or {}).get("total_steps")) or 0) if path.is_file() else 0
+
+
+SCALARS = ("map_i2t", "map_t2i", "map_avg", "mapr_i2t", "mapr_t2i", *(f"r{k}_{d}" for k in RECALL_KS for d in ("i2t", "t2i")), "medr_i2t", "medr_t2i", "chance_map")
+
+
+def _log_tensorboard(logdir: Path, metrics: dict, step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(logdir)) as writer:
+        for split, m in metrics["splits"].items():
+            for key in SCALARS:
+                writer.add_scalar(f"eval/{split}/{key}", m[key], step)
+        for name, m in scored_baselines(metrics).items():
+            for key in ("map_i2t", "map_t2i", "map_avg"):
+                writer.add_scalar(f"baseline/{name}/{key}", m[key], step)
+
+
+def scored_baselines(metrics: dict) -> dict[str, dict]:
+    """The baselines that were computed (not skipped)."""
+    return {k: v for k, v in (metrics.get("baselines") or {}).items() if isinstance(v, dict) and "map_avg" in v}
+
+
+def format_table(metrics: dict) -> str:
+    """The final table people read: MAP@all, MAP@R, R@K, median rank per direction, and chance."""
+    rows = [f"{'':6} {'MAP@all':>8} {'MAP@R':>7} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'medR':>6}"]
+    for d, name in (("i2t", "i→t"), ("t2i", "t→i")):
+        rows.append(f"{name:6} {metrics[f'map_{d}']:8.4f} {metrics[f'mapr_{d}']:7.4f} " + " ".join(f"{metrics[f'r{k}_{d}']:6.3f}" for k in RECALL_KS) + f" {metrics[f'medr_{d}']:6.0f}")
+    rows.append(f"{'avg':6} {metrics['map_avg']:8.4f}   (chance MAP@all {metrics['chance_map']:.4f}; {metrics.get('images', '?')} images, {metrics.get('texts', '?')} texts)")
+    for name, b in scored_baselines(metrics).items():
+        rows.append(f"{name:6.6} {b['map_i2t']:8.4f} / {b['map_t2i']:.4f}  avg {b['map_avg']:.4f}  (baseline {name})")
+    return "\n" + "\n".join(rows)
+
+
+def _draw(path: Path, dataset: DatasetInfo, cfg: EvalConfig, emb: Embedded, metrics: dict, run_dir: Path) -> None:
+    from fgcmr.evaluate.report import draw_report, pick_text_queries, top_images
+
+    has_pixels = emb.img_feat is None and _split_has_pixels(dataset, cfg.split)
+    loader = None
+    if has_pixels:
+        wanted = {int(i) for i in top_images(emb.img_emb, emb.txt_emb, pick_text_queries(emb.txt_owner, cfg.report_queries)).ravel()}
+        images = _read_images(dataset, cfg.split, {emb.keys[i] for i in wanted})
+        loader = lambda i: images.get(emb.keys[i])  # noqa: E731
+    draw_report(path, metrics, emb.img_emb, emb.txt_emb, emb.img_cat, emb.txt_owner, emb.texts, loader,
+                title=f"{run_dir.name} on {dataset.name}/{cfg.split}")
+
+
+def _split_has_pixels(dataset: DatasetInfo, split: str) -> bool:
+    shards = dataset.shards(split)
+    return bool(shards) and next(iter_samples(shards[0])).image is not None
+
+
+def _read_images(dataset: DatasetInfo, split: str, keys: set[str]) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    for path in dataset.shards(split):
+        for sample in iter_samples(path):
+            if sample.key in keys and sample.image is not None:
+                found[sample.key] = sample.image
+        if len(found) == len(keys):
+            break
+    return found
