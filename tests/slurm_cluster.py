@@ -62,3 +62,12 @@ def wait_state(job_id: str, states: set[str], timeout: float) -> str:
         time.sleep(0.5)
     record = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout
     pytest.fail(f"job {job_id} still {state} after {timeout:.0f} s, wanted {sorted(states)}:\n{record}")
+
+
+@pytest.fixture
+def cancel_after():
+    """Register job ids; any still queued or running when the test ends (e.g. it failed) is cancelled."""
+    jobs: list[str] = []
+    yield jobs.append
+    if jobs:
+        subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)

@@ -12,7 +12,7 @@ from fgcmr.config import ConfigError
 from fgcmr.slurm import SlurmConfig, chain_status, submit_pipeline
 from fgcmr.slurm.chain import EXIT_REQUEUE, plan
 
-from slurm_cluster import REPO, job_field, slurm, wait_state  # noqa: F401  (session fixture)
+from slurm_cluster import REPO, cancel_after, job_field, slurm, wait_state  # noqa: F401  (fixtures)
 
 SLURM = {"nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8, "partition": "gpu", "account": "proj42", "time": "01:00:00",
          "shard_tasks": 3, "signal_seconds": 240, "extra": ["--constraint=a100", "#SBATCH --exclusive"],
@@ -87,7 +87,7 @@ def test_bad_slurm_section_fails_before_submitting(tmp_path, slurm_section, mess
 
 
 @pytest.mark.slurm
-def test_failed_job_stops_its_dependents_and_status_names_it(tmp_path, capsys, slurm):  # noqa: F811
+def test_failed_job_stops_its_dependents_and_status_names_it(tmp_path, capsys, slurm, cancel_after):  # noqa: F811
     # source=wikipedia without --root is a config error: the shard array fails at once.
     path = write_experiment(tmp_path, shard={"source": "wikipedia", "out": str(tmp_path / "shards")},
                             train={"shards": str(tmp_path / "shards"), "out": str(tmp_path / "run")},
@@ -95,6 +95,8 @@ def test_failed_job_stops_its_dependents_and_status_names_it(tmp_path, capsys, s
                             slurm={"shard_tasks": 2, "cpus_per_task": 1, "time": "00:05:00"})
     out = tmp_path / "out"
     jobs = {j["name"]: j for j in submit_pipeline(str(path), out=str(out))}
+    for j in jobs.values():
+        cancel_after(j["job_id"])
     assert list(jobs) == ["shard", "merge", "train", "eval"]
     for name in ("merge", "train", "eval"):
         wait_state(jobs[name]["job_id"], {"CANCELLED"}, timeout=60)
