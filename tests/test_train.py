@@ -141,7 +141,7 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
     from fgcmr.train.engine import warmup_cosine
 
     factor = warmup_cosine(12, 2, 0.0)
-    assert lr[stopped + 1] == pytest.approx(0.002 * factor(stopped), rel=1e-5)  # scheduler resumed too
+    assert [lr[s] for s in range(1, 13)] == pytest.approx([0.002 * factor(s - 1) for s in range(1, 13)], rel=1e-5)  # scheduler resumed too
     steps = [s for s, _ in scalars(run, "train/loss")]
     assert steps == list(range(1, 13))
     for tag in ("train/mu_pos", "train/mu_neg", "train/var_pos", "train/var_neg", "train/grad_norm",
@@ -169,7 +169,7 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
         torch.testing.assert_close(a, b)
     # and it loads in a fresh process that never imports DeepSpeed
     code = (f"import sys, torch; from fgcmr.model import load_export; m, c, i = load_export({str(out)!r}); "
-            "print(m.encode_image(torch.zeros(1, 3, 64, 64)).norm().item(), 'deepspeed' in sys.modules)")
+            "print(round(m.encode_image(torch.zeros(1, 3, 64, 64)).norm().item(), 4), 'deepspeed' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.stdout.split()[-2:] == ["1.0", "False"], res.stderr[-2000:]
 

@@ -110,13 +110,14 @@ class Trainer:
         t0 = time.perf_counter()
         data_time = 0.0
         measure = self.monitor.logs_at(step + 1)
+        lr = self.engine.get_lr()[0]  # the rate this step uses (the head group's; towers' is × tower_lr_mult)
         for _ in range(self.grad_accum):
             t = time.perf_counter()
             batch = to_device(next(batches), self.engine.device, self.dtype)
             data_time += time.perf_counter() - t
             out, grad_norm = micro_step(self.engine, self.loss_fn, batch, measure_grad_norm=measure)
         step += 1
-        self.monitor.update(step, out, time.perf_counter() - t0, data_time, self.engine.get_lr()[0], grad_norm)
+        self.monitor.update(step, out, time.perf_counter() - t0, data_time, lr, grad_norm)
         return step
 
 
