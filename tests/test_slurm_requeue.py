@@ -41,15 +41,19 @@ def wait_for_log(job_id: str, log: Path, pattern: str, timeout: float) -> re.Mat
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_step_count(tmp_path, synthetic_dataset, slurm, cancel_after):  # noqa: F811
-    run = tmp_path / "run"
-    train = {"shards": str(synthetic_dataset), "out": str(run), "model": "tiny", "loss": {"name": "clip"},
-             "max_steps": STEPS, "checkpoint_every": 1000, "log_every": 1,
+    # The pipeline layout: <data_dir>/shards (the session's synthetic data, so shard is already done), <out>/run.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shards").symlink_to(synthetic_dataset)
+    out, run = tmp_path / "out", tmp_path / "out" / "run"
+    train = {"model": "tiny", "loss": {"name": "clip"}, "max_steps": STEPS, "checkpoint_every": 1000, "log_every": 1,
              "data": {"micro_batch": 8, "workers": 1, "augment": False}}
     exp = tmp_path / "exp.yaml"
-    exp.write_text(yaml.safe_dump({"name": "requeue", "train": train,
+    exp.write_text(yaml.safe_dump({"name": "requeue", "data_dir": str(tmp_path / "data"), "train": train,
                                    "slurm": {"tasks_per_node": 2, "cpus_per_task": 1, "time": "00:10:00"}}))
-    (job,) = submit_pipeline(str(exp), out=str(tmp_path / "out"))
-    job_id, log = job["job_id"], Path(job["log"])
+    jobs = {j["name"]: j for j in submit_pipeline(str(exp), out=str(out))}
+    assert list(jobs) == ["train", "eval"], "shard is done; train, then export + eval"
+    subprocess.run(["scancel", jobs["eval"]["job_id"]], check=True)  # not what this test is about
+    job_id, log = jobs["train"]["job_id"], Path(jobs["train"]["log"])
     cancel_after(job_id)
 
     wait_for_log(job_id, log, rf"step 5/{STEPS}", timeout=120)
@@ -61,6 +65,11 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_step_count(tmp_path, 
     while job_field(job_id, "Restarts") != "1" or job_field(job_id, "JobState") != "PENDING":
         assert time.monotonic() < deadline, f"job {job_id} was not requeued: {job_field(job_id, 'JobState')}"
         time.sleep(0.3)
+    # Release it only once the first run is cleaned up: slurmd rejects a credential issued in the same
+    # second the old one was revoked ("Job credential revoked"), and the restart would fail.
+    while subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip().startswith("comp"):
+        time.sleep(0.3)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)
     wait_state(job_id, {"COMPLETED"}, timeout=180)
 

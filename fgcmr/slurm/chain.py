@@ -18,6 +18,9 @@ from fgcmr.slurm.config import Resolved, SlurmConfig
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 EXIT_REQUEUE = 75  # fgcmr train's exit code after a signal-triggered checkpoint (fgcmr.train.signals)
+# job → the experiment sections (pipeline stages) it runs
+STAGES = {"shard": ["shard"], "merge": ["shard"], "label": ["tokenizer", "label"], "infer": ["infer"],
+          "train": ["train"], "eval": ["export", "eval"]}
 
 
 @dataclasses.dataclass
@@ -27,6 +30,10 @@ class Job:
     values: dict[str, str]  # template values of this job, beyond the common ones
     array: int | None = None  # number of array tasks
     requeue: bool = False
+
+    def stages(self, experiment: dict) -> list[str]:
+        """The pipeline stages this job runs (``fgcmr.pipeline`` names)."""
+        return [s for s in STAGES[self.name] if s in experiment]
 
     def log_pattern(self, logs: Path) -> str:
         return str(logs / (f"{self.name}-%A_%a.out" if self.array else f"{self.name}-%j.out"))

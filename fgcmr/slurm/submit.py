@@ -1,7 +1,8 @@
 """``fgcmr submit pipeline`` and ``fgcmr submit status``: submit a job chain and report on it.
 
-Everything a chain needs lives in ``<out>/slurm/``: the frozen experiment file the jobs read (so
-editing the original after submitting changes nothing), one sbatch script per job, ``logs/`` and
+The jobs read ``<out>/experiment.yaml``, the experiment resolved as ``fgcmr pipeline`` resolves it
+(so editing the original after submitting changes nothing, and outputs land where a local run puts
+them). ``<out>/slurm/`` holds the resolved ``slurm.yaml``, one sbatch script per job, ``logs/`` and
 ``chain.json`` (job ids, scripts, log paths), which ``submit status`` reads.
 """
 from __future__ import annotations
@@ -11,10 +12,13 @@ import datetime
 import logging
 import shlex
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from fgcmr.config import ConfigError, apply_overrides, build, dump_yaml, read_yaml
+import yaml
+
+from fgcmr.config import apply_overrides, build, dump_yaml, read_yaml
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json
 from fgcmr.slurm.chain import Job, plan, render
 from fgcmr.slurm.config import SlurmConfig
@@ -23,29 +27,46 @@ log = logging.getLogger("fgcmr.slurm")
 FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
-def default_out(experiment: dict) -> Path:
-    return Path("runs") / str(experiment.get("name") or "experiment")
+def resolve(config_path: str, out: str | None, overrides: dict[str, Any]) -> tuple[dict, Any, SlurmConfig]:
+    """The experiment wired exactly as ``fgcmr pipeline`` wires it (same paths, same ``experiment.yaml``),
+    plus its ``slurm:`` section. ``--slurm.*`` overrides go to the latter, all others to the stages."""
+    from fgcmr.pipeline import resolve_experiment
+
+    raw = read_yaml(config_path)
+    slurm_overrides = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("slurm.")}
+    cfg = build(SlurmConfig, apply_overrides(raw.pop("slurm", None) or {}, slurm_overrides), "slurm")
+    with tempfile.TemporaryDirectory() as tmp:  # the pipeline's resolver knows no slurm section
+        stripped = Path(tmp) / Path(config_path).name
+        stripped.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        exp, layout = resolve_experiment(stripped, out, {k: v for k, v in overrides.items() if not k.startswith("slurm.")})
+    return exp, layout, cfg
 
 
 def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str, Any] | None = None, out: str | None = None) -> list[dict]:
-    """Render the chain's scripts and submit them with ``afterok`` dependencies (or only print them)."""
-    experiment = apply_overrides(read_yaml(config_path), {k: v for k, v in (overrides or {}).items() if v is not None})
-    cfg = build(SlurmConfig, experiment.get("slurm") or {}, "slurm")
-    out_dir = Path(out) if out else default_out(experiment)
-    chain_dir = (out_dir / "slurm").resolve()
-    logs = Path(cfg.logs).resolve() if cfg.logs else chain_dir / "logs"
-    frozen = chain_dir / "experiment.yaml"
-    name = str(experiment.get("name") or Path(config_path).stem)
-    jobs = plan(experiment, cfg)
+    """Render the chain's scripts and submit them with ``afterok`` dependencies (or only print them).
+
+    Jobs whose stages are already done (the same checks as ``fgcmr pipeline``) are left out, so
+    resubmitting after a failure runs only what is missing.
+    """
+    exp, layout, cfg = resolve(config_path, out, {k: v for k, v in (overrides or {}).items() if v is not None})
+    chain_dir = layout.out / "slurm"
+    logs = Path(cfg.logs).absolute() if cfg.logs else chain_dir / "logs"
+    jobs, done = [], []
+    for job in plan(exp, cfg):
+        (done if all(stage_done(s, layout) for s in job.stages(exp)) else jobs).append(job)
+    if done:
+        print(f"already done, not submitted: {', '.join(j.name for j in done)}")
     if not jobs:
-        raise ConfigError(f"{config_path}: no stage sections (shard, label, infer, train, eval) to submit")
-    scripts = {job.name: render(job, cfg, name, frozen, Path.cwd(), logs) for job in jobs}
+        print(f"nothing to submit: every stage of {exp['name']} is done under {layout.out}")
+        return []
+    scripts = {job.name: render(job, cfg, exp["name"], layout.experiment, Path.cwd(), logs) for job in jobs}
     if dry_run:
         for job, prev in zip(jobs, [None, *jobs]):
             print(f"# ---- {chain_dir / (job.name + '.sbatch')}   ({sbatch_command(job, prev and f'<{prev.name}>')})")
             print(scripts[job.name])
         return []
-    atomic_write_text(frozen, dump_yaml(experiment))
+    atomic_write_text(layout.experiment, dump_yaml(exp))
+    atomic_write_text(chain_dir / "slurm.yaml", dump_yaml(cfg))
     logs.mkdir(parents=True, exist_ok=True)
     submitted: list[dict] = []
     try:
@@ -58,18 +79,28 @@ def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str
     except (OSError, subprocess.CalledProcessError) as e:
         if submitted:
             subprocess.run(["scancel", *(j["job_id"] for j in submitted)], check=False)
-        detail = getattr(e, "stderr", "") or e
+        detail = (getattr(e, "stderr", "") or str(e)).strip()
         raise RuntimeError(f"sbatch failed for job {job.name!r} ({detail}); cancelled the jobs already submitted") from None
-    chain = {"name": name, "experiment": str(frozen), "out": str(out_dir.resolve()),
+    chain = {"name": exp["name"], "experiment": str(layout.experiment), "out": str(layout.out),
              "submitted": datetime.datetime.now().isoformat(timespec="seconds"), "jobs": submitted}
     atomic_write_json(chain_dir / "chain.json", chain)
     for j in submitted:
         print(f"{j['name']:<6} job {j['job_id']:<8} log {j['log']}")
-    run_dir = (experiment.get("train") or {}).get("out")
-    if run_dir:
-        print(f"TensorBoard: tensorboard --logdir {shlex.quote(str(Path(run_dir) / 'tensorboard'))}")
-    print(f"Status:      fgcmr submit status --out={shlex.quote(str(out_dir))}")
+    inside = layout.data_dir == layout.out or layout.out in layout.data_dir.parents
+    logdir = f"--logdir {layout.out}" if inside else f"--logdir_spec run:{layout.out},data:{layout.data_dir}"
+    print(f"TensorBoard: tensorboard {logdir}")
+    print(f"Status:      fgcmr submit status --out={shlex.quote(str(layout.out))}")
     return submitted
+
+
+def stage_done(stage: str, layout: Any) -> bool:
+    """``fgcmr pipeline``'s check that a stage's verified output exists (False when it cannot tell)."""
+    from fgcmr.pipeline import DONE
+
+    try:
+        return DONE[stage](layout)
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 def sbatch_command(job: Job, after: str | None) -> str:
