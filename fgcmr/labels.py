@@ -10,6 +10,10 @@ Files (written by ``fgcmr label infer``, read by ``fgcmr train``)::
                                      its normalised caption embeddings)
     <dataset>/labels/<labeler>/head.npz             w f32 [d], c f32 [1]: the labeler's pair head
     <dataset>/labels/<labeler>/manifest.json        labeler, metrics, counts, per-sidecar sha256
+                                                    (``sidecars: {<file>: {split, items, texts, sha256}}``)
+
+Every file is written atomically (``write_sidecar``, ``write_head``); ``verify_labels`` lists what is
+missing, corrupt or out of step with the manifest.
 
 Label math, for a batch of N images and M texts (gathered across ranks if need be):
 
@@ -24,10 +28,15 @@ Label math, for a batch of N images and M texts (gathered across ranks if need b
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.io import atomic_write_bytes, read_json, sha256_file
 
 SIDECAR_FIELDS = ("keys", "text_emb", "text_offsets", "desc_emb")
 
@@ -102,3 +111,51 @@ def pair_scores(desc_emb: torch.Tensor, text_emb: torch.Tensor, w: torch.Tensor,
 def hardness(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``1 − p`` on positives, ``p`` on negatives."""
     return torch.where(y > 0, 1.0 - p, p)
+
+
+def write_sidecar(path: str | Path, keys: list[str], text_emb: np.ndarray, text_offsets: np.ndarray, desc_emb: np.ndarray) -> str:
+    """Write one sidecar atomically (float16 embeddings); returns its sha256."""
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        keys=np.asarray(keys, dtype=str),
+        text_emb=np.asarray(text_emb, dtype=np.float16),
+        text_offsets=np.asarray(text_offsets, dtype=np.int64),
+        desc_emb=np.asarray(desc_emb, dtype=np.float16),
+    )
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_head(dataset_dir: str | Path, labeler_name: str, w: np.ndarray, c: float) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, w=np.asarray(w, dtype=np.float32), c=np.asarray([c], dtype=np.float32))
+    atomic_write_bytes(labels_dir(dataset_dir, labeler_name) / "head.npz", buf.getvalue())
+
+
+def verify_labels(dataset_dir: str | Path, labeler_name: str, check_keys: bool = False) -> list[str]:
+    """Problems with a labeler's sidecars for every data shard (empty list = all present and intact).
+
+    Checks the manifest exists, every data shard has a sidecar whose sha256 matches the manifest, and
+    each sidecar reads back consistently; ``check_keys`` also compares keys with the data shards.
+    """
+    ds = open_dataset(dataset_dir)
+    manifest_path = labels_dir(dataset_dir, labeler_name) / "manifest.json"
+    if not manifest_path.is_file():
+        return [f"label manifest missing: {manifest_path}"]
+    recorded = read_json(manifest_path).get("sidecars", {})
+    problems = []
+    for split in ds.split_names:
+        for shard in ds.shards(split):
+            path = sidecar_path(dataset_dir, labeler_name, shard.name)
+            try:
+                keys = [s.key for s in iter_samples(shard)] if check_keys else None
+                read_sidecar(path, keys)
+            except SidecarError as e:
+                problems.append(str(e))
+                continue
+            want = recorded.get(path.name, {}).get("sha256")
+            if want != sha256_file(path):
+                problems.append(f"label sidecar sha256 differs from the manifest: {path}")
+    return problems

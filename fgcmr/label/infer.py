@@ -1,0 +1,228 @@
+"""``fgcmr label infer``: write one label sidecar per data shard, on N ranks.
+
+Each rank takes a round-robin share of the shards of every split. A shard whose sidecar exists and
+matches the shard's keys is kept, so a killed job rerun with the same command finishes the rest and
+ends with exactly the output of an uninterrupted run. Embeddings depend only on the shard (texts are
+batched within a shard, by length), so 1 rank and N ranks write the same files. Rank 0 then writes
+``head.npz``, ``manifest.json`` (labeler, metrics, counts, per-sidecar sha256), the resolved config,
+and TensorBoard histograms of ``p`` on relevant vs irrelevant image-text pairs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fgcmr.config import dump_yaml
+from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.distributed import DistEnv, all_gather_objects, barrier, init, shard_slice
+from fgcmr.io import atomic_write_json, atomic_write_text, read_json, sha256_file
+from fgcmr.label.encode import Batch, embed_batches, length_batches
+from fgcmr.label.model import SiameseLabeler, load_labeler
+from fgcmr.labels import (SidecarError, labels_dir, pair_scores, read_head, read_sidecar, relevance, sidecar_path,
+                          verify_labels, write_head, write_sidecar)
+
+log = logging.getLogger("fgcmr.label")
+
+
+@dataclasses.dataclass
+class LabelInferConfig:
+    shards: str = ""
+    labeler: str = ""
+    name: str | None = None  # labels/<name>/; default: the labeler directory's name
+    batch_size: int = 64
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    splits: list[str] = dataclasses.field(default_factory=list)  # default: every split
+    verify_only: bool = False  # report missing/corrupt sidecars and exit non-zero if any
+    hist_max_images: int = 1000  # images per split in the p histograms
+    tensorboard: bool = True
+    threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
+
+    def validate(self) -> None:
+        if not self.shards or not self.labeler:
+            raise ValueError("--shards=<dataset dir> and --labeler=<labeler dir> are required")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be ≥ 1")
+
+    @property
+    def labeler_name(self) -> str:
+        return self.name or Path(self.labeler).resolve().name
+
+
+@dataclasses.dataclass
+class ShardTexts:
+    keys: list[str]
+    texts: list[list[str]]
+    categories: list[int]  # −1 = none
+
+    @classmethod
+    def read(cls, shard: Path) -> "ShardTexts":
+        out = cls([], [], [])
+        for s in iter_samples(shard):
+            out.keys.append(s.key)
+            out.texts.append(list(s.texts))
+            out.categories.append(-1 if s.category is None else int(s.category))
+        return out
+
+
+@dataclasses.dataclass
+class PreparedShard:
+    """A shard read and tokenised ahead of the encoder; ``batches`` is None when its sidecar is kept."""
+
+    shard: Path
+    data: ShardTexts
+    batches: list[Batch] | None
+    seconds: float
+
+
+def prepare_shard(shard: Path, tokenizer: PreTrainedTokenizerBase, max_length: int, cfg: LabelInferConfig) -> PreparedShard:
+    """Read the shard, keep a sidecar that exists and matches its keys, else tokenise its texts."""
+    t0 = time.monotonic()
+    data = ShardTexts.read(shard)
+    path = sidecar_path(cfg.shards, cfg.labeler_name, shard.name)
+    if path.is_file():
+        try:
+            read_sidecar(path, data.keys)
+            return PreparedShard(shard, data, None, time.monotonic() - t0)
+        except SidecarError as e:
+            log.warning("label infer: redoing %s", e)
+    flat = [t for texts in data.texts for t in texts]
+    return PreparedShard(shard, data, length_batches(tokenizer, flat, max_length, cfg.batch_size), time.monotonic() - t0)
+
+
+def embed_shard(model: SiameseLabeler, data: ShardTexts, batches: list[Batch], device: torch.device, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(text_emb, text_offsets, desc_emb) of one shard; a description is the mean of its texts' embeddings."""
+    counts = np.array([len(t) for t in data.texts], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    emb = embed_batches(model, batches, int(offsets[-1]), device, dtype)
+    owner = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))
+    desc = torch.zeros((len(counts), emb.shape[1])).index_add_(0, owner, emb) / torch.from_numpy(counts).clamp_min(1)[:, None]
+    return emb.numpy(), offsets, desc.numpy()
+
+
+def finish_shard(model: SiameseLabeler, prepared: PreparedShard, cfg: LabelInferConfig, d: DistEnv) -> dict:
+    """Embed and write a prepared shard (unless kept); returns its manifest record, with categories for histograms."""
+    t0 = time.monotonic()
+    data, path = prepared.data, sidecar_path(cfg.shards, cfg.labeler_name, prepared.shard.name)
+    n_texts = sum(len(t) for t in data.texts)
+    empty = sum(1 for t in data.texts if not t)
+    if empty:
+        log.warning("label infer: %s: %d samples without text get a zero description", prepared.shard.name, empty)
+    if prepared.batches is not None:
+        write_sidecar(path, data.keys, *embed_shard(model, data, prepared.batches, d.device, cfg.dtype))
+    dt = time.monotonic() - t0
+    status = "kept" if prepared.batches is None else "written"
+    log.info("label infer rank %d/%d: %s %s: %d samples, %d texts, %.1fs (%.1f samples/s; %.1fs reading ahead)",
+             d.rank, d.world_size, prepared.shard.name, status, len(data.keys), n_texts, dt, len(data.keys) / max(dt, 1e-9), prepared.seconds)
+    return {"file": path.name, "items": len(data.keys), "texts": n_texts, "empty": empty, "status": status,
+            "sha256": sha256_file(path), "categories": data.categories}
+
+
+def label_shards(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, max_length: int, shards: list[Path],
+                 cfg: LabelInferConfig, d: DistEnv) -> list[dict]:
+    """Label shards in order while a helper thread reads and tokenises the next one."""
+    records = []
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(prepare_shard, shards[0], tokenizer, max_length, cfg) if shards else None
+        for i in range(len(shards)):
+            prepared = ahead.result()
+            ahead = pool.submit(prepare_shard, shards[i + 1], tokenizer, max_length, cfg) if i + 1 < len(shards) else None
+            records.append(finish_shard(model, prepared, cfg, d))
+    return records
+
+
+def run(cfg: LabelInferConfig) -> dict:
+    d = init(cfg.threads)
+    ds = open_dataset(cfg.shards)
+    out = labels_dir(cfg.shards, cfg.labeler_name)
+    if cfg.verify_only:
+        return _report(verify_labels(cfg.shards, cfg.labeler_name, check_keys=True), out)
+    model, tokenizer, max_length = load_labeler(cfg.labeler)
+    model.to(d.device)
+    splits = cfg.splits or ds.split_names
+    mine = [(split, shard) for split in splits for shard in shard_slice(ds.shards(split), d.rank, d.world_size)]
+    t0 = time.monotonic()
+    done = label_shards(model, tokenizer, max_length, [shard for _, shard in mine], cfg, d)
+    records = {shard.name: dict(r, split=split) for (split, shard), r in zip(mine, done)}
+    mine = sum(r["items"] for r in records.values() if r["status"] == "written")
+    log.info("label infer rank %d: %d samples embedded in %.1fs", d.rank, mine, time.monotonic() - t0)
+    gathered = {k: v for part in all_gather_objects(records) for k, v in part.items()}
+    manifest = None
+    if d.is_main:
+        write_head(cfg.shards, cfg.labeler_name, model.w.detach().float().numpy(), float(model.c.detach().float()))
+        manifest = _manifest(cfg, ds, splits, gathered, d)
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        atomic_write_json(out / "manifest.json", manifest)
+        log.info("label infer: %d sidecars (%d written, %d kept) → %s", len(gathered),
+                 sum(r["status"] == "written" for r in gathered.values()), sum(r["status"] == "kept" for r in gathered.values()), out)
+    barrier()
+    return manifest
+
+
+def _manifest(cfg: LabelInferConfig, ds, splits: list[str], records: dict, d: DistEnv) -> dict:
+    metrics_path = Path(cfg.labeler) / "metrics.json"
+    ordered = [r for split in splits for r in (records[s.name] for s in ds.shards(split))]
+    return {
+        "labeler": {"name": cfg.labeler_name, "path": str(Path(cfg.labeler).resolve())},
+        "metrics": read_json(metrics_path) if metrics_path.is_file() else None,
+        "dataset": ds.name,
+        "counts": {split: {"sidecars": sum(r["split"] == split for r in ordered),
+                           "items": sum(r["items"] for r in ordered if r["split"] == split),
+                           "texts": sum(r["texts"] for r in ordered if r["split"] == split),
+                           "items_without_text": sum(r["empty"] for r in ordered if r["split"] == split)} for split in splits},
+        "pair_scores": _histograms(cfg, ds, splits, records),
+        "sidecars": {Path(r["file"]).name: {k: r[k] for k in ("split", "items", "texts", "sha256")} for r in ordered},
+        "world_size": d.world_size,
+    }
+
+
+def _histograms(cfg: LabelInferConfig, ds, splits: list[str], records: dict) -> dict:
+    """``p`` of every image-text pair among the first images of each split, split by relevance."""
+    w, c = read_head(cfg.shards, cfg.labeler_name)
+    w = torch.from_numpy(w)
+    writer = None
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(labels_dir(cfg.shards, cfg.labeler_name) / "tensorboard"))
+    summary = {}
+    for split in splits:
+        desc, texts, cats, owner = [], [], [], []
+        for shard in ds.shards(split):
+            sc = read_sidecar(sidecar_path(cfg.shards, cfg.labeler_name, shard.name))
+            for i, cat in enumerate(records[shard.name]["categories"]):
+                if len(desc) >= cfg.hist_max_images:
+                    break
+                desc.append(sc.desc_emb[i])
+                texts.append(sc.texts_of(i))
+                owner += [len(desc) - 1] * len(texts[-1])
+                cats.append(cat)
+        if not desc:
+            continue
+        cat = torch.tensor(cats)
+        own = torch.tensor(owner)
+        p = pair_scores(torch.from_numpy(np.stack(desc)), torch.from_numpy(np.concatenate(texts)), w, c)
+        y = relevance(cat, cat[own], torch.arange(len(desc)), own) > 0
+        summary[split] = {"images": len(desc), "texts": len(own), "mean_p_positive": float(p[y].mean()), "mean_p_negative": float(p[~y].mean())}
+        if writer:
+            writer.add_histogram(f"labels/{split}/p_positive", p[y], 0)
+            writer.add_histogram(f"labels/{split}/p_negative", p[~y], 0)
+    if writer:
+        writer.close()
+    return summary
+
+
+def _report(problems: list[str], out: Path) -> dict:
+    for p in problems:
+        log.error("%s", p)
+    if problems:
+        raise SystemExit(f"fgcmr: {len(problems)} problem(s) with the labels in {out}; rerun `fgcmr label infer` to repair them")
+    log.info("label infer: every sidecar in %s is present, intact and aligned with its shard", out)
+    return {"problems": []}

@@ -1,0 +1,49 @@
+"""Label quality: ROC-AUC of the pair score for relevant vs irrelevant text pairs.
+
+Every unordered pair of distinct texts counts once. Large sets are subsampled to ``max_texts`` texts
+(deterministically), which keeps the pair count quadratic in a bounded number.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from fgcmr.label.texts import TextSet
+
+
+@dataclasses.dataclass
+class PairStats:
+    auc: float
+    texts: int
+    positives: int
+    negatives: int
+    p_pos: np.ndarray
+    p_neg: np.ndarray
+
+    def summary(self) -> dict:
+        return {
+            "auc": self.auc, "texts": self.texts, "positive_pairs": self.positives, "negative_pairs": self.negatives,
+            "mean_p_positive": float(self.p_pos.mean()) if self.positives else None,
+            "mean_p_negative": float(self.p_neg.mean()) if self.negatives else None,
+            "hardness_std": float(np.concatenate([1 - self.p_pos, self.p_neg]).std()),
+        }
+
+
+def subsample(texts: TextSet, max_texts: int, seed: int = 0) -> TextSet:
+    if len(texts) <= max_texts:
+        return texts
+    return texts.subset(np.sort(np.random.default_rng(seed).choice(len(texts), max_texts, replace=False)))
+
+
+def pair_stats(emb: torch.Tensor, texts: TextSet, w: torch.Tensor, c: torch.Tensor) -> PairStats:
+    """Scores of all distinct pairs of ``emb`` (rows of ``texts``) and their ROC-AUC."""
+    with torch.no_grad():
+        p = torch.sigmoid((emb.float() * w.detach().float().cpu()) @ emb.float().T + c.detach().float().cpu())
+    y = texts.targets()
+    iu = torch.triu_indices(len(texts), len(texts), offset=1)
+    p, y = p[iu[0], iu[1]].numpy(), y[iu[0], iu[1]].numpy() > 0
+    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+    return PairStats(auc, len(texts), int(y.sum()), int((~y).sum()), p[y], p[~y])
