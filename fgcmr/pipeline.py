@@ -8,6 +8,7 @@ One experiment file drives it. Its sections are named like the CLI's config sect
 - ``data_root``: where the real data sets live. ``$FGCMR_DATA`` wins over it; default
   ``../shared/data``. Relative paths are taken from the current directory (run from the repository
   root). Section values may say ``${data_root}/...``;
+- ``slurm``: options of ``fgcmr submit pipeline`` (ignored here);
 - ``data_dir``: where the dataset shards and the labeler go (default ``<out>/data``). Variants of one
   experiment point it at one place so they share the shards and the label sidecars.
 
@@ -67,7 +68,7 @@ class Layout:
 def resolve_experiment(config_path: str | Path, out: str | None, overrides: dict[str, Any] | None) -> tuple[dict, Layout]:
     """Read the experiment, apply overrides and ``${data_root}``, and wire every stage's paths."""
     raw = apply_overrides(read_yaml(config_path), {k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = sorted(set(raw) - set(SECTIONS) - {"name", "data_root", "data_dir", "description"})
+    unknown = sorted(set(raw) - set(SECTIONS) - {"name", "data_root", "data_dir", "description", "slurm"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown top-level key {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
     name = raw.get("name") or Path(config_path).stem
@@ -79,6 +80,7 @@ def resolve_experiment(config_path: str | Path, out: str | None, overrides: dict
     for section in ("shard", "train", "export", "eval"):
         exp[section] = dict(exp.get(section) or {})
     exp["shard"]["out"] = str(layout.shards)
+    exp["shard"].setdefault("name", name)
     if "tokenizer" in exp:
         exp["tokenizer"] = {**(exp["tokenizer"] or {}), "shards": str(layout.shards), "out": str(layout.tokenizer)}
     if "label" in exp:

@@ -1,0 +1,84 @@
+"""The one-command pipeline: path wiring (fast, in-process) and one short 2-process run end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fgcmr.config import ConfigError
+from fgcmr.pipeline import resolve_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "name": "tiny",
+    "shard": {"source": "synthetic", "items": 120, "seed": 0, "image_size": 32, "captions": 2, "data": {"max_items_per_shard": 30}},
+    "label": {"vocab_size": 400, "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_length": 24, "dim": 32},
+              "batch_size": 16, "max_steps": 6, "eval_every": 3, "max_eval_texts": 100},
+    "infer": {"batch_size": 64},
+    "train": {"model": "tiny", "model_overrides": {"image": {"model_kwargs": {"img_size": 32}, "image_size": 32}},
+              "loss": {"name": "weighted_pairwise"}, "data": {"micro_batch": 16, "workers": 0, "augment": False},
+              "max_steps": 4, "checkpoint_every": 2},
+    "eval": {"batch_size": 64},
+}
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_paths_are_wired_and_data_root_resolves(tmp_path, monkeypatch):
+    exp = {"name": "x", "data_root": "/nowhere", "shard": {"source": "wikipedia", "root": "${data_root}/wiki"}, "label": {}, "train": {}}
+    cfg = _write(tmp_path / "x.yaml", exp)
+    monkeypatch.delenv("FGCMR_DATA", raising=False)
+    resolved, layout = resolve_experiment(cfg, str(tmp_path / "out"), {"train.seed": 3})
+    assert resolved["shard"]["root"] == "/nowhere/wiki"
+    assert resolved["train"]["shards"] == resolved["label"]["shards"] == resolved["infer"]["shards"] == str(layout.shards)
+    assert resolved["train"]["labels"] == resolved["infer"]["name"] == "labeler"
+    assert resolved["train"]["seed"] == 3 and resolved["eval"]["run"] == str(tmp_path / "out" / "run")
+    assert layout.data_dir == tmp_path / "out" / "data"
+    monkeypatch.setenv("FGCMR_DATA", str(tmp_path / "env"))  # the environment wins over the file
+    resolved, _ = resolve_experiment(cfg, str(tmp_path / "out"), {"data_dir": str(tmp_path / "shared")})
+    assert resolved["shard"]["root"] == str(tmp_path / "env" / "wiki")
+    assert resolved["train"]["shards"] == str(tmp_path / "shared" / "shards")
+    with pytest.raises(ConfigError, match="unknown top-level key 'trian'"):
+        resolve_experiment(_write(tmp_path / "bad.yaml", {"trian": {}}), None, None)
+
+
+def test_experiment_configs_resolve():
+    for path in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
+        resolved, _ = resolve_experiment(path, "/tmp/unused", None)
+        assert resolved["train"]["shards"], path
+
+
+@pytest.mark.slow
+def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
+    cfg = _write(tmp_path / "tiny.yaml", TINY)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fgcmr.cli", "pipeline", f"--config={cfg}", "--nproc=2", f"--out={out}"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "run" / "eval" / "metrics.json").read_text())
+    for key in ("map_i2t", "map_t2i", "map_avg", "r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "chance_map"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["images"] == 24 and metrics["texts"] == 48  # the synthetic 80/20 split, 2 captions each
+    assert metrics["eval"]["world_size"] == 2
+    assert (out / "run" / "eval" / "report.png").stat().st_size > 10_000
+    assert "MAP@all" in done.stdout and "tensorboard --logdir" in done.stdout
+    stages = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert all(s["status"] == "ran" for s in stages.values()) and list(stages) == ["shard", "label", "infer", "train", "export", "eval"]
+
+    (out / "run" / "eval" / "metrics.json").unlink()  # as if it crashed during eval: only eval reruns
+    t0 = time.monotonic()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert [s for s, v in stages.items() if v["status"] == "ran"] == ["eval"]
+    assert json.loads((out / "run" / "eval" / "metrics.json").read_text())["map_avg"] == pytest.approx(metrics["map_avg"])
+    assert time.monotonic() - t0 < 60
