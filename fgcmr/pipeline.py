@@ -3,6 +3,8 @@
 One experiment file drives it. Its sections are named like the CLI's config sections (``shard``,
 ``tokenizer``, ``label``, ``infer``, ``train``, ``export``, ``eval``); top-level keys:
 
+- ``base``: another experiment file (relative to this one) that this one changes: sections merge
+  key by key, so a variant states only what differs;
 - ``name``: the experiment's name (default: the file's stem); output goes to ``runs/<name>`` unless
   ``--out`` is given;
 - ``data_root``: where the real data sets live. ``$FGCMR_DATA`` wins over it; default
@@ -67,7 +69,7 @@ class Layout:
 
 def resolve_experiment(config_path: str | Path, out: str | None, overrides: dict[str, Any] | None) -> tuple[dict, Layout]:
     """Read the experiment, apply overrides and ``${data_root}``, and wire every stage's paths."""
-    raw = apply_overrides(read_yaml(config_path), {k: v for k, v in (overrides or {}).items() if v is not None})
+    raw = apply_overrides(read_experiment(config_path), {k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(raw) - set(SECTIONS) - {"name", "data_root", "data_dir", "description", "slurm"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown top-level key {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
@@ -93,6 +95,20 @@ def resolve_experiment(config_path: str | Path, out: str | None, overrides: dict
     exp["export"]["run"] = str(layout.run)
     exp["eval"]["run"] = str(layout.run)
     return exp, layout
+
+
+def read_experiment(path: str | Path) -> dict:
+    """An experiment file, merged over its ``base`` file (a path relative to it) when it names one."""
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    return _merge(read_experiment(Path(path).parent / base), data) if base else data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _substitute(node: Any, table: dict[str, str]) -> Any:

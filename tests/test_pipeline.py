@@ -51,6 +51,14 @@ def test_paths_are_wired_and_data_root_resolves(tmp_path, monkeypatch):
         resolve_experiment(_write(tmp_path / "bad.yaml", {"trian": {}}), None, None)
 
 
+def test_variant_merges_over_its_base(tmp_path):
+    _write(tmp_path / "base.yaml", {"name": "b", "train": {"loss": {"name": "weighted_pairwise", "alpha": 1.0}, "epochs": 3}})
+    variant = _write(tmp_path / "v.yaml", {"base": "base.yaml", "name": "v", "train": {"loss": {"alpha": 0.0}}})
+    resolved, layout = resolve_experiment(variant, None, None)
+    assert resolved["name"] == "v" and layout.out.name == "v"
+    assert resolved["train"]["loss"] == {"name": "weighted_pairwise", "alpha": 0.0} and resolved["train"]["epochs"] == 3
+
+
 def test_experiment_configs_resolve():
     for path in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
         resolved, _ = resolve_experiment(path, "/tmp/unused", None)
