@@ -24,8 +24,8 @@ from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
 from fgcmr.distributed import DistEnv, barrier, init
 from fgcmr.io import atomic_write_json, atomic_write_text
 from fgcmr.labels import read_head
-from fgcmr.losses import RetrievalLoss
-from fgcmr.model import ModelConfig, build_inputs, build_model, train_wordpiece
+from fgcmr.losses import LossConfig, RetrievalLoss
+from fgcmr.model import ModelConfig, TwoTower, build_inputs, build_model, train_wordpiece
 from fgcmr.progress import setup_logging
 from fgcmr.train import checkpoint
 from fgcmr.train.config import TrainConfig, load_model_config
@@ -99,6 +99,14 @@ def forever(loader) -> Iterator[dict]:
         yield from loader
 
 
+def build_model_for(model_cfg: ModelConfig, loss: LossConfig) -> TwoTower:
+    """The model with the temperature frozen unless the loss uses it (an unused trainable parameter
+    gets no gradient, which DDP-style reducers reject)."""
+    model = build_model(model_cfg)
+    model.logit_scale.requires_grad_(loss.name == "clip")
+    return model
+
+
 class Trainer:
     """One optimizer step (``grad_accum`` micro-steps) with its timing and monitoring: the unit the
     training loop repeats and ``fgcmr bench train`` measures."""
@@ -133,7 +141,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.data.micro_batch, cfg.optim)
-    engine, _ = build_engine(build_model(model_cfg), ds_cfg, cfg.optim, sched.total_steps)
+    engine, _ = build_engine(build_model_for(model_cfg, cfg.loss), ds_cfg, cfg.optim, sched.total_steps)
     head = None
     if cfg.loss.needs_labels:
         w, c = read_head(dataset.root, cfg.labels)
