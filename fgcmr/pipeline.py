@@ -215,12 +215,12 @@ def run_pipeline(config_path: str, nproc: int = 1, out: str | None = None, overr
         t0 = time.monotonic()
         rc = subprocess.run(cmd, env=env).returncode
         status[stage] = {"status": "ran", "seconds": round(time.monotonic() - t0, 1), "returncode": rc}
-        _write_status(layout, config_path, nproc, status, started)
+        _write_status(layout, config_path, nproc, overrides, status, started)
         if rc != 0:
             raise RuntimeError(f"pipeline stage {stage!r} failed (exit {rc}); fix it and rerun the same command to continue")
         if not DONE[stage](layout):
             raise RuntimeError(f"pipeline stage {stage!r} exited 0 but its output is incomplete under {layout.out}")
-    _write_status(layout, config_path, nproc, status, started)
+    _write_status(layout, config_path, nproc, overrides, status, started)
     metrics = read_json(layout.eval / "metrics.json")
     from fgcmr.evaluate.job import format_table
 
@@ -235,9 +235,9 @@ def _inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-def _write_status(layout: Layout, config_path: str, nproc: int, status: dict, started: float) -> None:
+def _write_status(layout: Layout, config_path: str, nproc: int, overrides: dict | None, status: dict, started: float) -> None:
     atomic_write_json(layout.out / "pipeline.json", {
-        "experiment": str(Path(config_path).absolute()), "nproc": nproc, "stages": status,
+        "experiment": str(Path(config_path).absolute()), "nproc": nproc, "overrides": overrides or {}, "stages": status,
         "seconds": round(time.monotonic() - started, 1), "python": sys.executable,
         "torchrun": shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun")),
     })
