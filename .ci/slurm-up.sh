@@ -70,7 +70,7 @@ if ! pgrep -x munged >/dev/null; then
     runuser -u munge -- /usr/sbin/munged
     pgrep -o -x munged >"$STATE/munged.pid"
 fi
-slurmctld
+slurmctld -c  # a clean controller state: no jobs left over from an earlier session
 slurmd -N localhost
 
 for _ in $(seq 60); do

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import logging
 import shlex
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -65,6 +66,8 @@ def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str
             print(f"# ---- {chain_dir / (job.name + '.sbatch')}   ({sbatch_command(job, prev and f'<{prev.name}>')})")
             print(scripts[job.name])
         return []
+    if not shutil.which("sbatch"):
+        raise FileNotFoundError("sbatch not found: submit from a Slurm login node (or use --dry-run to see the scripts)")
     atomic_write_text(layout.experiment, dump_yaml(exp))
     atomic_write_text(chain_dir / "slurm.yaml", dump_yaml(cfg))
     logs.mkdir(parents=True, exist_ok=True)
