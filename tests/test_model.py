@@ -45,6 +45,8 @@ def test_tiny_model_inputs_and_embeddings(tiny):
     text = inputs.collate_texts([inputs.text(samples[0], k) for k in range(3)])
     assert text["input_ids"].shape[0] == 3 and text["attention_mask"].sum(1).min() >= 3
     assert inputs.text(samples[0], 2).tolist() != inputs.text(samples[0], 0).tolist()  # the k-th text
+    for k in range(3):  # the fast path gives the tokenizer's own ids
+        assert inputs.text(samples[0], k).tolist() == inputs.tokenizer(TEXTS[k], truncation=True, max_length=tiny.max_text_length)["input_ids"]
     with torch.no_grad():
         img, txt = model.encode_image(images), model.encode_text(text)
         both = model(images, text)
@@ -97,6 +99,8 @@ def test_real_pretrained_weights_load():
     with torch.no_grad():
         e = model.text_tower(inputs.collate_texts([inputs.text(s, k) for k in range(3)]))
     e = torch.nn.functional.normalize(e, dim=-1)
+    long_text = " ".join(["guitar"] * 200)
+    assert inputs.text(Sample(key="l", meta={"texts": [long_text]}), 0).tolist() == inputs.tokenizer(long_text, truncation=True, max_length=64)["input_ids"]
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2  # MiniLM's real sentence similarity survives the tower
     assert inputs.image(sample("x")).shape == (3, 224, 224)
 
