@@ -67,8 +67,10 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
 
 if ! pgrep -x munged >/dev/null; then
+    rm -f /run/munge/munged.pid
     runuser -u munge -- /usr/sbin/munged
-    pgrep -o -x munged >"$STATE/munged.pid"
+    for _ in $(seq 50); do [[ -s /run/munge/munged.pid ]] && break; sleep 0.1; done
+    cp /run/munge/munged.pid "$STATE/munged.pid"  # the daemon's own pid file (it forks)
 fi
 slurmctld -c  # a clean controller state: no jobs left over from an earlier session
 slurmd -N localhost
