@@ -74,7 +74,7 @@ def resolve_experiment(config_path: str | Path, out: str | None, overrides: dict
     if unknown:
         raise ConfigError(f"{config_path}: unknown top-level key {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
     name = raw.get("name") or Path(config_path).stem
-    data_root = Path(os.environ.get("FGCMR_DATA") or raw.get("data_root") or DEFAULT_DATA_ROOT).absolute()
+    data_root = Path(os.environ.get("FGCMR_DATA") or raw.get("data_root") or DEFAULT_DATA_ROOT).resolve()
     exp = _substitute(raw, {"${data_root}": str(data_root)})
     out_dir = Path(out or f"runs/{name}").absolute()
     layout = Layout(out_dir, Path(exp.get("data_dir") or out_dir / "data").absolute())
