@@ -1,0 +1,139 @@
+"""The label stage end to end on synthetic shards: train → infer (1 and 2 ranks, killed and resumed),
+verification of missing and corrupt sidecars, and the pieces that make 1 rank equal 2 ranks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fgcmr.config import load_config
+from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.io import read_json, sha256_file
+from fgcmr.label import infer, train
+from fgcmr.label.encode import embed_texts
+from fgcmr.label.model import load_labeler
+from fgcmr.label.texts import TextSet
+from fgcmr.labels import labels_dir, read_head, read_sidecar, sidecar_path, verify_labels
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def labeler(synthetic_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("labelers") / "tiny"
+    cfg = load_config(train.LabelTrainConfig, REPO / "configs/labelers/tiny.yaml", {
+        "shards": str(synthetic_dataset), "out": str(out), "max_steps": 60, "eval_every": 20, "max_eval_texts": 300, "threads": 1,
+    })
+    return out, train.run(cfg)
+
+
+def infer_cfg(dataset: Path, labeler: Path, **kw) -> infer.LabelInferConfig:
+    return load_config(infer.LabelInferConfig, None, {"shards": str(dataset), "labeler": str(labeler), "threads": 1, **kw})
+
+
+def torchrun(port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            "-m", "fgcmr.cli", "label", "infer", *args]
+
+
+def test_train_writes_a_self_contained_labeler(labeler, synthetic_dataset):
+    out, metrics = labeler
+    for f in ("encoder/config.json", "tokenizer/tokenizer.json", "head.safetensors", "labeler.json", "config.yaml", "metrics.json"):
+        assert (out / f).is_file(), f
+    assert read_json(out / "metrics.json") == json.loads(json.dumps(metrics))
+    for part in ("train", "val", "test"):
+        assert metrics[part]["positive_pairs"] > 0 and metrics[part]["negative_pairs"] > 0
+    # 48 test images × 5 captions, every unordered pair once
+    assert metrics["texts"] == 240 and metrics["positive_pairs"] + metrics["negative_pairs"] == 240 * 239 // 2
+    assert metrics["auc"] > 0.6, metrics  # synthetic categories are learnable in a few dozen steps
+    assert metrics["train"]["hardness_std"] > 0.05  # labels spread, not all 0 or all 1
+    assert list((out / "tensorboard").glob("events.*"))
+
+
+def test_embeddings_do_not_depend_on_batching(labeler):
+    """Why 1 rank equals N ranks: a text's embedding ignores the other texts in its batch."""
+    model, tokenizer, max_length = load_labeler(labeler[0])
+    texts = ["a red circle", "two large blue plus signs in the top left corner", "a star", "three small green rings", "x"]
+    a = embed_texts(model, tokenizer, texts, max_length, 1, torch.device("cpu"))
+    b = embed_texts(model, tokenizer, texts, max_length, 4, torch.device("cpu"))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(5))
+
+
+def test_pair_sampler_draws_positive_partners():
+    texts = TextSet([f"t{i}" for i in range(8)], np.array([-1] * 8), np.array([0, 0, 1, 1, 2, 2, 3, 3]))
+    idx = train.PairSampler(texts, seed=0)(50)
+    a, p = idx[:50], idx[50:]
+    assert (texts.image[a] == texts.image[p]).all() and (a != p).all()
+
+
+def test_balanced_bce_weights_classes_equally():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -2.0]])
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    valid = torch.ones_like(y, dtype=torch.bool)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    expected = 0.5 * bce[y > 0].mean() + 0.5 * bce[y == 0].mean()
+    torch.testing.assert_close(train.balanced_bce(logits, y, valid), expected)
+
+
+@pytest.mark.slow
+def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_dataset, free_port, tmp_path):
+    ds = open_dataset(synthetic_dataset)
+    shards = [s for split in ds.split_names for s in ds.shards(split)]
+    run_one = infer.run(infer_cfg(synthetic_dataset, labeler[0], name="one"))
+    assert run_one["counts"]["train"]["items"] == 192 and run_one["counts"]["test"]["texts"] == 48 * 5
+    w, c = read_head(synthetic_dataset, "one")
+    assert w.shape == (64,)
+    for shard in shards:  # keys aligned with the data shards, sha256 as recorded
+        path = sidecar_path(synthetic_dataset, "one", shard.name)
+        read_sidecar(path, [s.key for s in iter_samples(shard)])
+        assert run_one["sidecars"][path.name]["sha256"] == sha256_file(path)
+    assert list((labels_dir(synthetic_dataset, "one") / "tensorboard").glob("events.*"))
+
+    # Two ranks, killed once the first sidecar is out, then rerun to completion.
+    out_two = labels_dir(synthetic_dataset, "two")
+    args = [f"--shards={synthetic_dataset}", f"--labeler={labeler[0]}", "--name=two", "--threads=1"]
+    job = subprocess.Popen(torchrun(free_port, *args, "--batch_size=1"), env=ENV, cwd=tmp_path, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out_two.glob("*.npz")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    written = len(list(out_two.glob("*-*.npz")))
+    assert 0 < written < len(shards) and not (out_two / "manifest.json").exists(), "the job was not interrupted mid-way"
+    done = subprocess.run(torchrun(free_port + 1, *args), env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kept" in done.stderr
+    manifest = read_json(out_two / "manifest.json")
+    assert manifest["world_size"] == 2 and manifest["counts"] == run_one["counts"]
+    for shard in shards:
+        one = read_sidecar(sidecar_path(synthetic_dataset, "one", shard.name))
+        two = read_sidecar(sidecar_path(synthetic_dataset, "two", shard.name), [s.key for s in iter_samples(shard)])
+        assert (one.keys == two.keys).all() and (one.text_offsets == two.text_offsets).all()
+        np.testing.assert_allclose(one.text_emb, two.text_emb, atol=2e-3)
+        np.testing.assert_allclose(one.desc_emb, two.desc_emb, atol=2e-3)
+
+    # A missing and a corrupt sidecar are reported, and a rerun repairs exactly those.
+    assert verify_labels(synthetic_dataset, "two", check_keys=True) == []
+    missing, corrupt, intact = (sidecar_path(synthetic_dataset, "two", s.name) for s in shards[:3])
+    missing.unlink()
+    corrupt.write_bytes(corrupt.read_bytes()[:200])
+    before = intact.stat().st_mtime_ns
+    problems = verify_labels(synthetic_dataset, "two")
+    assert len(problems) == 2 and any(missing.name in p and "missing" in p for p in problems) and any(corrupt.name in p for p in problems)
+    with pytest.raises(SystemExit, match="2 problem"):
+        infer.run(infer_cfg(synthetic_dataset, labeler[0], name="two", verify_only=True))
+    infer.run(infer_cfg(synthetic_dataset, labeler[0], name="two"))
+    assert verify_labels(synthetic_dataset, "two", check_keys=True) == []
+    assert intact.stat().st_mtime_ns == before
+    np.testing.assert_allclose(read_sidecar(missing).text_emb, read_sidecar(sidecar_path(synthetic_dataset, "one", shards[0].name)).text_emb, atol=2e-3)
