@@ -123,9 +123,9 @@ class Submit:
 
     def status(self, out: str) -> None:
         """Show the state of each job of a submitted chain, and which failed with its log: --out=<dir>."""
-        from fgcmr.slurm import chain_status
+        from fgcmr.slurm import FAILED, chain_status
 
-        if any(t.state in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL") for t in chain_status(out)):
+        if any(t.state in FAILED for t in chain_status(out)):
             sys.exit(1)
 
 

@@ -4,6 +4,6 @@
 backs ``fgcmr submit status --out=<dir>``. The experiment's ``slurm:`` section is ``SlurmConfig``.
 """
 from fgcmr.slurm.config import JobResources, SlurmConfig
-from fgcmr.slurm.submit import chain_status, submit_pipeline
+from fgcmr.slurm.submit import FAILED, chain_status, submit_pipeline
 
-__all__ = ["JobResources", "SlurmConfig", "chain_status", "submit_pipeline"]
+__all__ = ["FAILED", "JobResources", "SlurmConfig", "chain_status", "submit_pipeline"]

@@ -2,44 +2,34 @@
 
 The jobs read ``<out>/experiment.yaml``, the experiment resolved as ``fgcmr pipeline`` resolves it
 (so editing the original after submitting changes nothing, and outputs land where a local run puts
-them). ``<out>/slurm/`` holds the resolved ``slurm.yaml``, one sbatch script per job, ``logs/`` and
-``chain.json`` (job ids, scripts, log paths), which ``submit status`` reads.
+them). ``<out>/slurm/`` holds one sbatch script per job, ``logs/`` and ``chain.json`` (job ids,
+scripts, log paths), which ``submit status`` reads.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
 import shlex
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fgcmr.config import apply_overrides, build, dump_yaml, read_yaml
+from fgcmr.config import build, dump_yaml, to_dict
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json
 from fgcmr.slurm.chain import Job, plan, render
+from fgcmr.pipeline import DONE, Layout, resolve_experiment
 from fgcmr.slurm.config import SlurmConfig
 
-log = logging.getLogger("fgcmr.slurm")
 FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
-def resolve(config_path: str, out: str | None, overrides: dict[str, Any]) -> tuple[dict, Any, SlurmConfig]:
+def resolve(config_path: str, out: str | None, overrides: dict[str, Any]) -> tuple[dict, Layout, SlurmConfig]:
     """The experiment wired exactly as ``fgcmr pipeline`` wires it (same paths, same ``experiment.yaml``),
-    plus its ``slurm:`` section. ``--slurm.*`` overrides go to the latter, all others to the stages."""
-    from fgcmr.pipeline import resolve_experiment
-
-    raw = read_yaml(config_path)
-    slurm_overrides = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("slurm.")}
-    cfg = build(SlurmConfig, apply_overrides(raw.pop("slurm", None) or {}, slurm_overrides), "slurm")
-    with tempfile.TemporaryDirectory() as tmp:  # the pipeline's resolver knows no slurm section
-        stripped = Path(tmp) / Path(config_path).name
-        stripped.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
-        exp, layout = resolve_experiment(stripped, out, {k: v for k, v in overrides.items() if not k.startswith("slurm.")})
+    with its ``slurm:`` section resolved in place."""
+    exp, layout = resolve_experiment(config_path, out, overrides)
+    cfg = build(SlurmConfig, exp.get("slurm") or {}, "slurm")
+    exp["slurm"] = to_dict(cfg)
     return exp, layout, cfg
 
 
@@ -69,14 +59,13 @@ def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str
     if not shutil.which("sbatch"):
         raise FileNotFoundError("sbatch not found: submit from a Slurm login node (or use --dry-run to see the scripts)")
     atomic_write_text(layout.experiment, dump_yaml(exp))
-    atomic_write_text(chain_dir / "slurm.yaml", dump_yaml(cfg))
     logs.mkdir(parents=True, exist_ok=True)
     submitted: list[dict] = []
     try:
         for job in jobs:
             script = chain_dir / f"{job.name}.sbatch"
             atomic_write_text(script, scripts[job.name])
-            job_id = sbatch(job, script, submitted[-1]["job_id"] if submitted else None)
+            job_id = sbatch(script, submitted[-1]["job_id"] if submitted else None)
             submitted.append({"name": job.name, "job_id": job_id, "array": job.array, "script": str(script),
                               "log": job.log_pattern(logs).replace("%A", job_id).replace("%j", job_id)})
     except (OSError, subprocess.CalledProcessError) as e:
@@ -96,25 +85,26 @@ def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str
     return submitted
 
 
-def stage_done(stage: str, layout: Any) -> bool:
+def stage_done(stage: str, layout: Layout) -> bool:
     """``fgcmr pipeline``'s check that a stage's verified output exists (False when it cannot tell)."""
-    from fgcmr.pipeline import DONE
-
     try:
         return DONE[stage](layout)
     except (OSError, KeyError, ValueError):
         return False
 
 
+def sbatch_args(after: str | None) -> list[str]:
+    """Dependents of a failed job are cancelled by Slurm (they never start) instead of pending forever."""
+    return ["--parsable", "--kill-on-invalid-dep=yes", *([f"--dependency=afterok:{after}"] if after else [])]
+
+
 def sbatch_command(job: Job, after: str | None) -> str:
-    deps = ["--kill-on-invalid-dep=yes"] + ([f"--dependency=afterok:{after}"] if after else [])
-    return " ".join(["sbatch", "--parsable", *deps, f"{job.name}.sbatch"])
+    return " ".join(["sbatch", *sbatch_args(after), f"{job.name}.sbatch"])
 
 
-def sbatch(job: Job, script: Path, after: str | None) -> str:
-    """Submit one script; dependents of a failed job are cancelled by Slurm, never started."""
-    cmd = ["sbatch", "--parsable", "--kill-on-invalid-dep=yes", *([f"--dependency=afterok:{after}"] if after else []), str(script)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+def sbatch(script: Path, after: str | None) -> str:
+    """Submit one script; returns its job id."""
+    done = subprocess.run(["sbatch", *sbatch_args(after), str(script)], capture_output=True, text=True, check=True)
     return done.stdout.strip().split(";")[0]
 
 
