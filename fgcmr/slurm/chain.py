@@ -39,26 +39,22 @@ class Job:
         return str(logs / (f"{self.name}-%A_%a.out" if self.array else f"{self.name}-%j.out"))
 
 
-def plan(experiment: dict, cfg: SlurmConfig, stage_args: dict[str, list[str]] | None = None) -> list[Job]:
+def plan(experiment: dict, cfg: SlurmConfig) -> list[Job]:
     """The jobs for the stages the experiment configures, in dependency order."""
-    args = {k: " ".join(map(shlex.quote, v)) for k, v in (stage_args or {}).items()}
     has = experiment.__contains__
-    tasks = str(cfg.shard_tasks)
     jobs = []
     if has("shard"):
-        jobs.append(Job("shard", cfg.resolve("shard"), {"num_tasks": tasks, "args": args.get("shard", "")}, array=cfg.shard_tasks))
-        jobs.append(Job("merge", cfg.resolve("merge"), {"num_tasks": tasks, "args": args.get("shard", "")}))
+        jobs.append(Job("shard", cfg.resolve("shard"), {"num_tasks": str(cfg.shard_tasks)}, array=cfg.shard_tasks))
+        jobs.append(Job("merge", cfg.resolve("merge"), {"num_tasks": str(cfg.shard_tasks)}))
     if has("label"):
-        values = {"with_tokenizer": _bool(has("tokenizer")), "tokenizer_args": args.get("tokenizer", ""), "args": args.get("label", "")}
-        jobs.append(Job("label", cfg.resolve("label"), values))
+        jobs.append(Job("label", cfg.resolve("label"), {"with_tokenizer": _bool(has("tokenizer"))}))
     if has("infer"):
-        jobs.append(Job("infer", cfg.resolve("infer"), {"args": args.get("infer", "")}))
+        jobs.append(Job("infer", cfg.resolve("infer"), {}))
     if has("train"):
-        values = {"signal_seconds": str(cfg.signal_seconds), "requeue_code": str(EXIT_REQUEUE), "args": args.get("train", "")}
+        values = {"signal_seconds": str(cfg.signal_seconds), "requeue_code": str(EXIT_REQUEUE)}
         jobs.append(Job("train", cfg.resolve("train"), values, requeue=True))
     if has("eval"):
-        values = {"with_export": _bool(has("export")), "export_args": args.get("export", ""), "args": args.get("eval", "")}
-        jobs.append(Job("eval", cfg.resolve("eval"), values))
+        jobs.append(Job("eval", cfg.resolve("eval"), {"with_export": _bool(has("export"))}))
     return jobs
 
 
@@ -106,5 +102,4 @@ def fill(template: str, values: dict[str, str], where: str) -> str:
     missing = sorted({m for m in PLACEHOLDER.findall(template) if m not in values})
     if missing:
         raise KeyError(f"{where}: no value for placeholder(s) {', '.join(missing)}")
-    text = PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
-    return re.sub(r" +\n", "\n", text)  # an empty {{args}} leaves no trailing blank
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
