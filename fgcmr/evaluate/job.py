@@ -208,9 +208,9 @@ def summarise(cfg: EvalConfig, dataset: DatasetInfo, export_dir: Path, run_dir: 
     train_cfg = _train_config(run_dir)
     metrics["model"] = {
         "export": str(export_dir), "sha256": sha256_file(export_dir / "model.safetensors"),
-        "loss": (train_cfg.get("loss") or {}).get("name"), "seed": train_cfg.get("seed"), "labels": train_cfg.get("labels"),
+        "loss": train_cfg.get("loss"), "seed": train_cfg.get("seed"), "labels": train_cfg.get("labels"),
     }
-    metrics["eval"] = {"world_size": world_size, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    metrics["eval"] = {"world_size": world_size, "embed_seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return metrics
 
 
@@ -265,7 +265,7 @@ def _draw(path: Path, dataset: DatasetInfo, cfg: EvalConfig, emb: Embedded, metr
         images = _read_images(dataset, cfg.split, {emb.keys[i] for i in wanted})
         loader = lambda i: images.get(emb.keys[i])  # noqa: E731
     draw_report(path, metrics, emb.img_emb, emb.txt_emb, emb.img_cat, emb.txt_owner, emb.texts, loader,
-                title=f"{run_dir.name} on {dataset.name}/{cfg.split}")
+                title=f"{'/'.join(run_dir.resolve().parts[-2:])} on {dataset.name}/{cfg.split}")
 
 
 def _split_has_pixels(dataset: DatasetInfo, split: str) -> bool:

@@ -61,9 +61,10 @@ def draw_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    q = pick_text_queries(txt_owner, queries)
-    fig = plt.figure(figsize=(13, 4.2 + 2.2 * len(q)))
-    grid = fig.add_gridspec(1 + len(q), TOP_K + 1, height_ratios=[2.0] + [1.0] * len(q))
+    q = pick_text_queries(txt_owner, queries) if load_image is not None else np.zeros(0, np.int64)
+    rows = max(len(q), 1)
+    fig = plt.figure(figsize=(13, 4.2 + (2.2 * len(q) if len(q) else 0.8)))
+    grid = fig.add_gridspec(1 + rows, TOP_K + 1, height_ratios=[2.0] + ([1.0] * len(q) if len(q) else [0.3]))
     _pr_panel(fig.add_subplot(grid[0, :3]), metrics)
     _hist_panel(fig.add_subplot(grid[0, 3:]), *pair_similarities(img_emb, txt_emb, img_cat, txt_owner))
     if load_image is None:
