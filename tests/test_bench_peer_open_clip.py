@@ -57,6 +57,7 @@ def test_throughput_counts_only_steps_after_warmup():
     r = peer.throughput(points, warmup=10, global_batch=64)
     assert r["measured_steps"] == 10
     assert r["samples_per_s"] == pytest.approx(10 * 64 / 3.0)
+    assert r["window_samples_per_s"] == pytest.approx([5 * 64 / 2.0, 5 * 64 / 1.0])
     with pytest.raises(RuntimeError, match="two progress lines"):
         peer.throughput(points, warmup=16, global_batch=64)
 

@@ -4,13 +4,16 @@ Both sides are the real training commands, launched with ``torchrun`` on the sam
 ``fgcmr train`` (DeepSpeed engine) and ``open_clip_train.main`` (DDP + AdamW). The model is the same
 on both: the timm image tower of a ``configs/models`` config (its ``model_kwargs`` registered as a timm
 variant, since open_clip's ``TimmModel`` passes no extra arguments) and the same transformers text
-encoder (a local dir with its config, random weights and the same WordPiece tokenizer, so nothing is downloaded), mean-pooled, with
-bias-free linear projections; the loss is CLIP's InfoNCE on both (fgcmr ``--loss.name=clip``), fp32.
+encoder (a local dir with its config, random weights and the same WordPiece tokenizer: nothing is
+downloaded), mean-pooled, with bias-free linear projections; the loss is CLIP's InfoNCE on both
+(fgcmr ``--loss.name=clip``), fp32.
 
 Throughput is measured the same way for both, from outside: the arrival time of each progress line
 of rank 0, so samples/s = global batch × steps between the first line after ``warmup`` steps and the
 last line, over the wall time between them (start-up, the first steps and the final checkpoint are
-excluded; data loading, logging and every collective are included). Rounds alternate the two sides.
+excluded; data loading, logging and every collective are included), and the median samples/s of the
+windows between consecutive lines, which a burst of load from other processes moves less. Rounds
+alternate the two sides.
 
 Known differences, both inherent to the trainers: open_clip pads every text to the context length
 (fgcmr pads to the longest text of the batch), and its training transform is a RandomResizedCrop
@@ -26,6 +29,7 @@ import itertools
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,6 +180,7 @@ def timed_steps(cmd: list[str], env: dict[str, str], pattern: re.Pattern, steps_
             m = pattern.search(line)
             if m:
                 points.append((now, steps_of(int(m.group(1)))))
+    log_path.with_suffix(".timing.json").write_text(json.dumps(points))
     if proc.returncode:
         lines = log_path.read_text().splitlines(True)
         first = next((i for i, line in enumerate(lines) if "Traceback" in line), max(0, len(lines) - 15))
@@ -183,13 +188,16 @@ def timed_steps(cmd: list[str], env: dict[str, str], pattern: re.Pattern, steps_
     return points
 
 
-def throughput(points: list[tuple[float, int]], warmup: int, global_batch: int) -> dict[str, float]:
-    """Samples/s between the first progress line at ≥ ``warmup`` steps and the last line."""
+def throughput(points: list[tuple[float, int]], warmup: int, global_batch: int) -> dict[str, Any]:
+    """Samples/s between the first progress line at ≥ ``warmup`` steps and the last line, and the
+    samples/s of each window between consecutive lines (their median resists bursts of machine load)."""
     measured = [(t, s) for t, s in points if s >= warmup]
     if len(measured) < 2:
         raise RuntimeError(f"need two progress lines after step {warmup}, got steps {[s for _, s in points]}")
     (t0, s0), (t1, s1) = measured[0], measured[-1]
-    return {"samples_per_s": (s1 - s0) * global_batch / (t1 - t0), "step_time_s": (t1 - t0) / (s1 - s0), "measured_steps": s1 - s0}
+    windows = [(b - a) * global_batch / (tb - ta) for (ta, a), (tb, b) in zip(measured, measured[1:])]
+    return {"samples_per_s": (s1 - s0) * global_batch / (t1 - t0), "step_time_s": (t1 - t0) / (s1 - s0),
+            "measured_steps": s1 - s0, "window_samples_per_s": windows}
 
 
 def shard_pattern(shards: list[Path]) -> str:
@@ -297,13 +305,16 @@ def compare(cfg: BenchPeerConfig, work_dir: str | Path | None = None) -> dict[st
     fg = sum(r["measured_steps"] for r in runs["fgcmr"]) / sum(r["measured_steps"] * r["step_time_s"] for r in runs["fgcmr"])
     oc = sum(r["measured_steps"] for r in runs["open_clip"]) / sum(r["measured_steps"] * r["step_time_s"] for r in runs["open_clip"])
     gb = cfg.micro_batch * cfg.nproc
+    median = {k: statistics.median(w for r in v for w in r["window_samples_per_s"]) for k, v in runs.items()}
     from fgcmr.bench.train import machine
 
     return {
         "fgcmr_samples_per_s": fg * gb, "open_clip_samples_per_s": oc * gb, "ratio": fg / oc,
+        "fgcmr_median_window_samples_per_s": median["fgcmr"], "open_clip_median_window_samples_per_s": median["open_clip"],
+        "median_ratio": median["fgcmr"] / median["open_clip"],
         "rounds": {k: [round(r["samples_per_s"], 2) for r in v] for k, v in runs.items()},
         "model": cfg.model, "processes": cfg.nproc, "micro_batch": cfg.micro_batch, "steps": cfg.steps, "warmup": cfg.warmup,
-        "workers": cfg.workers, "shards": str(cfg.shards or "synthetic"), "machine": machine(),
+        "workers": cfg.workers, "log_every": cfg.log_every, "shards": str(cfg.shards or "synthetic"), "machine": machine(),
     }
 
 
@@ -313,7 +324,9 @@ def report(result: dict[str, Any]) -> str:
             f"{result['steps']} steps per run ({result['warmup']} unmeasured), shards: {result['shards']}\n"
             f"fgcmr train      : {result['fgcmr_samples_per_s']:8.1f} samples/s  (runs: {result['rounds']['fgcmr']})\n"
             f"open_clip_train  : {result['open_clip_samples_per_s']:8.1f} samples/s  (runs: {result['rounds']['open_clip']})\n"
-            f"ratio            : {result['ratio']:.3f} (goal ≥ 1.0)")
+            f"ratio            : {result['ratio']:.3f} (goal ≥ 1.0)\n"
+            f"median of {result['log_every']}-step windows: fgcmr {result['fgcmr_median_window_samples_per_s']:.1f}, "
+            f"open_clip {result['open_clip_median_window_samples_per_s']:.1f} samples/s, ratio {result['median_ratio']:.3f}")
 
 
 def run(cfg: BenchPeerConfig) -> dict[str, Any]:
