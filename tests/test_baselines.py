@@ -62,6 +62,7 @@ def test_published_figures_on_real_wikipedia_features(data_root):
         return re.search(r"<text>(.*)</text>", (root / "texts" / f"{tid}.xml").read_text(encoding="utf-8"), re.S).group(1)
 
     tfidf = B.tfidf_features([text(r[0]) for r in lists["train"]], [text(r[0]) for r in lists["test"]])
-    i, t, _ = B.semantic_matching(img, tfidf, y["train"], y["train"])
+    i, t, info = B.semantic_matching(img, tfidf, y["train"], y["train"], grid=(0.01, 10.0))  # the full grid's picks, still by CV
+    assert info == {"C_img": 0.01, "C_txt": 10.0}
     m = retrieval_metrics(i, t, y["test"], np.arange(len(y["test"])))
     assert (m["map_i2t"], m["map_t2i"]) == (pytest.approx(0.353, abs=0.015), pytest.approx(0.262, abs=0.015))

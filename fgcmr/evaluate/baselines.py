@@ -91,23 +91,23 @@ def _inv_sqrt(c: np.ndarray) -> np.ndarray:
 
 
 def semantic_matching(
-    img: Features, txt: Features, img_cat: np.ndarray, txt_cat: np.ndarray, seed: int = 0,
+    img: Features, txt: Features, img_cat: np.ndarray, txt_cat: np.ndarray, seed: int = 0, grid: tuple[float, ...] = REG_GRID,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Test embeddings (images, texts) as centred class-probability vectors, plus the chosen regularisation.
 
     ``img_cat``/``txt_cat``: train categories of the train images/texts. Regularisation by 3-fold
     cross-validation on train.
     """
-    p_img, c_img = _classify(img, img_cat, seed)
-    p_txt, c_txt = _classify(txt, txt_cat, seed)
+    p_img, c_img = _classify(img, img_cat, seed, grid)
+    p_txt, c_txt = _classify(txt, txt_cat, seed, grid)
     centre = np.concatenate([p_img, p_txt]).mean(axis=0)
     return l2n(p_img - centre), l2n(p_txt - centre), {"C_img": c_img, "C_txt": c_txt}
 
 
-def _classify(f: Features, y: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+def _classify(f: Features, y: np.ndarray, seed: int, grid: tuple[float, ...]) -> tuple[np.ndarray, float]:
     from sklearn.linear_model import LogisticRegressionCV
 
-    clf = LogisticRegressionCV(Cs=list(REG_GRID), cv=3, max_iter=3000, random_state=seed).fit(f.train, y)
+    clf = LogisticRegressionCV(Cs=list(grid), cv=3, max_iter=3000, random_state=seed).fit(f.train, y)
     return clf.predict_proba(f.test), float(clf.C_[0])
 
 
