@@ -210,7 +210,7 @@ def table(result: dict[str, Any]) -> str:
     for mode, r in result["modes"].items():
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
         rows.append(f"{mode:<10} {r['samples_per_s']:>10.1f} {r['step_time_s']:>8.3f} {100 * r['data_wait_frac']:>8.1f}% "
-                    f"{r['peak_memory_mb']:>9.0f} {r['gflops_per_sample']:>10.2f} {r['tflops']:>8.2f} {mfu:>6}")
+                    f"{r['peak_memory_mb']:>9.0f} {r['gflops_per_sample']:>10.2f} {r['tflops']:>8.3g} {mfu:>6}")
     peak = f"{result['peak_tflops']} TFLOP/s" if result["peak_tflops"] else "unknown (MFU n/a)"
     head = (f"machine: {result['machine']}\n"
             f"{result['image_tower']} + {result['text_tower']}, {result['parameters'] / 1e6:.1f} M parameters, {result['deepspeed']} "
