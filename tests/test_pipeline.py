@@ -82,6 +82,13 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
     assert all(s["status"] == "ran" for s in stages.values()) and list(stages) == ["shard", "label", "infer", "train", "export", "eval"]
 
+    from fgcmr.evaluate.job import EvalConfig, run  # one process sees the same samples in the same pairing
+
+    single = run(EvalConfig(run=str(out / "run"), out=str(tmp_path / "single"), report=False, tensorboard=False))
+    assert single["eval"]["world_size"] == 1
+    assert {k: single[k] for k in ("map_i2t", "map_t2i", "r1_i2t", "r10_t2i", "medr_i2t")} == pytest.approx(
+        {k: metrics[k] for k in ("map_i2t", "map_t2i", "r1_i2t", "r10_t2i", "medr_i2t")}, abs=1e-5)
+
     (out / "run" / "eval" / "metrics.json").unlink()  # as if it crashed during eval: only eval reruns
     t0 = time.monotonic()
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -163,7 +163,7 @@ def _flush(batch: list, part: dict, model, inputs, device, keep_features: bool) 
         part["keys"].append(sample.key)
         part["cat"].append(-1 if sample.category is None else int(sample.category))
         part["n_texts"].append(len(ts))
-        part["texts"].extend(sample.texts[: len(ts)] if len(sample.texts) >= len(ts) else sample.texts[:1] * len(ts))
+        part["texts"].extend(sample.texts[k] if k < len(sample.texts) else sample.texts[0] for k in range(len(ts)))  # for the report
         if keep_features:
             part["img_feat"].append(None if sample.image_feature is None else np.asarray(sample.image_feature, np.float32).reshape(-1))
             part["txt_feat"].append(None if sample.text_feature is None else np.asarray(sample.text_feature, np.float32).reshape(-1))
