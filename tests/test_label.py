@@ -137,3 +137,17 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
     assert verify_labels(synthetic_dataset, "two", check_keys=True) == []
     assert intact.stat().st_mtime_ns == before
     np.testing.assert_allclose(read_sidecar(missing).text_emb, read_sidecar(sidecar_path(synthetic_dataset, "one", shards[0].name)).text_emb, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_train_on_two_ranks(synthetic_dataset, free_port, tmp_path):
+    """Both ranks score against each other's texts (gathered with gradients) and average gradients."""
+    out = tmp_path / "tiny2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
+           "-m", "fgcmr.cli", "label", "train", f"--config={REPO / 'configs/labelers/tiny.yaml'}", f"--shards={synthetic_dataset}",
+           f"--out={out}", "--max_steps=6", "--eval_every=3", "--max_eval_texts=100", "--threads=1", "--tensorboard=false"]
+    done = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = read_json(out / "metrics.json")
+    assert metrics["world_size"] == 2 and metrics["steps"] == 6 and 0 <= metrics["auc"] <= 1
+    load_labeler(out)
