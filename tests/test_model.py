@@ -110,7 +110,8 @@ def test_param_groups_and_schedule(tiny):
     groups = param_groups(model, OptimConfig(lr=1.0, tower_lr_mult=0.1, weight_decay=0.5))
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     by_id = {id(p): g for g in groups for p in g["params"]}
-    assert by_id[id(model.image_proj.weight)]["lr"] == 1.0 and by_id[id(model.image_proj.weight)]["weight_decay"] == 0.5
+    proj = next(model.image_proj.parameters())
+    assert by_id[id(proj)]["lr"] == 1.0 and by_id[id(proj)]["weight_decay"] == 0.5
     assert by_id[id(model.logit_scale)]["weight_decay"] == 0.0
     tower_param = next(model.text_tower.parameters())
     assert by_id[id(tower_param)]["lr"] == pytest.approx(0.1)

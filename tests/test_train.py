@@ -62,7 +62,7 @@ def logs(log_dir: Path) -> str:
 
 def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
     return [f"--config={REPO / 'configs/train/tiny.yaml'}", f"--shards={dataset}", f"--out={out}", "--data.micro_batch=16",
-            "--data.workers=1", "--log_every=1", "--hist_every=2", "--optim.warmup_steps=2", *extra]
+            "--data.workers=1", "--log_every=1", "--hist_every=2", "--optim.warmup_steps=2", "--optim.lr=0.002", *extra]
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:

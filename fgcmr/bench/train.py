@@ -90,7 +90,7 @@ def _fresh_model(model_cfg: ModelConfig, loss: str) -> torch.nn.Module:
 def _bare_side(model_cfg: ModelConfig, optim: OptimConfig, loss_fn: RetrievalLoss, device: torch.device):
     model = _fresh_model(model_cfg, loss_fn.cfg.name).to(device)
     opt = torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-    net = torch.nn.parallel.DistributedDataParallel(model) if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 else model
 
     def step(batch: dict) -> None:
         image_emb, text_emb, scale = net(batch["image"], batch["text"])

@@ -5,7 +5,7 @@
   ``feature_dim``/``hidden_dim`` for the feature MLP, ``grad_checkpointing``), ``text``
   (``TextTowerConfig``: ``kind`` transformers | feature, transformers ``config`` (with ``model_type``)
   or local ``pretrained_dir``, ``tokenizer_dir``, ``max_length``, ``pooling``, feature MLP dims,
-  ``grad_checkpointing``), ``embed_dim``; properties ``tokenizer_dir`` and ``max_text_length``.
+  ``grad_checkpointing``), ``embed_dim``, ``projection_norm``; properties ``tokenizer_dir`` and ``max_text_length``.
 - ``build_model(cfg) -> TwoTower``: ``encode_image(images) -> [N, D]``, ``encode_text(text_batch) -> [M, D]``
   (both L2-normalised), ``forward(images, text_batch) -> (image_emb, text_emb, logit_scale)``.
 - ``build_inputs(cfg, train=False) -> Inputs``: ``image(sample) -> Tensor`` (PIL decode by content +

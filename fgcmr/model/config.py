@@ -64,6 +64,10 @@ class ModelConfig:
     image: ImageTowerConfig = dataclasses.field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = dataclasses.field(default_factory=lambda: TextTowerConfig(config={"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}))
     embed_dim: int = 256
+    # "batch": BatchNorm (no affine) on the projections before L2 normalisation. A from-scratch model's
+    # embeddings start nearly identical; the pairwise loss's variance terms then pull it into a collapsed
+    # state (all similarities equal) it cannot leave. Batch-centring keeps the batch spread out.
+    projection_norm: Literal["none", "batch"] = "none"
     init_logit_scale: float = 2.6593  # log(1 / 0.07), CLIP's initial temperature
 
     @property

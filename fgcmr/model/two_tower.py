@@ -19,8 +19,8 @@ class TwoTower(nn.Module):
         super().__init__()
         self.image_tower = build_image_tower(cfg.image)
         self.text_tower = build_text_tower(cfg.text)
-        self.image_proj = nn.Linear(self.image_tower.out_dim, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(self.text_tower.out_dim, cfg.embed_dim, bias=False)
+        self.image_proj = _projection(self.image_tower.out_dim, cfg)
+        self.text_proj = _projection(self.text_tower.out_dim, cfg)
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,11 @@ class TwoTower(nn.Module):
     def tower_parameters(self) -> set[int]:
         """Ids of the backbone parameters (the part that may be pretrained), for a separate learning rate."""
         return {id(p) for tower in (self.image_tower, self.text_tower) for p in tower.parameters()}
+
+
+def _projection(in_dim: int, cfg: ModelConfig) -> nn.Module:
+    linear = nn.Linear(in_dim, cfg.embed_dim, bias=False)
+    return nn.Sequential(linear, nn.BatchNorm1d(cfg.embed_dim, affine=False)) if cfg.projection_norm == "batch" else linear
 
 
 def build_model(cfg: ModelConfig) -> TwoTower:
