@@ -41,12 +41,11 @@ class BenchTrainConfig:
     warmup: int = 5  # unmeasured steps per side before the first round
     rounds: int = 7  # alternating fgcmr / bare rounds; the reported ratio is the median of the rounds' ratios
     batches: int = 8  # distinct in-memory micro-batches, cycled
-    peer: str | None = None
+    peer: str | None = None  # "open_clip": fgcmr train vs open_clip's trainer instead (fgcmr.bench.peer_open_clip)
+    shards: str | None = None  # the peer comparison's dataset (default: synthetic shards)
     json: bool = False
 
     def validate(self) -> None:
-        if self.peer is not None:
-            raise ValueError(f"--peer={self.peer}: peer benchmarks are not available in this build")
         if min(self.nproc, self.steps, self.rounds, self.batches) < 1:
             raise ValueError("nproc, steps, rounds and batches must be ≥ 1")
 
@@ -173,6 +172,13 @@ def _launch(cfg: BenchTrainConfig) -> int:
 
 
 def run(cfg: BenchTrainConfig) -> dict | None:
+    if cfg.peer is not None:
+        from fgcmr.bench.peer_open_clip import BenchPeerConfig
+        from fgcmr.bench.peer_open_clip import run as run_peer
+
+        peer = BenchPeerConfig(peer=cfg.peer, model=cfg.model, shards=cfg.shards, nproc=cfg.nproc, micro_batch=cfg.micro_batch, json=cfg.json)
+        peer.validate()
+        return run_peer(peer)
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and cfg.nproc > 1:
         code = _launch(cfg)
         if code:
