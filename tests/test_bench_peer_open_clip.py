@@ -34,7 +34,8 @@ def test_open_clip_builds_the_same_model_as_fgcmr(tokenizer, tmp_path, monkeypat
     ours = build_model(peer.pin_tokenizer(model_cfg, tokenizer))
 
     def shapes(model):
-        return sorted(tuple(p.shape) if p.ndim else (1,) for p in model.parameters())
+        tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]  # BatchNorm statistics too
+        return sorted(tuple(t.shape) if t.ndim else (1,) for t in tensors)
 
     assert shapes(theirs) == shapes(ours)  # same towers, same heads; only names differ
     size = model_cfg.image.image_size

@@ -275,10 +275,13 @@ def train_tokenizer(dataset, model_cfg: ModelConfig, out_dir: Path) -> Path:
 
 
 def pin_tokenizer(model_cfg: ModelConfig, tokenizer_dir: Path) -> ModelConfig:
+    """fgcmr's side of the comparison: the given tokenizer and its vocabulary size, and plain linear
+    heads (open_clip has no normalisation layer between the projection and the L2 norm)."""
     from fgcmr.model.tokenizer import load_tokenizer
 
     config = {**model_cfg.text.config, "vocab_size": len(load_tokenizer(tokenizer_dir))}
-    return dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, tokenizer_dir=str(tokenizer_dir), config=config))
+    extra = {"projection_norm": "none"} if hasattr(model_cfg, "projection_norm") else {}
+    return dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, tokenizer_dir=str(tokenizer_dir), config=config), **extra)
 
 
 def synthetic_shards(out_dir: Path, items: int, image_size: int) -> Path:
