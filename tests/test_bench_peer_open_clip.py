@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("open_clip_train")
+pytest.importorskip("open_clip_train.data")  # the optional bench dependency (and the pandas it imports)
 
 from fgcmr.bench import peer_open_clip as peer  # noqa: E402
 from fgcmr.dataset import open_dataset  # noqa: E402
