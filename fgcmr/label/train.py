@@ -9,7 +9,6 @@ validation and test goes to ``metrics.json`` and TensorBoard.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -206,7 +205,7 @@ def run(cfg: LabelTrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     tb = _writer(cfg, d)
     sampler = PairSampler(train, cfg.seed + 1000 * d.rank)
-    best_auc, best_state, best_step, stale = -1.0, None, 0, 0
+    best_auc, best_state, best_step, stale = float("nan"), None, 0, 0
     step = 0
     with Progress(cfg.max_steps, "label train", unit="step", enabled=d.is_main) as progress:
         for step in range(1, cfg.max_steps + 1):
@@ -225,9 +224,9 @@ def run(cfg: LabelTrainConfig) -> dict:
             if tb:
                 tb.add_scalar("label/val_auc", val_auc, step)
             log.info("label train step %d: loss %.4f val AUC %.4f", step, loss.item(), val_auc)
-            if val_auc > best_auc:
+            if best_state is None or val_auc > best_auc:
                 best_auc, best_step, stale = val_auc, step, 0
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             else:
                 stale += 1
                 if stale >= cfg.patience:
