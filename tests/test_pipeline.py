@@ -21,7 +21,7 @@ TINY = {
     "label": {"vocab_size": 400, "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_length": 24, "dim": 32},
               "batch_size": 16, "max_steps": 6, "eval_every": 3, "max_eval_texts": 100},
     "infer": {"batch_size": 64},
-    "train": {"model": "tiny", "model_overrides": {"image": {"model_kwargs": {"img_size": 32}, "image_size": 32}},
+    "train": {"model": "tiny", "model_overrides": {"image": {"image_size": 32}},
               "loss": {"name": "weighted_pairwise"}, "data": {"micro_batch": 16, "workers": 0, "augment": False},
               "max_steps": 4, "checkpoint_every": 2},
     "eval": {"batch_size": 64},
