@@ -118,3 +118,20 @@ def test_param_groups_and_schedule(tiny):
     f = warmup_cosine(100, 10, 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_every_shipped_config_resolves():
+    from fgcmr.model.inputs import image_data_config
+    from fgcmr.train.config import CONFIGS
+    from fgcmr.train.engine import compute_dtype, deepspeed_config
+
+    for path in sorted((CONFIGS / "models").glob("*.yaml")):
+        cfg = load_model_config(path.stem)
+        if cfg.image.kind == "timm":
+            assert image_data_config(cfg)["input_size"][0] == 3, path
+    large = load_model_config("large")
+    assert large.image.name == "vit_large_patch14_clip_224" and large.text.config["hidden_size"] == 1024
+    for path in sorted((CONFIGS / "deepspeed").glob("*.json")):
+        ds = deepspeed_config(path.stem, 4, OptimConfig(grad_accum=2))
+        assert ds["gradient_accumulation_steps"] == 2 and ds["zero_allow_untested_optimizer"]
+        assert compute_dtype(ds) == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[path.stem.split("_")[1]]
