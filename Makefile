@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 $(BIN)/fgcmr: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,weights]'
+	$(BIN)/pip install -q -e '.[test,weights,bench]'
 	touch $@
 
 setup: $(BIN)/fgcmr

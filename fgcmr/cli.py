@@ -148,6 +148,10 @@ class Bench:
         """The training input pipeline's samples/s vs the machine's decode ceiling."""
         _run("fgcmr.bench.data:BenchDataConfig:run", None, config, options, self.data)
 
+    def gpu(self, config: str | None = None, **options: Any) -> None:
+        """Training samples/s, step time, peak memory and MFU of one process: --config=configs/bench/gpu_h200.yaml."""
+        _run("fgcmr.bench.gpu:BenchGpuConfig:run", None, config, options, self.gpu)
+
 
 COMMANDS = {
     "shard": shard,
