@@ -10,6 +10,7 @@ the resulting ``DistEnv`` down.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -170,12 +171,20 @@ def init(threads: int | None = None) -> DistEnv:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for worker processes started later
     if d.distributed and not dist.is_initialized():
         dist.init_process_group(backend=d.backend, rank=d.rank, world_size=d.world_size)
+    atexit.register(_leave_process_group)
     if d.is_main:
         log.info(
             "topology: launcher=%s world=%d local_world=%d master=%s:%d backend=%s device=%s threads=%d",
             d.launcher, d.world_size, d.local_world_size, d.master_addr, d.master_port, d.backend, d.device.type, threads,
         )
     return d
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter does: gloo's threads, left to static
+    destructors, can abort the process at exit ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
