@@ -210,10 +210,11 @@ def _histograms(cfg: LabelInferConfig, ds, splits: list[str], records: dict) -> 
         own = torch.tensor(owner)
         p = pair_scores(torch.from_numpy(np.stack(desc)), torch.from_numpy(np.concatenate(texts)), w, c)
         y = relevance(cat, cat[own], torch.arange(len(desc)), own) > 0
-        summary[split] = {"images": len(desc), "texts": len(own), "mean_p_positive": float(p[y].mean()), "mean_p_negative": float(p[~y].mean())}
-        if writer:
-            writer.add_histogram(f"labels/{split}/p_positive", p[y], 0)
-            writer.add_histogram(f"labels/{split}/p_negative", p[~y], 0)
+        summary[split] = {"images": len(desc), "texts": len(own)}
+        for name, scores in (("positive", p[y]), ("negative", p[~y])):  # a one-image split has no negatives
+            summary[split][f"mean_p_{name}"] = float(scores.mean()) if scores.numel() else None
+            if writer and scores.numel():
+                writer.add_histogram(f"labels/{split}/p_{name}", scores, 0)
     if writer:
         writer.close()
     return summary
