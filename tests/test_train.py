@@ -4,6 +4,7 @@ Launches are few and short (each costs ~10 s): one launch per check group, asser
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fgcmr.dataset import iter_samples, open_dataset
 from fgcmr.labels import labels_dir, sidecar_path
@@ -66,8 +68,6 @@ def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
@@ -178,9 +178,17 @@ def test_zero0_and_zero3_loss_goes_down(synthetic_dataset: Path, tmp_path: Path)
     for stage, loss in (("zero0_fp32", "pairwise"), ("zero3_fp32", "clip")):
         run, logdir = tmp_path / stage, tmp_path / f"{stage}-logs"
         logdir.mkdir()
-        args = train_args(synthetic_dataset, run, f"--deepspeed={stage}", f"--loss.name={loss}", "--max_steps=12", "--checkpoint_every=100")
+        validation = ["--eval_every=6", "--eval_max_images=32"] if stage.startswith("zero3") else []  # forwards on partitioned weights
+        args = train_args(synthetic_dataset, run, f"--deepspeed={stage}", f"--loss.name={loss}", "--max_steps=12", "--checkpoint_every=100", *validation)
         assert wait(launch(args, _port(), logdir), logdir) == [0, 0], logs(logdir)
         assert_loss_went_down(run)
+    acc = EventAccumulator(str(tmp_path / "zero3_fp32" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    val = acc.Scalars("val/map_avg")
+    assert [e.step for e in val] == [6, 12]
+    assert all(0.0 < e.value <= 1.0 for e in val)
+    assert [e.step for e in acc.Scalars("val/chance_map")] == [6, 12]
+    assert "val/r1_t2i" in json.loads((tmp_path / "zero3_fp32" / "train_metrics.json").read_text())
     from fgcmr.model import load_export
     from fgcmr.train.export import ExportConfig
     from fgcmr.train.export import run as export

@@ -56,6 +56,9 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     hist_every: int = 100
+    eval_every: int = 0  # steps between validation scalars (val/* in TensorBoard); 0: off
+    eval_split: str = "test"  # held-out split embedded for them
+    eval_max_images: int = 256
 
     def validate(self) -> None:
         if not self.shards or not self.out:

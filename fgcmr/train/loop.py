@@ -34,6 +34,7 @@ from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
 from fgcmr.train.monitor import Monitor
 from fgcmr.train.signals import EXIT_REQUEUE, StopRequest
 from fgcmr.train.step import micro_step, to_device
+from fgcmr.train.validate import Validator
 
 __all__ = ["TrainConfig", "run"]
 log = logging.getLogger("fgcmr.train")
@@ -165,6 +166,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     trainer = Trainer(engine, loss_fn, monitor, compute_dtype(ds_cfg), sched.grad_accum)
     stop = StopRequest(engine.device)
     saved_at = step if client else None
+    validator = Validator(dataset, cfg.eval_split, cfg.eval_max_images, build_inputs(model_cfg, train=False)) if cfg.eval_every else None
+
+    def validate() -> None:
+        scores = validator(engine.module, engine.device, compute_dtype(ds_cfg))
+        monitor.scalars("val", scores, step)
+        log.info("step %d: validation on %s: MAP@all %.4f (chance %.4f), R@1 i→t %.3f t→i %.3f",
+                 step, cfg.eval_split, scores["map_avg"], scores["chance_map"], scores["r1_i2t"], scores["r1_t2i"])
 
     def save() -> None:
         nonlocal saved_at
@@ -182,6 +190,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             samples_seen += sched.samples_per_step
             if step % cfg.checkpoint_every == 0:
                 save()
+            if validator is not None and (step % cfg.eval_every == 0 or step == sched.total_steps):
+                validate()
             if stop.agreed():
                 log.warning("stop signal received: checkpointing at step %d, exiting %d for requeue", step, EXIT_REQUEUE)
                 save()

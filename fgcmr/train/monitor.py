@@ -45,6 +45,13 @@ class Monitor:
         if self.writer is not None:
             self.writer.add_text(tag, f"```\n{body}\n```", 0)
 
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+            self.writer.flush()
+        self.last_values.update({f"{prefix}/{k}": v for k, v in values.items()})
+
     def logs_at(self, step: int) -> bool:
         return self.enabled and (step % self.log_every == 0 or step == self.total_steps)
 
