@@ -1,7 +1,7 @@
 """fgcmr.distributed: one resolution of rank/world/rendezvous per launcher, and real gloo groups.
 
 Unit tests feed each launcher's real variables to ``resolve_env``; the integration tests run a
-2-process all_reduce under torchrun (via launchers/torchrun.sh) and under ``srun -n2``.
+2-process all_reduce under ``srun -n2`` (under the launch scripts: test_launchers.py).
 """
 from __future__ import annotations
 
@@ -113,16 +113,6 @@ def _check_two_ranks(out: Path, launcher: str) -> None:
 def _clean_env() -> dict[str, str]:
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-
-
-@pytest.mark.slow
-def test_all_reduce_under_torchrun_launcher(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = _clean_env() | {"PYTHON": sys.executable}
-    subprocess.run([str(REPO / "launchers/torchrun.sh"), "-n", "2", str(script), str(tmp_path)],
-                   env=env, cwd=REPO, check=True, timeout=180)
-    _check_two_ranks(tmp_path, "torchrun")
 
 
 @pytest.mark.slow

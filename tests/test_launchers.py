@@ -1,4 +1,4 @@
-"""launchers/: the deepspeed launcher script starts N ranks that find each other (torchrun: test_distributed)."""
+"""launchers/: each launch script starts N ranks that find each other and agree on the topology."""
 from __future__ import annotations
 
 import subprocess
@@ -11,16 +11,11 @@ from slurm_cluster import REPO
 
 
 @pytest.mark.slow
-def test_all_reduce_under_deepspeed_launcher(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_all_reduce_under_launcher(tmp_path, launcher):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = _clean_env() | {"PYTHON": sys.executable}
-    subprocess.run([str(REPO / "launchers/deepspeed.sh"), "-n", "2", str(script), str(tmp_path)],
+    subprocess.run([str(REPO / f"launchers/{launcher}.sh"), "-n", "2", str(script), str(tmp_path)],
                    env=env, cwd=REPO, check=True, timeout=240)
-    _check_two_ranks(tmp_path, "deepspeed")
-
-
-def test_launchers_print_usage_without_a_command():
-    for name in ("torchrun.sh", "deepspeed.sh"):
-        r = subprocess.run([str(REPO / "launchers" / name)], capture_output=True, text=True, env=_clean_env())
-        assert r.returncode == 2 and "NPROC" in r.stderr, r.stderr
+    _check_two_ranks(tmp_path, launcher)
