@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import re
+import socket
 import subprocess
 from typing import Mapping, Sequence
 
@@ -185,6 +186,13 @@ def _leave_process_group() -> None:
     destructors, can abort the process at exit ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a local rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def barrier() -> None:

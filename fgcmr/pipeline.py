@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fgcmr.config import ConfigError, apply_overrides, dump_yaml, read_yaml
+from fgcmr.distributed import free_port
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 log = logging.getLogger("fgcmr.pipeline")
@@ -176,12 +176,6 @@ DONE: dict[str, Callable[[Layout], bool]] = {
 
 
 # ---- running ------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def stage_command(stage: str, experiment: Path, nproc: int) -> list[str]:
     """The subprocess for one stage: ``python -m fgcmr.cli …`` or the same under torchrun."""

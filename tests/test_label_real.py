@@ -11,7 +11,7 @@ import pytest
 
 from fgcmr.config import load_config
 from fgcmr.label import train
-from fgcmr.label.tokenizer import load_tokenizer, train_tokenizer
+from fgcmr.text import load_tokenizer, train_wordpiece
 from fgcmr.shard.job import ShardConfig
 from fgcmr.shard.job import run as shard
 
@@ -25,7 +25,7 @@ def chinese_texts(data_root: Path) -> list[str]:
 
 def test_tokenizer_handles_chinese(data_root, tmp_path):
     texts = chinese_texts(data_root)
-    tok = train_tokenizer(texts[:400] + ["The quick brown fox jumps over the lazy dog."] * 3, vocab_size=3000, min_frequency=1)
+    tok = train_wordpiece(texts[:400] + ["The quick brown fox jumps over the lazy dog."] * 3, vocab_size=3000, min_frequency=1)
     tok.save_pretrained(tmp_path / "tok")
     tok = load_tokenizer(tmp_path / "tok")
     sample = texts[450]

@@ -95,7 +95,7 @@ def write_peer_model(model_cfg: ModelConfig, tokenizer_dir: Path, out_dir: Path)
     (model name, config dir). The text encoder's config is fgcmr's, with the tokenizer's vocab and pad id."""
     from transformers import AutoConfig, AutoModel
 
-    from fgcmr.model.tokenizer import load_tokenizer
+    from fgcmr.text import load_tokenizer
 
     text, image = model_cfg.text, model_cfg.image
     if image.kind != "timm" or text.kind != "transformers" or text.pretrained_dir:
@@ -277,7 +277,7 @@ def train_tokenizer(dataset, model_cfg: ModelConfig, out_dir: Path) -> Path:
 def pin_tokenizer(model_cfg: ModelConfig, tokenizer_dir: Path) -> ModelConfig:
     """fgcmr's side of the comparison: the given tokenizer and its vocabulary size, and plain linear
     heads (open_clip has no normalisation layer between the projection and the L2 norm)."""
-    from fgcmr.model.tokenizer import load_tokenizer
+    from fgcmr.text import load_tokenizer
 
     config = {**model_cfg.text.config, "vocab_size": len(load_tokenizer(tokenizer_dir))}
     extra = {"projection_norm": "none"} if hasattr(model_cfg, "projection_norm") else {}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fgcmr.distributed import all_gather_objects, barrier
+from fgcmr.distributed import all_gather_objects, barrier, free_port
 from fgcmr.losses import LossConfig, RetrievalLoss
 from fgcmr.model import ModelConfig
 from fgcmr.train.config import OptimConfig, load_model_config
@@ -157,11 +157,7 @@ def measure(cfg: BenchTrainConfig) -> dict:
 
 def _launch(cfg: BenchTrainConfig) -> int:
     """Re-run this command on ``nproc`` local ranks (torchrun's variables); rank 0's output is ours."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(cfg.nproc):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(cfg.nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(cfg.nproc),

@@ -136,7 +136,7 @@ def load_labeler(path: str | Path) -> tuple[SiameseLabeler, PreTrainedTokenizerB
     """(model in eval mode, tokenizer, max_length) from a labeler directory."""
     from safetensors.torch import load_file
 
-    from fgcmr.label.tokenizer import load_tokenizer
+    from fgcmr.text import load_tokenizer
 
     path = Path(path)
     if not (path / "labeler.json").is_file():

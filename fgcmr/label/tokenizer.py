@@ -1,23 +1,17 @@
-"""The labeler's tokenizer: a local Hugging Face tokenizer directory, or WordPiece trained offline.
-
-The trained tokenizer uses BERT's normalizer and pre-tokenizer, which put spaces around every CJK
-character, so Chinese text becomes one token per character instead of one unknown token per sentence.
-"""
+"""``fgcmr label tokenizer``: fit the labeler's WordPiece tokenizer (``fgcmr.text``) on a split's texts."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Iterable
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from fgcmr.config import dump_yaml
 from fgcmr.io import atomic_write_text
+from fgcmr.text import SPECIAL_TOKENS, train_wordpiece
 
 log = logging.getLogger("fgcmr.label")
-
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 @dataclasses.dataclass
@@ -36,39 +30,12 @@ class TokenizerConfig:
             raise ValueError(f"vocab_size={self.vocab_size} is too small")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2, lowercase: bool = True) -> PreTrainedTokenizerFast:
-    """Fit a BERT-style WordPiece tokenizer on ``texts`` (English and CJK alike)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS)
-    tok.train_from_iterator(texts, trainer=trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
-    )
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """A tokenizer saved with ``save_pretrained`` (ours, or a pretrained model's), read offline."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
 def run(cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
     """``fgcmr label tokenizer``: train on one split's texts and save beside the resolved config."""
     from fgcmr.label.texts import read_texts
 
     texts = read_texts(cfg.shards, [cfg.split]).texts
-    tok = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency, cfg.lowercase)
+    tok = train_wordpiece(texts, cfg.vocab_size, cfg.min_frequency, cfg.lowercase)
     tok.save_pretrained(cfg.out)
     atomic_write_text(Path(cfg.out) / "config.yaml", dump_yaml(cfg))
     log.info("tokenizer: %d tokens from %d %s texts → %s", len(tok), len(texts), cfg.split, cfg.out)

@@ -28,7 +28,7 @@ from fgcmr.label.encode import embed_texts
 from fgcmr.label.metrics import PairStats, pair_stats, subsample
 from fgcmr.label.model import EncoderConfig, SiameseLabeler, autocast, build_encoder, save_labeler, tokenize
 from fgcmr.label.texts import TextSet, read_texts
-from fgcmr.label.tokenizer import load_tokenizer, train_tokenizer
+from fgcmr.text import load_tokenizer, train_wordpiece
 from fgcmr.labels import relevance
 from fgcmr.progress import Progress
 
@@ -168,7 +168,7 @@ def make_tokenizer(cfg: LabelTrainConfig, train: TextSet, d: DistEnv):
         return load_tokenizer(source)
     path = Path(cfg.out) / "tokenizer"
     if d.is_main:
-        train_tokenizer(train.texts, cfg.vocab_size).save_pretrained(path)
+        train_wordpiece(train.texts, cfg.vocab_size).save_pretrained(path)
     barrier()
     return load_tokenizer(path)
 

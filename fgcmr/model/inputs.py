@@ -12,7 +12,7 @@ import torch
 
 from fgcmr.dataset import Sample
 from fgcmr.model.config import ModelConfig
-from fgcmr.model.tokenizer import load_tokenizer
+from fgcmr.text import load_tokenizer
 
 
 def image_data_config(cfg: ModelConfig) -> dict:

@@ -11,7 +11,6 @@ import dataclasses
 import itertools
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from fgcmr.config import dump_yaml, to_dict
 from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
-from fgcmr.distributed import DistEnv, barrier, init
+from fgcmr.distributed import DistEnv, barrier, free_port, init
 from fgcmr.io import atomic_write_json, atomic_write_text
 from fgcmr.labels import read_head
 from fgcmr.losses import LossConfig, RetrievalLoss
@@ -67,9 +66,7 @@ def init_distributed() -> DistEnv:
     import deepspeed
 
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     env = init()
     setup_logging(env.rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -89,7 +86,7 @@ def ensure_tokenizer(model_cfg: ModelConfig, dataset: DatasetInfo, run_dir: Path
         train_wordpiece(texts, tok_dir, vocab_size)
         log.info("trained a WordPiece tokenizer on %s texts → %s", split, tok_dir)
     barrier()
-    from fgcmr.model.tokenizer import load_tokenizer
+    from fgcmr.text import load_tokenizer
 
     config = {**text.config, "vocab_size": len(load_tokenizer(tok_dir))}
     return dataclasses.replace(model_cfg, text=dataclasses.replace(text, tokenizer_dir=str(tok_dir), config=config))
