@@ -33,7 +33,7 @@ if [[ -f $CONF ]] && ! grep -qF "$MARK" "$CONF"; then
     exit 4
 fi
 
-cpus=$(nproc)
+cpus=$(OMP_NUM_THREADS= OMP_THREAD_LIMIT= nproc)   # nproc obeys OMP_NUM_THREADS, which a calling test process may have set
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 3 / 4 ))
 mkdir -p /etc/slurm "$STATE" /var/spool/slurmd /var/spool/slurmctld /var/log/slurm /run/munge
 chown munge:munge /run/munge

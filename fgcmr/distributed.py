@@ -17,10 +17,13 @@ import os
 import re
 import socket
 import subprocess
+import warnings
 from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+
+from fgcmr.progress import setup_logging
 
 log = logging.getLogger("fgcmr.distributed")
 
@@ -165,6 +168,7 @@ def init(threads: int | None = None) -> DistEnv:
     """Resolve the topology, pin the GPU, set thread counts and join the process group (if > 1 rank)."""
     d = resolve_env()
     export_env(d)
+    setup_logging(d.rank)  # the CLI set up rank 0's format before the rank was known
     if torch.cuda.is_available():
         torch.cuda.set_device(d.device)
     threads = threads or thread_count(d)
@@ -215,7 +219,9 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a functional collective without autograd on gloo
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def all_gather_objects(obj: object) -> list:

@@ -26,7 +26,7 @@ from fgcmr.config import dump_yaml, read_yaml
 from fgcmr.dataset import DatasetInfo, Sample, iter_samples, open_dataset
 from fgcmr.evaluate.metrics import RECALL_KS, retrieval_metrics
 from fgcmr.io import atomic_write_json, atomic_write_text, sha256_file
-from fgcmr.progress import Progress, setup_logging
+from fgcmr.progress import Progress
 
 log = logging.getLogger("fgcmr.eval")
 
@@ -72,7 +72,6 @@ class Embedded:
 
 def run(cfg: EvalConfig) -> dict | None:
     env = distributed.init()
-    setup_logging(env.rank)
     from fgcmr.model import load_export
 
     run_dir = Path(cfg.run)

@@ -25,7 +25,6 @@ from fgcmr.io import atomic_write_json, atomic_write_text
 from fgcmr.labels import read_head
 from fgcmr.losses import LossConfig, RetrievalLoss
 from fgcmr.model import ModelConfig, TwoTower, build_inputs, build_model, train_wordpiece
-from fgcmr.progress import setup_logging
 from fgcmr.train import checkpoint
 from fgcmr.train.config import TrainConfig, load_model_config
 from fgcmr.train.data import build_loader
@@ -68,7 +67,6 @@ def init_distributed() -> DistEnv:
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
     env = init()
-    setup_logging(env.rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend=env.backend)
     return env
