@@ -12,7 +12,7 @@ from scipy.io import loadmat
 
 from fgcmr.config import ConfigError
 from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.shard.job import ShardConfig, run
+from fgcmr.shard.job import Holdout, ShardConfig, run
 
 WIKI_TRAIN = [138, 272, 244, 248, 202, 178, 186, 144, 214, 347]
 WIKI_TEST = [34, 88, 96, 85, 65, 58, 51, 41, 71, 104]
@@ -165,3 +165,19 @@ def test_missing_features_file_is_a_clear_error(data_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="--features .*nope.mat does not exist"):
         run(ShardConfig(source="wikipedia", root=str(data_root / "wikipedia_rasiwasia2010"), features=str(tmp_path / "nope.mat"), out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_wikipedia_holdout_keeps_each_items_feature_row(data_root, tmp_path):
+    """Items carved from train into val still carry their own row of I_tr/T_tr."""
+    root = data_root / "wikipedia_rasiwasia2010"
+    cfg = ShardConfig(source="wikipedia", root=str(root), features=str(root / "raw_features.mat"), out=str(tmp_path / "wiki"), splits=["val"])
+    cfg.holdout = Holdout(fraction=0.2)
+    m = run(cfg)
+    assert 350 < m["splits"]["val"]["items"] < 520 and set(m["splits"]) == {"val"}
+    rows = {line.split("\t")[0]: i for i, line in enumerate((root / "trainset_txt_img_cat.list").read_text().splitlines())}
+    mat = loadmat(root / "raw_features.mat")
+    val = samples(tmp_path / "wiki", "val")
+    for s in val[:: len(val) // 5]:
+        np.testing.assert_allclose(s.image_feature, mat["I_tr"][rows[s.meta["id"]]], rtol=1e-6)
+        np.testing.assert_allclose(s.text_feature, mat["T_tr"][rows[s.meta["id"]]], rtol=1e-6)

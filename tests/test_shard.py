@@ -13,7 +13,7 @@ import pytest
 
 from fgcmr.config import ConfigError, load_config
 from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.shard.job import FAIL_AFTER_ENV, ShardConfig, run
+from fgcmr.shard.job import FAIL_AFTER_ENV, Holdout, ShardConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS, PER_SHARD = 150, 16
@@ -29,6 +29,10 @@ def outputs(root: Path) -> dict[str, bytes]:
     """Every file a consumer reads (config.yaml records how the job ran, so it is left out)."""
     names = ["manifest.json", "sizes.json", "skipped.jsonl", *sorted(p.name for p in root.glob("*.tar"))]
     return {name: (root / name).read_bytes() for name in names}
+
+
+def keys(root: Path, split: str) -> set[str]:
+    return {s.key for path in open_dataset(root).shards(split) for s in iter_samples(path)}
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +178,17 @@ def test_bench_shard_prints_one_json_object(tmp_path, capsys):
     assert printed == result and result["ratio"] > 0 and result["items_per_s"] > 0
     assert 20 < result["peak_mb_small"] and result["peak_mb_large"] < 1.25 * result["peak_mb_small"]  # streaming
     assert list(tmp_path.iterdir()) == []  # scratch space removed
+
+
+def test_holdout_carves_a_stable_validation_split(reference, tmp_path):
+    carved = tmp_path / "carved"
+    m = shard(carved, holdout=Holdout(fraction=0.25, seed=3))
+    train, val, original = keys(carved, "train"), keys(carved, "val"), keys(reference, "train")
+    assert not train & val and train | val == original
+    assert 0.1 < len(val) / len(original) < 0.4 and m["splits"]["val"]["items"] == len(val)
+    again = shard(tmp_path / "again", holdout=Holdout(fraction=0.25, seed=3), workers=2)
+    assert again["splits"]["val"] == m["splits"]["val"]
+    shard(tmp_path / "other", holdout=Holdout(fraction=0.25, seed=4))
+    assert keys(tmp_path / "other", "val") != val
+    with pytest.raises(ValueError, match="holdout.fraction"):
+        ShardConfig(holdout=Holdout(fraction=1.0)).validate()

@@ -2,7 +2,7 @@
 
 - ``ModelConfig`` (``fgcmr.model.config``): ``image`` (``ImageTowerConfig``: ``kind`` timm | feature,
   timm ``name``, ``pretrained`` flag, local ``checkpoint`` file, ``model_kwargs``, ``image_size``,
-  ``feature_dim``/``hidden_dim`` for the feature MLP, ``grad_checkpointing``), ``text``
+  ``feature_dim``/``hidden_dim``/``feature_sqrt``/``dropout`` for the feature MLP, ``grad_checkpointing``), ``text``
   (``TextTowerConfig``: ``kind`` transformers | feature, transformers ``config`` (with ``model_type``)
   or local ``pretrained_dir``, ``tokenizer_dir``, ``max_length``, ``pooling``, feature MLP dims,
   ``grad_checkpointing``), ``embed_dim``, ``projection_norm``; properties ``tokenizer_dir`` and ``max_text_length``.

@@ -30,6 +30,8 @@ class ImageTowerConfig:
     image_size: int | None = None  # overrides the input size of timm's data config
     feature_dim: int = 0  # input dim (feature kind)
     hidden_dim: int = 512  # MLP hidden width (feature kind)
+    feature_sqrt: bool = False  # feature kind: square-root the input first (Hellinger map of histograms, e.g. SIFT BoW)
+    dropout: float = 0.0  # feature kind: dropout after the MLP's hidden layer
     grad_checkpointing: bool = False
 
     def validate(self) -> None:
@@ -50,6 +52,8 @@ class TextTowerConfig:
     pooling: Literal["mean", "cls"] = "mean"
     feature_dim: int = 0
     hidden_dim: int = 512
+    feature_sqrt: bool = False
+    dropout: float = 0.0
     grad_checkpointing: bool = False
 
     def validate(self) -> None:

@@ -17,15 +17,22 @@ log = logging.getLogger("fgcmr.model")
 
 
 class FeatureMLP(nn.Module):
-    """Two-layer MLP for precomputed features (the Wikipedia SIFT / LDA vectors)."""
+    """Two-layer MLP for precomputed features (the Wikipedia SIFT / LDA vectors).
 
-    def __init__(self, in_dim: int, hidden_dim: int):
+    ``sqrt`` applies the Hellinger map first: on bag-of-words histograms it turns the Euclidean geometry
+    the MLP sees into the Bhattacharyya one, which suits histograms far better (as for the χ² kernel).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, sqrt: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim))
+        self.sqrt = sqrt
+        self.net = nn.Sequential(
+            nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim)
+        )
         self.out_dim = hidden_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x.clamp_min(0).sqrt() if self.sqrt else x)
 
 
 class TimmTower(nn.Module):
@@ -70,12 +77,16 @@ class HFTextTower(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+def _feature_mlp(cfg: ImageTowerConfig | TextTowerConfig) -> FeatureMLP:
+    return FeatureMLP(cfg.feature_dim, cfg.hidden_dim, cfg.feature_sqrt, cfg.dropout)
+
+
 def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
-    return FeatureMLP(cfg.feature_dim, cfg.hidden_dim) if cfg.kind == "feature" else TimmTower(cfg)
+    return _feature_mlp(cfg) if cfg.kind == "feature" else TimmTower(cfg)
 
 
 def build_text_tower(cfg: TextTowerConfig) -> nn.Module:
-    return FeatureMLP(cfg.feature_dim, cfg.hidden_dim) if cfg.kind == "feature" else HFTextTower(cfg)
+    return _feature_mlp(cfg) if cfg.kind == "feature" else HFTextTower(cfg)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

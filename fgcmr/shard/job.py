@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ from fgcmr.io import atomic_write_json, read_json
 from fgcmr.progress import Progress
 from fgcmr.shard.manifest import WORK_DIR, finalize, plan_path
 from fgcmr.shard.readers import make_reader
-from fgcmr.shard.records import make_key
+from fgcmr.shard.records import Ref, make_key
 from fgcmr.shard.sample import encode_sample
 from fgcmr.shard.writer import Chunk, verified_record, write_chunk
 
@@ -56,6 +57,33 @@ class DataOptions:
 
 
 @dataclasses.dataclass
+class Holdout:
+    """A validation carve: ``fraction`` of the ``source`` split's items go to split ``split`` instead.
+
+    Membership is decided by a hash of the item id and ``seed``, so it is the same on every rerun, in
+    every task of an array and for any number of workers, and an item (with all its captions) lands
+    wholly on one side. Hyperparameters are chosen on this split, never on the test split.
+    """
+
+    fraction: float = 0.0
+    source: str = "train"
+    split: str = "val"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"holdout.fraction must lie in [0, 1), got {self.fraction}")
+        if self.fraction and self.split == self.source:
+            raise ValueError("holdout.split must differ from holdout.source")
+
+    def split_of(self, ref: Ref) -> str:
+        if not self.fraction or ref.split != self.source:
+            return ref.split
+        digest = hashlib.sha256(f"{self.seed}:{ref.id}".encode()).digest()
+        return self.split if int.from_bytes(digest[:8], "big") < self.fraction * 2**64 else ref.split
+
+
+@dataclasses.dataclass
 class ShardConfig:
     """What to shard, where to, and how to split the work."""
 
@@ -77,8 +105,10 @@ class ShardConfig:
     image_size: int = 64  # synthetic: image side in pixels
     captions: int = 5  # synthetic: captions per image
     data: DataOptions = dataclasses.field(default_factory=DataOptions)
+    holdout: Holdout = dataclasses.field(default_factory=Holdout)
 
     def validate(self) -> None:
+        self.holdout.validate()
         if self.source != "synthetic" and not self.root and not self.merge:
             raise ValueError(f"--root is required for source={self.source!r}")
         if self.workers < 1:
@@ -147,6 +177,9 @@ def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
     counters: collections.Counter = collections.Counter()
     seen: set[str] | None = None if getattr(reader, "unique_ids", False) else set()
     for ref in reader.refs():
+        split = cfg.holdout.split_of(ref)
+        if split != ref.split:
+            ref = dataclasses.replace(ref, split=split)
         if cfg.splits and ref.split not in cfg.splits:
             continue
         if make_key(ref.split) != ref.split:  # split names become file names

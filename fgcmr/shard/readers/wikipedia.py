@@ -60,17 +60,17 @@ class WikipediaReader:
         category = int(cat) - 1
         if not 0 <= category < len(self.categories):
             return Ref(id=text_id, split=split, skip=("unknown_category", f"{where}: category {cat} not in categories.list (1..{len(self.categories)})"))
-        return Ref(id=text_id, split=split, category=category, data=(image_id, row))
+        return Ref(id=text_id, split=split, category=category, data=(image_id, split, row))  # the list's split: a holdout may rename ref.split
 
     def load(self, ref: Ref) -> Item:
-        image_id, row = ref.data
+        image_id, list_split, row = ref.data
         text_path = self._text_path(ref.id)
         item = Item(
             id=ref.id, split=ref.split, category=ref.category, texts=[read_text_file(text_path)],
             source=str(text_path.relative_to(self.root)),
         )
         if self.features is not None:
-            item.image_feature, item.text_feature = self._feature_rows(ref.split, row)
+            item.image_feature, item.text_feature = self._feature_rows(list_split, row)
             if item.image_feature is not None:
                 return item
         image_path = self.root / "images" / self.categories[ref.category] / f"{image_id}.jpg"
