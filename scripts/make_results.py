@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Regenerate ``docs/results.md`` from pipeline output directories.
 
-    python scripts/make_results.py [--runs=runs] [--out=docs/results.md]
+    python scripts/make_results.py [--runs=runs] [--selection=runs/val] [--out=docs/results.md]
 
 Every ``<runs>/*/pipeline.json`` with a finished ``run/eval/metrics.json`` is one run; runs group by
 experiment name (``experiment.yaml``) and seed (``train.seed``). Per group: mean ± sample std over
 seeds of MAP@all (image→text, text→image, average) and Recall@1/5/10 both directions; the classical baselines from
-the runs' own evals; and the exact commands that produced each run.
+the runs' own evals; and the exact commands that produced each run. Runs under ``--selection`` are the
+model-selection candidates scored on a validation carve of the train split; they get their own table.
 """
 from __future__ import annotations
 
@@ -110,9 +111,27 @@ def tables(runs: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def selection_table(runs: list[dict]) -> str:
+    """Candidates of a model selection, best first: what each changed and its score on its eval split."""
+    if not runs:
+        return ""
+    split = runs[0]["exp"].get("eval", {}).get("split", "test")
+    parts = [f"## Model selection ({runs[0]['name']}, scored on split `{split}`)\n",
+             f"Each candidate is one pipeline run that changes the options shown; `{split}` is carved from the train split "
+             "(`shard.holdout`), so the test split plays no part in the choice. Best first.\n",
+             "| candidate | changes | MAP@all i→t | MAP@all t→i | MAP@all avg |", "|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: -r["metrics"]["map_avg"]):
+        changes = ", ".join(f"`{k}={v}`" for k, v in (r["status"].get("overrides") or {}).items()) or "(the experiment file as is)"
+        m = r["metrics"]
+        parts.append(f"| {r['out'].name} | {changes} | {m['map_i2t']:.4f} | {m['map_t2i']:.4f} | {m['map_avg']:.4f} |")
+    parts += ["\nCommands:\n", "```", *(command(r) for r in runs), "```\n"]
+    return "\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(REPO / "runs"))
+    parser.add_argument("--selection", default=str(REPO / "runs" / "val"), help="model-selection runs (validation carve)")
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     parser.add_argument("--notes", default=str(REPO / "docs" / "results_notes.md"), help="hand-written analysis appended verbatim, if present")
     args = parser.parse_args()
@@ -124,7 +143,7 @@ def main() -> None:
               "(Wikipedia/TVGraz protocol) where the data has categories, else same image; Recall@K uses relevance = same image (an image query is a hit when any of its "
               "texts is in the top K). Mean ± sample standard deviation over seeds.\n\n")
     notes = Path(args.notes)
-    body = header + tables(runs) + ("\n" + notes.read_text() if notes.is_file() else "")
+    body = header + tables(runs) + selection_table(load_runs(Path(args.selection))) + ("\n" + notes.read_text() if notes.is_file() else "")
     atomic_write_text(args.out, body)
     print(f"wrote {args.out} from {len(runs)} runs")
 
