@@ -20,7 +20,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import numpy as np
 
@@ -93,20 +93,20 @@ def open_dataset(root: str | Path) -> DatasetInfo:
     return DatasetInfo(root=root, manifest=read_json(path))
 
 
-def iter_samples(shard: str | Path) -> Iterator[Sample]:
-    """Samples of one tar shard, in stored order, grouped by key."""
+def iter_samples(shard: str | Path, fields: Collection[str] | None = None) -> Iterator[Sample]:
+    """Samples of one tar shard, in stored order, grouped by key; only ``fields`` (e.g. ``{"json"}``) are read if given."""
     current: Sample | None = None
     with tarfile.open(shard, "r") as tar:
         for member in tar:
             if not member.isfile():
                 continue
             key, _, field = Path(member.name).name.partition(".")
-            data = tar.extractfile(member).read()
             if current is None or current.key != key:
                 if current is not None:
                     yield current
                 current = Sample(key=key, meta={})
-            _set_field(current, field, data)
+            if fields is None or field in fields:
+                _set_field(current, field, tar.extractfile(member).read())
     if current is not None:
         yield current
 

@@ -1,8 +1,8 @@
 """``fgcmr bench label``: label inference samples/s against a bare forward loop, in one run.
 
 Both sides embed the same texts of the same shards in the same batches with the same encoder:
-the infer side runs the real code path (read the tar, tokenise, batch by length, embed, write the
-sidecar), the bare side only calls the model on batches prepared beforehand. The ratio says how much
+the infer side runs the real code path (read the tar and tokenise on a helper thread, batch by length,
+embed, write the sidecar), the bare side only calls the model on batches prepared beforehand. The ratio says how much
 of the encoder's speed the job delivers. Each side runs ``repeats`` times, alternating; the best counts.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import init
-from fgcmr.label.encode import length_batches
-from fgcmr.label.infer import LabelInferConfig, ShardTexts, label_shards
+from fgcmr.label.infer import LabelInferConfig, label_shards
 from fgcmr.label.model import autocast, load_labeler
+from fgcmr.label.stream import ShardEnd, TextBatch, shard_items
 
 
 @dataclasses.dataclass
@@ -46,9 +46,10 @@ def run(cfg: BenchLabelConfig) -> dict:
     model, tokenizer, max_length = load_labeler(cfg.labeler)
     model.to(d.device)
     shards = open_dataset(cfg.shards).shards(cfg.split)[: cfg.max_shards]
-    texts = [ShardTexts.read(s) for s in shards]
-    samples = sum(len(t.keys) for t in texts)
-    batches = [b for t in texts for _, b in length_batches(tokenizer, [x for xs in t.texts for x in xs], max_length, cfg.batch_size)]
+    window = LabelInferConfig.window_batches
+    items = [item for s in shards for item in shard_items(s, tokenizer, max_length, cfg.batch_size, window)]
+    samples = sum(len(item.data.keys) for item in items if isinstance(item, ShardEnd))
+    batches = [item.batch[1] for item in items if isinstance(item, TextBatch)]
 
     @torch.inference_mode()
     def bare() -> None:
@@ -59,7 +60,8 @@ def run(cfg: BenchLabelConfig) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         _link_dataset(Path(cfg.shards), Path(tmp))
-        infer_cfg = LabelInferConfig(shards=tmp, labeler=cfg.labeler, name="bench", batch_size=cfg.batch_size, dtype=cfg.dtype)
+        infer_cfg = LabelInferConfig(shards=tmp, labeler=cfg.labeler, name="bench", batch_size=cfg.batch_size, dtype=cfg.dtype,
+                                     window_batches=window)
 
         def infer() -> None:
             shutil.rmtree(Path(tmp) / "labels", ignore_errors=True)

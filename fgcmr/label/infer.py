@@ -3,29 +3,31 @@
 Each rank takes a round-robin share of the shards of every split. A shard whose sidecar exists and
 matches the shard's keys is kept, so a killed job rerun with the same command finishes the rest and
 ends with exactly the output of an uninterrupted run. Embeddings depend only on the shard (texts are
-batched within a shard, by length), so 1 rank and N ranks write the same files. Rank 0 then writes
+batched by length within windows of a shard, read and tokenised on a helper thread while the encoder
+runs: ``fgcmr.label.stream``), so 1 rank and N ranks write the same files. Rank 0 then writes
 ``head.npz``, ``manifest.json`` (labeler, metrics, counts, per-sidecar sha256), the resolved config,
 and TensorBoard histograms of ``p`` on relevant vs irrelevant image-text pairs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from fgcmr.config import dump_yaml
-from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.dataset import open_dataset
 from fgcmr.distributed import DistEnv, all_gather_objects, barrier, init, shard_slice
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json, sha256_file
-from fgcmr.label.encode import Batch, embed_batches, length_batches
+from fgcmr.label.encode import encode_batch
 from fgcmr.label.model import SiameseLabeler, load_labeler
+from fgcmr.label.stream import ShardEnd, ShardTexts, TextBatch, prefetch, shard_items
 from fgcmr.labels import (SidecarError, labels_dir, pair_scores, read_head, read_sidecar, relevance, sidecar_path,
                           verify_labels, write_head, write_sidecar)
 
@@ -44,97 +46,85 @@ class LabelInferConfig:
     hist_max_images: int = 1000  # images per split in the p histograms
     tensorboard: bool = True
     threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
+    window_batches: int = 16  # texts are sorted by length within windows of up to this many batches
+    prefetch_batches: int = 8  # batches tokenised ahead of the encoder
 
     def validate(self) -> None:
         if not self.shards or not self.labeler:
             raise ValueError("--shards=<dataset dir> and --labeler=<labeler dir> are required")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be ≥ 1")
+        for name in ("batch_size", "window_batches", "prefetch_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
 
     @property
     def labeler_name(self) -> str:
         return self.name or Path(self.labeler).resolve().name
 
 
-@dataclasses.dataclass
-class ShardTexts:
-    keys: list[str]
-    texts: list[list[str]]
-    categories: list[int]  # −1 = none
-
-    @classmethod
-    def read(cls, shard: Path) -> "ShardTexts":
-        out = cls([], [], [])
-        for s in iter_samples(shard):
-            out.keys.append(s.key)
-            out.texts.append(list(s.texts))
-            out.categories.append(-1 if s.category is None else int(s.category))
-        return out
-
-
-@dataclasses.dataclass
-class PreparedShard:
-    """A shard read and tokenised ahead of the encoder; ``batches`` is None when its sidecar is kept."""
-
-    shard: Path
-    data: ShardTexts
-    batches: list[Batch] | None
-    seconds: float
-
-
-def prepare_shard(shard: Path, tokenizer: PreTrainedTokenizerBase, max_length: int, cfg: LabelInferConfig) -> PreparedShard:
-    """Read the shard, keep a sidecar that exists and matches its keys, else tokenise its texts."""
-    t0 = time.monotonic()
-    data = ShardTexts.read(shard)
-    path = sidecar_path(cfg.shards, cfg.labeler_name, shard.name)
-    if path.is_file():
-        try:
-            read_sidecar(path, data.keys)
-            return PreparedShard(shard, data, None, time.monotonic() - t0)
-        except SidecarError as e:
-            log.warning("label infer: redoing %s", e)
-    flat = [t for texts in data.texts for t in texts]
-    return PreparedShard(shard, data, length_batches(tokenizer, flat, max_length, cfg.batch_size), time.monotonic() - t0)
-
-
-def embed_shard(model: SiameseLabeler, data: ShardTexts, batches: list[Batch], device: torch.device, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(text_emb, text_offsets, desc_emb) of one shard; a description is the mean of its texts' embeddings."""
+def embed_shard(data: ShardTexts, pieces: list[tuple[torch.Tensor, torch.Tensor]], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(text_emb, text_offsets, desc_emb) of one shard from its embedded batches (positions, embeddings);
+    a description is the mean of its texts' embeddings."""
     counts = np.array([len(t) for t in data.texts], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    emb = embed_batches(model, batches, int(offsets[-1]), device, dtype)
+    emb = torch.empty((int(offsets[-1]), dim), dtype=torch.float32)
+    for rows, e in pieces:
+        emb[rows] = e
     owner = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))
     desc = torch.zeros((len(counts), emb.shape[1])).index_add_(0, owner, emb) / torch.from_numpy(counts).clamp_min(1)[:, None]
     return emb.numpy(), offsets, desc.numpy()
 
 
-def finish_shard(model: SiameseLabeler, prepared: PreparedShard, cfg: LabelInferConfig, d: DistEnv) -> dict:
-    """Embed and write a prepared shard (unless kept); returns its manifest record, with categories for histograms."""
-    t0 = time.monotonic()
-    data, path = prepared.data, sidecar_path(cfg.shards, cfg.labeler_name, prepared.shard.name)
+def finish_shard(end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]], dim: int, seconds: float, waited: float,
+                 cfg: LabelInferConfig, d: DistEnv) -> dict:
+    """Write an embedded shard's sidecar (unless kept); returns its manifest record, with categories for histograms."""
+    data, path = end.data, sidecar_path(cfg.shards, cfg.labeler_name, end.shard.name)
     n_texts = sum(len(t) for t in data.texts)
     empty = sum(1 for t in data.texts if not t)
     if empty:
-        log.warning("label infer: %s: %d samples without text get a zero description", prepared.shard.name, empty)
-    if prepared.batches is not None:
-        write_sidecar(path, data.keys, *embed_shard(model, data, prepared.batches, d.device, cfg.dtype))
-    dt = time.monotonic() - t0
-    status = "kept" if prepared.batches is None else "written"
-    log.info("label infer rank %d/%d: %s %s: %d samples, %d texts, %.1fs (%.1f samples/s; %.1fs reading ahead)",
-             d.rank, d.world_size, prepared.shard.name, status, len(data.keys), n_texts, dt, len(data.keys) / max(dt, 1e-9), prepared.seconds)
+        log.warning("label infer: %s: %d samples without text get a zero description", end.shard.name, empty)
+    if not end.kept:
+        write_sidecar(path, data.keys, *embed_shard(data, pieces, dim))
+    status = "kept" if end.kept else "written"
+    log.info("label infer rank %d/%d: %s %s: %d samples, %d texts, %.1fs (%.1f samples/s; %.1fs waiting for input)",
+             d.rank, d.world_size, end.shard.name, status, len(data.keys), n_texts, seconds, len(data.keys) / max(seconds, 1e-9), waited)
     return {"file": path.name, "items": len(data.keys), "texts": n_texts, "empty": empty, "status": status,
             "sha256": sha256_file(path), "categories": data.categories}
 
 
+def sidecar_check(cfg: LabelInferConfig, shard: Path) -> Callable[[ShardTexts], bool] | None:
+    """None when the shard has no sidecar yet; else a check that keeps it if it matches the shard's keys."""
+    path = sidecar_path(cfg.shards, cfg.labeler_name, shard.name)
+    if not path.is_file():
+        return None
+
+    def matches(data: ShardTexts) -> bool:
+        try:
+            read_sidecar(path, data.keys)
+            return True
+        except SidecarError as e:
+            log.warning("label infer: redoing %s", e)
+            return False
+
+    return matches
+
+
 def label_shards(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, max_length: int, shards: list[Path],
                  cfg: LabelInferConfig, d: DistEnv) -> list[dict]:
-    """Label shards in order while a helper thread reads and tokenises the next one."""
-    records = []
-    with ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(prepare_shard, shards[0], tokenizer, max_length, cfg) if shards else None
-        for i in range(len(shards)):
-            prepared = ahead.result()
-            ahead = pool.submit(prepare_shard, shards[i + 1], tokenizer, max_length, cfg) if i + 1 < len(shards) else None
-            records.append(finish_shard(model, prepared, cfg, d))
+    """Label shards in order while a helper thread reads and tokenises ahead, batch by batch (``fgcmr.label.stream``)."""
+    items = (item for shard in shards
+             for item in shard_items(shard, tokenizer, max_length, cfg.batch_size, cfg.window_batches, sidecar_check(cfg, shard)))
+    records, pieces, waited = [], [], 0.0
+    start = t = time.monotonic()
+    with contextlib.closing(prefetch(items, cfg.prefetch_batches)) as stream:
+        for item in stream:
+            waited += time.monotonic() - t
+            if isinstance(item, TextBatch):
+                rows, batch = item.batch
+                pieces.append((rows, encode_batch(model, batch, d.device, cfg.dtype)))
+            else:
+                records.append(finish_shard(item, pieces, model.proj.out_features, time.monotonic() - start, waited, cfg, d))
+                pieces, waited, start = [], 0.0, time.monotonic()
+            t = time.monotonic()
     return records
 
 
