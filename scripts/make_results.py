@@ -112,18 +112,23 @@ def tables(runs: list[dict]) -> str:
 
 
 def selection_table(runs: list[dict]) -> str:
-    """Candidates of a model selection, best first: what each changed and its score on its eval split."""
+    """Candidates of a model selection, best first: what each changes and its score over seeds on its eval split."""
     if not runs:
         return ""
     split = runs[0]["exp"].get("eval", {}).get("split", "test")
+    candidates: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        changes = tuple((k, v) for k, v in (r["status"].get("overrides") or {}).items() if k != "train.seed")
+        candidates[changes].append(r)
     parts = [f"## Model selection ({runs[0]['name']}, scored on split `{split}`)\n",
-             f"Each candidate is one pipeline run that changes the options shown; `{split}` is carved from the train split "
-             "(`shard.holdout`), so the test split plays no part in the choice. Best first.\n",
-             "| candidate | changes | MAP@all i→t | MAP@all t→i | MAP@all avg |", "|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: -r["metrics"]["map_avg"]):
-        changes = ", ".join(f"`{k}={v}`" for k, v in (r["status"].get("overrides") or {}).items()) or "(the experiment file as is)"
-        m = r["metrics"]
-        parts.append(f"| {r['out'].name} | {changes} | {m['map_i2t']:.4f} | {m['map_t2i']:.4f} | {m['map_avg']:.4f} |")
+             f"Each candidate is one pipeline run per seed that changes the options shown; `{split}` is carved from the train "
+             "split (`shard.holdout`), so the test split plays no part in the choice. Best mean first.\n",
+             "| changes | seeds | MAP@all i→t | MAP@all t→i | MAP@all avg |", "|---|---|---|---|---|"]
+    for changes, rs in sorted(candidates.items(), key=lambda kv: -statistics.mean(r["metrics"]["map_avg"] for r in kv[1])):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        cols = [mean_std([r["metrics"][k] for r in rs]) for k in ("map_i2t", "map_t2i", "map_avg")]
+        text = ", ".join(f"`{k}={v}`" for k, v in changes) or "(the experiment file as is)"
+        parts.append(f"| {text} | {', '.join(str(r['seed']) for r in rs)} | " + " | ".join(cols) + " |")
     parts += ["\nCommands:\n", "```", *(command(r) for r in runs), "```\n"]
     return "\n".join(parts)
 

@@ -39,8 +39,10 @@ def test_seeds_group_into_mean_and_std(tmp_path):
 def test_selection_table_sorts_candidates_and_names_their_changes(tmp_path):
     fake_run(tmp_path, "base", "sel", 0, 0.21, split="val")
     fake_run(tmp_path, "drop", "sel", 0, 0.24, {"train.model_overrides.image.dropout": 0.5}, split="val")
+    fake_run(tmp_path, "drop-s1", "sel", 1, 0.26, {"train.model_overrides.image.dropout": 0.5, "train.seed": 1}, split="val")
     text = make_results.selection_table(make_results.load_runs(tmp_path))
     assert "split `val`" in text
-    rows = [line for line in text.splitlines() if line.startswith("| base") or line.startswith("| drop")]
-    assert rows[0].startswith("| drop | `train.model_overrides.image.dropout=0.5` |") and rows[1].startswith("| base | (the experiment file as is)")
+    rows = [line for line in text.splitlines() if line.startswith("| `") or line.startswith("| (")]
+    assert rows[0].startswith("| `train.model_overrides.image.dropout=0.5` | 0, 1 | ") and "0.2500 ± 0.0141" in rows[0]
+    assert rows[1].startswith("| (the experiment file as is) | 0 |") and len(rows) == 2
     assert make_results.selection_table([]) == ""
