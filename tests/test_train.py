@@ -137,6 +137,10 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
     tags = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert tags[-1] == "step_00000012" and len(tags) == 2  # keep_last
     assert _adam_steps(run / "checkpoints" / "step_00000012") == {12}  # optimizer state carried over the resume
+    third = tmp_path / "third"
+    third.mkdir()
+    assert wait(launch([*args, "--resume=auto"], _port(), third, nproc=1), third) == [2]  # ZeRO-2 partitions: a usage error
+    assert "written by 2 ranks under ZeRO stage 2" in logs(third) and "Resume it with 2 ranks" in logs(third)
     lr = dict(scalars(run, "train/lr"))
     from fgcmr.train.engine import warmup_cosine
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fgcmr.config import ConfigError
 from fgcmr.distributed import barrier
 from fgcmr.io import atomic_open
 
@@ -71,6 +72,20 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def _check_world_size(tag_dir: Path, zero_stage: int) -> None:
+    """ZeRO ≥ 1 partitions the optimizer state per rank: refuse another world size with a way out, up front."""
+    saved = len(list(tag_dir.glob("rng_rank*.pt")))  # one per rank that wrote the tag
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved and saved != world and zero_stage > 0:
+        raise ConfigError(
+            f"checkpoint {tag_dir} was written by {saved} ranks under ZeRO stage {zero_stage}, whose optimizer state is "
+            f"partitioned per rank; this job has {world}. Resume it with {saved} ranks (its exported weights, "
+            "`fgcmr export --run=<run>`, load on any number)."
+        )
+    if saved and saved != world:
+        log.warning("checkpoint %s was written by %d ranks, resuming on %d: the data order changes", tag_dir, saved, world)
+
+
 def resume(engine, ckpt_dir: Path, resume: str) -> dict[str, Any] | None:
     """Load ``resume`` ("auto": the latest tag, None if there is none yet; else a tag directory)."""
     if resume == "auto":
@@ -84,6 +99,7 @@ def resume(engine, ckpt_dir: Path, resume: str) -> dict[str, Any] | None:
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
         load_dir, tag = path.parent, path.name
+    _check_world_size(load_dir / tag, engine.zero_optimization_stage())
     loaded, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
