@@ -31,7 +31,7 @@ import torch
 from fgcmr.config import dump_yaml, to_dict
 from fgcmr.io import atomic_write_json, atomic_write_text
 from fgcmr.losses import LossConfig, RetrievalLoss
-from fgcmr.model import ModelConfig, build_model
+from fgcmr.model import Inputs, ModelConfig, build_model
 
 log = logging.getLogger("fgcmr.bench")
 
@@ -81,13 +81,14 @@ def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
     return next((peaks[key] for part, peaks in PEAK_TFLOPS if part in name), None)
 
 
-def count_flops(model: torch.nn.Module, batch: dict, device: torch.device, samples: int = 2) -> float:
+def count_flops(model: torch.nn.Module, batch: dict, device: torch.device,
+                normalize: Callable[[torch.Tensor], torch.Tensor] | None = None, samples: int = 2) -> float:
     """Model FLOPs of one forward + backward per sample, counted on ``samples`` samples of ``batch``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fgcmr.train.step import to_device
 
-    part = to_device({"image": batch["image"][:samples], "text": _slice_text(batch["text"], samples)}, device, torch.float32)
+    part = to_device({"image": batch["image"][:samples], "text": _slice_text(batch["text"], samples)}, device, torch.float32, normalize)
     with FlopCounterMode(display=False) as counter:
         image_emb, text_emb, scale = model(part["image"], part["text"])
         (scale * image_emb @ text_emb.T).sum().backward()
@@ -119,7 +120,7 @@ def timed_steps(step: Callable[[], float], n: int, device: torch.device) -> tupl
     return time.perf_counter() - t, waited
 
 
-def shard_batches(cfg: BenchGpuConfig, model_cfg: ModelConfig, work: Path, batches: int) -> tuple[ModelConfig, Iterator[dict]]:
+def shard_batches(cfg: BenchGpuConfig, model_cfg: ModelConfig, work: Path, batches: int) -> tuple[Inputs, Iterator[dict]]:
     """The training input pipeline over ``cfg.shards`` (or synthetic shards at the model's image size),
     with a WordPiece tokenizer trained on the shards' texts; the model keeps its configured vocabulary."""
     from fgcmr.bench.peer_open_clip import synthetic_shards, train_tokenizer
@@ -131,10 +132,11 @@ def shard_batches(cfg: BenchGpuConfig, model_cfg: ModelConfig, work: Path, batch
     dataset = open_dataset(str(root))
     text = dataclasses.replace(model_cfg.text, tokenizer_dir=str(train_tokenizer(dataset, model_cfg, work / "tokenizer")))
     model_cfg = dataclasses.replace(model_cfg, text=text)
-    loader = build_loader(dataset, build_inputs(model_cfg, train=False), split="train", micro_batch=cfg.micro_batch,
+    inputs = build_inputs(model_cfg, train=False)
+    loader = build_loader(dataset, inputs, split="train", micro_batch=cfg.micro_batch,
                           workers=cfg.workers, batches_per_rank=batches, world_size=1, resampled=True,
                           shuffle_buffer=min(1000, 4 * cfg.micro_batch), labeler=None, seed=0)
-    return model_cfg, iter(loader)
+    return inputs, iter(loader)
 
 
 def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
@@ -156,11 +158,12 @@ def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
         model_cfg = dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, config={**model_cfg.text.config, "vocab_size": model_cfg.text.vocab_size}))
     sources: dict[str, Iterator[dict]] = {}
     first: dict[str, dict] = {}
+    normalize = {}  # mode → uint8 pixels to the image tower's input
     if "shards" in cfg.modes:  # first: its loader workers fork before CUDA is initialised
-        shard_cfg, it = shard_batches(cfg, model_cfg, work, cfg.warmup + cfg.steps + 1)
-        first["shards"] = next(it)
+        inputs, it = shard_batches(cfg, model_cfg, work, cfg.warmup + cfg.steps + 1)
+        first["shards"], normalize["shards"] = next(it), inputs.normalize
         sources["shards"] = itertools.chain([first["shards"]], it)
-        log.info("shards: text tokenised with %s (model vocabulary unchanged)", shard_cfg.text.tokenizer_dir)
+        log.info("shards: text tokenised with %s (model vocabulary unchanged)", inputs.cfg.text.tokenizer_dir)
     if "synthetic" in cfg.modes:
         mem = [to_device(b, device, dtype) for b in synthetic_batches(model_cfg, 4, cfg.micro_batch, seed=0)]
         sources["synthetic"], first["synthetic"] = itertools.cycle(mem), mem[0]
@@ -168,7 +171,7 @@ def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(model_cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
-    flops = {mode: count_flops(model, b, device) for mode, b in first.items()}
+    flops = {mode: count_flops(model, b, device, normalize.get(mode)) for mode, b in first.items()}
     engine, _ = build_engine(model, ds_cfg, optim, total_steps=1 << 30)
     loss_fn = RetrievalLoss(LossConfig(name=cfg.loss))
     peak = cfg.peak_tflops or peak_tflops(device, dtype)
@@ -179,7 +182,7 @@ def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
 
         def step() -> float:
             t = time.perf_counter()
-            batch = to_device(next(source), device, dtype)
+            batch = to_device(next(source), device, dtype, normalize.get(mode))
             waited = time.perf_counter() - t
             micro_step(engine, loss_fn, batch)
             return waited

@@ -9,7 +9,8 @@
 - ``build_model(cfg) -> TwoTower``: ``encode_image(images) -> [N, D]``, ``encode_text(text_batch) -> [M, D]``
   (both L2-normalised), ``forward(images, text_batch) -> (image_emb, text_emb, logit_scale)``.
 - ``build_inputs(cfg, train=False) -> Inputs``: ``image(sample) -> Tensor`` (PIL decode by content +
-  timm's transform for the model, or the ``img.npy`` feature), ``text(sample, k) -> Tensor`` (token ids
+  timm's transform for the model, or the ``img.npy`` feature), the same as uint8 ``pixels(sample)``
+  plus ``normalize(pixels)`` (once per batch, on the device), ``text(sample, k) -> Tensor`` (token ids
   of the k-th text, or the ``txt.npy`` feature), ``collate_texts(items) -> text_batch``.
 - ``save_export(dir, model, cfg)`` / ``load_export(dir) -> (model, cfg, inputs)``: safetensors +
   ``model_config.json`` + ``tokenizer/``; loads without DeepSpeed on any world size.

@@ -4,7 +4,8 @@ Resampled shards (default) give every rank and worker an endless, independently 
 ranks always see equal batch counts; without resampling shards are split by node and worker, which
 needs shards ≥ ranks × workers (checked up front, instead of a hang in a collective). An epoch is an
 explicit number of samples. Each image is paired with one of its texts, drawn at random each time.
-Label sidecars (``fgcmr.labels``) are joined by key inside the workers.
+Label sidecars (``fgcmr.labels``) are joined by key inside the workers. Images leave the workers as
+uint8 pixels; the training side normalises each batch on the device (``Inputs.normalize``).
 
 Data position on resume: the stream is reseeded from the resume step, so a resumed run continues
 with fresh (not repeated) samples; the exact within-shard position is not restored.
@@ -87,7 +88,7 @@ class MakeItem:
         try:
             sample = sample_from_fields(key, {k: v for k, v in raw.items() if not k.startswith("__")})
             k = self.rng.randrange(len(sample.texts))
-            item = {"image": self.inputs.image(sample), "text": self.inputs.text(sample, k)}
+            item = {"image": self.inputs.pixels(sample), "text": self.inputs.text(sample, k)}
         except (ValueError, OSError, KeyError) as e:  # PIL's UnidentifiedImageError is an OSError
             self.skipped += 1
             log.warning("skipped bad sample %s in %s (%d so far): %s", key, raw.get("__url__"), self.skipped, e)

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -107,8 +107,10 @@ class Trainer:
     """One optimizer step (``grad_accum`` micro-steps) with its timing and monitoring: the unit the
     training loop repeats and ``fgcmr bench train`` measures."""
 
-    def __init__(self, engine, loss_fn: RetrievalLoss, monitor: Monitor, dtype: torch.dtype, grad_accum: int):
+    def __init__(self, engine, loss_fn: RetrievalLoss, monitor: Monitor, dtype: torch.dtype, grad_accum: int,
+                 normalize: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.engine, self.loss_fn, self.monitor, self.dtype, self.grad_accum = engine, loss_fn, monitor, dtype, grad_accum
+        self.normalize = normalize  # uint8 pixels → the image tower's input (``Inputs.normalize``)
 
     def step(self, batches: Iterator[dict], step: int) -> int:
         t0 = time.perf_counter()
@@ -117,7 +119,7 @@ class Trainer:
         lr = self.engine.get_lr()[0]  # the rate this step uses (the head group's; towers' is × tower_lr_mult)
         for _ in range(self.grad_accum):
             t = time.perf_counter()
-            batch = to_device(next(batches), self.engine.device, self.dtype)
+            batch = to_device(next(batches), self.engine.device, self.dtype, self.normalize)
             data_time += time.perf_counter() - t
             out, grad_norm = micro_step(self.engine, self.loss_fn, batch, measure_grad_norm=measure)
         step += 1
@@ -150,15 +152,19 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if env.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(resolved))
 
+    inputs = build_inputs(model_cfg, train=cfg.data.augment)
+    # Resampled shards are endless, so one pass of the loader covers the rest of the run: a pass per epoch
+    # restarted every worker's pipeline (empty prefetch queue, shuffle buffer refilled) and stalled the step.
+    steps_per_pass = sched.total_steps - step if cfg.data.resampled else sched.steps_per_epoch
     loader = build_loader(
-        dataset, build_inputs(model_cfg, train=cfg.data.augment), split=cfg.data.split, micro_batch=cfg.data.micro_batch,
-        workers=cfg.data.workers, batches_per_rank=sched.steps_per_epoch * sched.grad_accum, world_size=env.world_size,
+        dataset, inputs, split=cfg.data.split, micro_batch=cfg.data.micro_batch,
+        workers=cfg.data.workers, batches_per_rank=max(1, steps_per_pass) * sched.grad_accum, world_size=env.world_size,
         resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
         labeler=cfg.labels if cfg.loss.needs_labels else None, seed=cfg.seed + 1_000_003 * step,
     )
     monitor = Monitor(run_dir, env.is_main, sched.total_steps, sched.samples_per_step, cfg.log_every, cfg.hist_every)
     monitor.text("config", dump_yaml(resolved))
-    trainer = Trainer(engine, loss_fn, monitor, compute_dtype(ds_cfg), sched.grad_accum)
+    trainer = Trainer(engine, loss_fn, monitor, compute_dtype(ds_cfg), sched.grad_accum, inputs.normalize)
     stop = StopRequest(engine.device)
     saved_at = step if client else None
     validator = Validator(dataset, cfg.eval_split, cfg.eval_max_images, build_inputs(model_cfg, train=False)) if cfg.eval_every else None

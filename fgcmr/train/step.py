@@ -1,20 +1,29 @@
 """One training micro-step through the DeepSpeed engine: the code both ``fgcmr train`` and the bench run."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from fgcmr.losses import LossOutput, RetrievalLoss
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move a collated batch; floating inputs of the towers take the engine's compute dtype."""
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype,
+              normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Move a collated batch; uint8 pixels are normalised there (``Inputs.normalize``), and floating
+    inputs of the towers take the engine's compute dtype."""
     def move(x: torch.Tensor, cast: bool) -> torch.Tensor:
         x = x.to(device, non_blocking=True)
         return x.to(dtype) if cast and x.is_floating_point() else x
 
     text = batch["text"]
     out = {k: move(v, False) for k, v in batch.items() if k not in ("image", "text")}
-    out["image"] = move(batch["image"], True)
+    image = batch["image"]
+    if image.dtype == torch.uint8:
+        if normalize is None:
+            raise ValueError("uint8 pixels need the input pipeline's normalisation: to_device(..., normalize=inputs.normalize)")
+        image = normalize(image.to(device, non_blocking=True))
+    out["image"] = move(image, True)
     out["text"] = {k: move(v, False) for k, v in text.items()} if isinstance(text, dict) else move(text, True)
     return out
 
