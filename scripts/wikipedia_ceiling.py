@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fgcmr.evaluate.baselines import dense_features, l2n, tfidf_features  # noqa: E402
+from fgcmr.evaluate.baselines import dense_features, match_probabilities, tfidf_features  # noqa: E402
 from fgcmr.evaluate.metrics import retrieval_metrics  # noqa: E402
 
 
@@ -72,8 +72,7 @@ def text_probabilities(train: list[str], test: list[str], y: np.ndarray) -> tupl
 
 
 def semantic_matching(p_img: np.ndarray, p_txt: np.ndarray, y: np.ndarray) -> dict:
-    centre = np.concatenate([p_img, p_txt]).mean(axis=0)
-    return retrieval_metrics(l2n(p_img - centre), l2n(p_txt - centre), y, np.arange(len(y)))
+    return retrieval_metrics(*match_probabilities(p_img, p_txt), y, np.arange(len(y)))
 
 
 def main() -> None:

@@ -100,8 +100,13 @@ def semantic_matching(
     """
     p_img, c_img = _classify(img, img_cat, seed, grid)
     p_txt, c_txt = _classify(txt, txt_cat, seed, grid)
+    return *match_probabilities(p_img, p_txt), {"C_img": c_img, "C_txt": c_txt}
+
+
+def match_probabilities(p_img: np.ndarray, p_txt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class-probability vectors → embeddings whose inner product is their normalised correlation."""
     centre = np.concatenate([p_img, p_txt]).mean(axis=0)
-    return l2n(p_img - centre), l2n(p_txt - centre), {"C_img": c_img, "C_txt": c_txt}
+    return l2n(p_img - centre), l2n(p_txt - centre)
 
 
 def _classify(f: Features, y: np.ndarray, seed: int, grid: tuple[float, ...]) -> tuple[np.ndarray, float]:
