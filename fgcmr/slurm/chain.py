@@ -2,7 +2,7 @@
 
 The chain is shard (a job array) → merge → label → infer → train → eval, each job depending on the
 one before with ``afterok``; a job is left out when the experiment has no section for its stage.
-Scripts are the templates in the repository's ``slurm/`` directory with ``{{name}}`` placeholders
+Scripts are the templates in ``fgcmr/slurm/templates/`` (``slurm/`` at the repository root) with ``{{name}}`` placeholders
 filled from the ``slurm:`` section; every job calls the same ``fgcmr`` commands as a local run,
 under ``srun``, each rank resolving itself through ``fgcmr.distributed``.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fgcmr.slurm.config import Resolved, SlurmConfig
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
+TEMPLATES = Path(__file__).resolve().parent / "templates"  # package data: ships in the wheel
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 EXIT_REQUEUE = 75  # fgcmr train's exit code after a signal-triggered checkpoint (fgcmr.train.signals)
 # job → the experiment sections (pipeline stages) it runs

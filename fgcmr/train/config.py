@@ -9,7 +9,7 @@ from fgcmr.config import ConfigError, apply_overrides, build, read_yaml
 from fgcmr.losses import LossConfig
 from fgcmr.model.config import ModelConfig
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # package data: ships in the wheel
 
 
 @dataclasses.dataclass
