@@ -1,11 +1,26 @@
 """Retrieval losses over the global batch: the fine-grained weighted pairwise loss and its baselines.
 
 With ``s[i, j]`` the cosine similarity of image i and text j, ``y`` the relevance matrix and
-``ω = 1 + α·h`` the hardness weights from the label stage (``fgcmr.labels``):
+``h`` the hardness from the label stage (``fgcmr.labels``):
 
-- ``pairwise``: ``L = σ²₊ + σ²₋ + λ·max(0, m − (μ₊ − μ₋))`` with ω-weighted means and variances of
-  ``s`` over positives (₊) and negatives (₋); ``weighted_pairwise`` uses the labels' ω, ``pairwise``
-  ω = 1 (the paper's baseline; α = 0 gives exactly the same numbers);
+- ``pairwise``: ``L = σ²₊ + σ²₋ + λ·max(0, m − (μ₊ − μ₋))`` with means and variances of ``s`` over
+  positives (₊) and negatives (₋). ``weighted_pairwise`` lets the fine-grained labels weight them,
+  ``pairwise`` does not (the paper's baseline; α = 0 gives exactly the same numbers). How the labels
+  enter is ``weighting``, with ``ω₋ = 1 + α·h`` on negatives and on positives ``ω₊ = 1 + α·h``
+  (``direction: up``, hard positives count more: the paper) or ``ω₊ = 1 / (1 + α·h)`` (``down``:
+  suspected mismatches count less, for noisy web pairs):
+
+  - ``normalised``: ω-weighted moments, ``μ = Σ ω·s / Σ ω``, ``σ² = Σ ω·(s − μ)² / Σ ω``;
+  - ``unnormalised``: ``μ = Σ ω·s / N``, ``σ² = Σ ω·(s − μ)² / N`` (N pairs of the class), so the
+    weights also scale each term;
+  - ``hinge_only``: ω-weighted means in the hinge, unweighted variances;
+  - ``graded``: the fine-grained label replaces the 0/1 label: each pair is a positive with mass
+    ``t = y·(1 − α·h) + (1 − y)·α·h`` (= ``(1 − α)·y + α·p``, α ∈ [0, 1]) and a negative with mass
+    ``1 − t``; moments are mass-weighted as in ``normalised``.
+
+  ``shuffle_hardness`` is the control: ``h`` permuted at random among the pairs of one relevance class
+  and image category, which keeps every per-category average but not *which* pair is hard; a gain
+  from the labels must beat it (``scripts/ablate_weighting.py``);
 - ``clip``: InfoNCE in both directions with a learnable temperature, averaged over every positive of
   a row (multi-positive when several texts share an image's category);
 - ``vse``: VSE++ max-violation hinge, each positive pair against its hardest negative text and image.
@@ -33,8 +48,18 @@ class LossConfig:
     name: Literal["weighted_pairwise", "pairwise", "clip", "vse"] = "weighted_pairwise"
     lam: float = 0.35  # λ: weight of the mean-gap hinge
     margin: float = 0.8  # m: wanted gap μ₊ − μ₋
-    alpha: float = 1.0  # α: ω = 1 + α·h
+    alpha: float = 1.0  # α: strength of the fine-grained labels (ω = 1 + α·h; graded: α ∈ [0, 1])
+    weighting: Literal["normalised", "unnormalised", "hinge_only", "graded"] = "normalised"  # how labels enter
+    direction: Literal["up", "down"] = "up"  # positives: up = hard ones count more (paper), down = less
+    shuffle_hardness: bool = False  # control: h permuted within relevance class × image category
+    shuffle_seed: int = 0
     vse_margin: float = 0.2
+
+    def validate(self) -> None:
+        if self.alpha < 0:
+            raise ValueError(f"loss.alpha must be ≥ 0, got {self.alpha}")
+        if self.weighting == "graded" and self.alpha > 1:
+            raise ValueError(f"loss.weighting=graded mixes 0/1 and graded labels: alpha must be in [0, 1], got {self.alpha}")
 
     @property
     def needs_labels(self) -> bool:
@@ -47,25 +72,71 @@ class LossOutput:
     parts: dict[str, torch.Tensor]  # detached scalars for logging
     s: torch.Tensor  # detached similarity matrix, for histograms
     y: torch.Tensor
-    omega: torch.Tensor | None
+    omega: torch.Tensor | None  # each pair's weight (positive + negative mass)
+    h: torch.Tensor | None = None  # the hardness the weights came from
 
 
-def _weighted_moments(s: torch.Tensor, mask: torch.Tensor, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    w = omega * mask
-    total = w.sum().clamp_min(1e-12)
+def pair_weights(y: torch.Tensor, h: torch.Tensor | None, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's mass as a positive and as a negative (the 0/1 masks when there are no labels)."""
+    pos = (y > 0).float()
+    if h is None:
+        return pos, 1.0 - pos
+    if cfg.weighting == "graded":
+        t = pos * (1.0 - cfg.alpha * h) + (1.0 - pos) * cfg.alpha * h
+        return t, 1.0 - t
+    up = 1.0 + cfg.alpha * h
+    return pos * (up if cfg.direction == "up" else 1.0 / up), (1.0 - pos) * up
+
+
+def _moments(s: torch.Tensor, w: torch.Tensor, weighting: str) -> tuple[torch.Tensor, torch.Tensor]:
+    members = (w > 0).float()
+    count = members.sum().clamp_min(1.0)
+    total = count if weighting == "unnormalised" else w.sum().clamp_min(1e-12)
     mu = (w * s).sum() / total
-    var = (w * (s - mu) ** 2).sum() / total
-    return mu, var
+    if weighting == "hinge_only":
+        plain_mu = (members * s).sum() / count
+        return mu, (members * (s - plain_mu) ** 2).sum() / count
+    return mu, (w * (s - mu) ** 2).sum() / total
 
 
-def pairwise_loss(s: torch.Tensor, y: torch.Tensor, omega: torch.Tensor | None = None, lam: float = 0.35, margin: float = 0.8) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``σ²₊ + σ²₋ + λ·max(0, m − (μ₊ − μ₋))``, moments weighted by ``omega`` (ones when None)."""
-    omega = torch.ones_like(s) if omega is None else omega
-    pos = (y > 0).to(s.dtype)
-    mu_pos, var_pos = _weighted_moments(s, pos, omega)
-    mu_neg, var_neg = _weighted_moments(s, 1.0 - pos, omega)
-    loss = var_pos + var_neg + lam * torch.clamp(margin - (mu_pos - mu_neg), min=0.0)
-    return loss, {"mu_pos": mu_pos, "mu_neg": mu_neg, "var_pos": var_pos, "var_neg": var_neg}
+def pairwise_loss(s: torch.Tensor, w_pos: torch.Tensor, w_neg: torch.Tensor, lam: float = 0.35, margin: float = 0.8,
+                  weighting: str = "normalised") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``σ²₊ + σ²₋ + λ·max(0, m − (μ₊ − μ₋))`` with moments over each pair's positive / negative mass."""
+    mu_pos, var_pos = _moments(s, w_pos, weighting)
+    mu_neg, var_neg = _moments(s, w_neg, weighting)
+    gap = mu_pos - mu_neg
+    loss = var_pos + var_neg + lam * torch.clamp(margin - gap, min=0.0)
+    return loss, {"mu_pos": mu_pos, "mu_neg": mu_neg, "var_pos": var_pos, "var_neg": var_neg, "gap": gap}
+
+
+def shuffle_within(h: torch.Tensor, groups: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``h`` permuted at random inside each group of equal ``groups`` value (same shape)."""
+    flat, g = h.flatten(), groups.flatten().double()
+    noise = torch.rand(flat.numel(), generator=generator, dtype=torch.float64).to(g.device)
+    random_order = torch.argsort(g + 0.5 * noise)  # by group, random inside a group (groups are integers)
+    group_order = torch.argsort(g, stable=True)
+    out = torch.empty_like(flat)
+    out[group_order] = flat[random_order]
+    return out.view_as(h)
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = (torch.argsort(torch.argsort(x)).double() for x in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+
+
+def hardness_stats(out: LossOutput) -> dict[str, float]:
+    """How much the fine-grained labels can move the loss: CV of ω and Spearman of h with s, per class."""
+    if out.omega is None or out.h is None:
+        return {}
+    stats = {}
+    for name, mask in (("pos", out.y > 0), ("neg", out.y <= 0)):
+        omega, h, s = out.omega[mask].double(), out.h[mask].double(), out.s[mask].double()
+        if omega.numel() >= 3:
+            stats[f"omega_cv_{name}"] = float(omega.std(unbiased=False) / omega.mean().clamp_min(1e-12))
+            stats[f"spearman_h_s_{name}"] = _spearman(h, s)
+    return stats
 
 
 def _multi_positive_nll(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -106,6 +177,8 @@ class RetrievalLoss:
         if cfg.needs_labels and head is None:
             raise ValueError("the weighted_pairwise loss needs the labeler head (w, c)")
         self.cfg, self.head = cfg, head
+        # Same seed and same call sequence on every rank: each rank shuffles the gathered batch alike.
+        self.generator = torch.Generator().manual_seed(cfg.shuffle_seed)
 
     def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, batch: dict[str, torch.Tensor], logit_scale: torch.Tensor | None = None) -> LossOutput:
         img = all_gather_with_grad(image_emb.float())
@@ -114,16 +187,24 @@ class RetrievalLoss:
         ids = all_gather_with_grad(batch["image_id"])
         y = relevance(cat, cat, ids, ids)
         s = img @ txt.T
-        omega = None
         name = self.cfg.name
-        if name == "weighted_pairwise":
-            w, c = self.head
-            p = pair_scores(all_gather_with_grad(batch["desc_emb"]), all_gather_with_grad(batch["label_text_emb"]), w.to(s.device), c)
-            omega = 1.0 + self.cfg.alpha * hardness(p, y)
+        h = self._hardness(batch, y, cat) if name == "weighted_pairwise" else None
+        omega = None
         if name in ("weighted_pairwise", "pairwise"):
-            loss, parts = pairwise_loss(s, y, omega, self.cfg.lam, self.cfg.margin)
+            w_pos, w_neg = pair_weights(y, h, self.cfg)
+            loss, parts = pairwise_loss(s, w_pos, w_neg, self.cfg.lam, self.cfg.margin, self.cfg.weighting)
+            omega = None if h is None else w_pos + w_neg
         elif name == "clip":
             loss, parts = clip_loss(s, y, logit_scale)
         else:
             loss, parts = vse_loss(s, y, self.cfg.vse_margin)
-        return LossOutput(loss, {k: v.detach() for k, v in parts.items()}, s.detach(), y, omega)
+        return LossOutput(loss, {k: v.detach() for k, v in parts.items()}, s.detach(), y, omega, h)
+
+    def _hardness(self, batch: dict[str, torch.Tensor], y: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+        w, c = self.head
+        p = pair_scores(all_gather_with_grad(batch["desc_emb"]), all_gather_with_grad(batch["label_text_emb"]), w.to(y.device), c)
+        h = hardness(p, y)
+        if self.cfg.shuffle_hardness:
+            groups = (y > 0).long() * (int(cat.max()) + 2) + (cat[:, None] + 1)  # relevance class × image category
+            h = shuffle_within(h, groups, self.generator)
+        return h

@@ -8,7 +8,8 @@ import torch
 import torch.multiprocessing as mp
 
 from fgcmr.labels import hardness, relevance
-from fgcmr.losses import LossConfig, RetrievalLoss, clip_loss, pairwise_loss, vse_loss
+from fgcmr.losses import (LossConfig, RetrievalLoss, clip_loss, hardness_stats, pair_weights, pairwise_loss,
+                          shuffle_within, vse_loss)
 
 
 def _batch(n=12, d=8, seed=0):
@@ -26,7 +27,8 @@ def test_pairwise_matches_reference_and_alpha_zero_is_unweighted():
     s = img @ txt.T
     y = relevance(cat, cat, ids, ids)
     h = hardness(torch.rand(s.shape, generator=g), y)
-    loss, parts = pairwise_loss(s, y, 1.0 + 0.7 * h, lam=0.35, margin=0.8)
+    pos = (y > 0).float()
+    loss, parts = pairwise_loss(s, pos * (1.0 + 0.7 * h), (1 - pos) * (1.0 + 0.7 * h), lam=0.35, margin=0.8)
     # direct reference: weighted moments written out element by element
     om = (1.0 + 0.7 * h).flatten().tolist()
     sv, yv = s.flatten().tolist(), y.flatten().tolist()
@@ -42,7 +44,7 @@ def test_pairwise_matches_reference_and_alpha_zero_is_unweighted():
     assert parts["mu_pos"].item() == pytest.approx(mp_, rel=1e-5)
     assert parts["var_neg"].item() == pytest.approx(vn, rel=1e-5)
     # unweighted = plain means and population variances
-    loss0, _ = pairwise_loss(s, y)
+    loss0, _ = pairwise_loss(s, *pair_weights(y, None, LossConfig()))
     ref0 = s[y > 0].var(unbiased=False) + s[y == 0].var(unbiased=False) + 0.35 * torch.clamp(0.8 - (s[y > 0].mean() - s[y == 0].mean()), min=0)
     assert loss0.item() == pytest.approx(ref0.item(), rel=1e-5)
     # α = 0 through the full loss object is bit-identical to the unweighted loss
@@ -140,3 +142,102 @@ def test_gathered_two_process_equals_single_process(free_port):
             assert r_loss == pytest.approx(loss, rel=1e-6), name
             torch.testing.assert_close(r_gx, gx[rank * 4 : (rank + 1) * 4], rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(r_gt, gt[rank * 4 : (rank + 1) * 4], rtol=1e-5, atol=1e-7)
+
+
+def _reference_pairwise(s, y, h, alpha, weighting, direction, lam=0.35, margin=0.8):
+    """The formulations of ``fgcmr.losses`` written out pair by pair, in plain Python."""
+    sv, yv, hv = s.flatten().tolist(), y.flatten().tolist(), h.flatten().tolist()
+    if weighting == "graded":
+        t = [(1 - alpha * hh) if yy > 0 else alpha * hh for yy, hh in zip(yv, hv)]
+        classes = [(t, None), ([1 - x for x in t], None)]
+    else:
+        up = [1 + alpha * hh for hh in hv]
+        wp = [(u if direction == "up" else 1 / u) if yy > 0 else 0.0 for u, yy in zip(up, yv)]
+        wn = [u if yy == 0 else 0.0 for u, yy in zip(up, yv)]
+        classes = [(wp, None), (wn, None)]
+    out = []
+    for w, _ in classes:
+        members = [1.0 if x > 0 else 0.0 for x in w]
+        n = sum(members)
+        total = n if weighting == "unnormalised" else sum(w)
+        mu = sum(a * b for a, b in zip(w, sv)) / total
+        if weighting == "hinge_only":
+            plain = sum(m * b for m, b in zip(members, sv)) / n
+            var = sum(m * (b - plain) ** 2 for m, b in zip(members, sv)) / n
+        else:
+            var = sum(a * (b - mu) ** 2 for a, b in zip(w, sv)) / total
+        out.append((mu, var))
+    (mp, vp), (mn, vn) = out
+    return vp + vn + lam * max(0.0, margin - (mp - mn))
+
+
+@pytest.mark.parametrize("weighting,direction,alpha", [
+    ("normalised", "up", 1.0), ("normalised", "down", 4.0), ("unnormalised", "up", 1.0), ("unnormalised", "down", 1.0),
+    ("hinge_only", "up", 4.0), ("graded", "up", 0.5), ("graded", "up", 1.0),
+])
+def test_weighting_formulations_match_hand_computed(weighting, direction, alpha):
+    img, txt, cat, ids, g = _batch(n=10)
+    s = img @ txt.T
+    y = relevance(cat, cat, ids, ids)
+    h = hardness(torch.rand(s.shape, generator=g), y)
+    cfg = LossConfig(alpha=alpha, weighting=weighting, direction=direction)
+    loss, parts = pairwise_loss(s, *pair_weights(y, h, cfg), 0.35, 0.8, weighting)
+    assert loss.item() == pytest.approx(_reference_pairwise(s, y, h, alpha, weighting, direction), rel=1e-5)
+    assert parts["gap"].item() == pytest.approx((parts["mu_pos"] - parts["mu_neg"]).item())
+
+
+def test_weighting_edge_cases():
+    img, txt, cat, ids, g = _batch(n=10)
+    s = img @ txt.T
+    y = relevance(cat, cat, ids, ids)
+    h = hardness(torch.rand(s.shape, generator=g), y)
+    plain = pairwise_loss(s, *pair_weights(y, None, LossConfig()))[0]
+    for weighting in ("normalised", "unnormalised", "hinge_only", "graded"):  # α = 0 is the unweighted loss for every one
+        cfg = LossConfig(alpha=0.0, weighting=weighting)
+        assert pairwise_loss(s, *pair_weights(y, h, cfg), weighting=weighting)[0].item() == pytest.approx(plain.item(), rel=1e-6)
+    # down-weighting: hard positives weigh less than easy ones, negatives as with `up`
+    w_pos, w_neg = pair_weights(y, h, LossConfig(alpha=1.0, direction="down"))
+    pos = y > 0
+    assert torch.all(w_pos[pos] <= 1.0) and torch.all(w_pos[pos] > 0.5) and torch.equal(w_neg, pair_weights(y, h, LossConfig())[1])
+    # graded masses sum to one on every pair
+    t, u = pair_weights(y, h, LossConfig(alpha=0.7, weighting="graded"))
+    assert torch.allclose(t + u, torch.ones_like(t))
+    with pytest.raises(ValueError, match="alpha"):
+        LossConfig(alpha=2.0, weighting="graded").validate()
+
+
+def test_shuffled_hardness_keeps_each_groups_values_and_moves_pairs():
+    g = torch.Generator().manual_seed(3)
+    h = torch.rand(8, 9, generator=g)
+    groups = torch.randint(0, 4, (8, 9), generator=g)
+    out = shuffle_within(h, groups, torch.Generator().manual_seed(0))
+    for k in range(4):
+        assert sorted(out[groups == k].tolist()) == sorted(h[groups == k].tolist())
+    assert not torch.equal(out, h)
+    assert torch.equal(out, shuffle_within(h, groups, torch.Generator().manual_seed(0)))  # same seed, same permutation
+    # through the loss: the control changes the loss but keeps per-class-and-category mean hardness
+    img, txt, cat, ids, gen = _batch(n=12)
+    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=gen), "label_text_emb": torch.randn(12, 4, generator=gen)}
+    head = (torch.randn(4, generator=gen), 0.1)
+    real = RetrievalLoss(LossConfig(), head)(img, txt, batch)
+    control = RetrievalLoss(LossConfig(shuffle_hardness=True), head)(img, txt, batch)
+    assert not torch.equal(real.loss, control.loss)
+    for c in cat.unique():
+        for cls in (real.y > 0, real.y <= 0):
+            block = cls & (cat[:, None] == c)
+            if block.any():
+                assert control.h[block].mean().item() == pytest.approx(real.h[block].mean().item(), rel=1e-5)
+
+
+def test_hardness_stats():
+    img, txt, cat, ids, gen = _batch(n=12)
+    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=gen), "label_text_emb": torch.randn(12, 4, generator=gen)}
+    out = RetrievalLoss(LossConfig(alpha=1.0), (torch.randn(4, generator=gen), 0.1))(img, txt, batch)
+    stats = hardness_stats(out)
+    neg = out.y <= 0
+    assert stats["omega_cv_neg"] == pytest.approx((out.omega[neg].std(unbiased=False) / out.omega[neg].mean()).item(), rel=1e-5)
+    assert -1.0 <= stats["spearman_h_s_pos"] <= 1.0
+    # a monotone function of s as hardness has Spearman exactly −1
+    out.h = -out.s
+    assert hardness_stats(out)["spearman_h_s_neg"] == pytest.approx(-1.0)
+    assert hardness_stats(RetrievalLoss(LossConfig(name="pairwise"))(img, txt, batch)) == {}

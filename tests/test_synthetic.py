@@ -91,3 +91,20 @@ def test_text_tells_categories_apart_yet_has_hard_negatives():
     assert accuracy > 0.95
     nearest = cosine_similarity(test, train).argmax(1)
     assert (labels["train"][nearest] != labels["test"]).mean() > 0.2  # the most similar text is often another category
+
+
+def test_planting_knobs_make_rare_and_mislabelled_captions():
+    from fgcmr.shard.readers.synthetic import PARTNER, RARE, captions
+
+    specs = [spec_of(0, i) for i in range(300)]
+    plain = [captions(s, 5) for s in specs]
+    assert all(captions(s, 5, 0.0, 0.0) == p for s, p in zip(specs, plain))  # off by default: unchanged texts
+    rare = [captions(s, 5, atypical=1.0) for s in specs]
+    assert all(RARE[SHAPES[s.shape]].split()[-1] in c for s, cs in zip(specs, rare) for c in cs)
+    wrong = [captions(s, 5, mislabel=1.0) for s in specs]
+    partner_names = lambda s: SYNONYMS[SHAPES[PARTNER[s.shape]]]  # noqa: E731
+    assert all(any(n.split()[0] in c for n in partner_names(s)) for s, cs in zip(specs, wrong) for c in cs)
+    # at 20 % about a fifth of captions are planted, drawn independently per caption
+    some = sum(a != b for s, p in zip(specs, plain) for a, b in zip(captions(s, 5, atypical=0.2), p))
+    assert 0.14 * 1500 < some < 0.26 * 1500
+    assert PARTNER[PARTNER[3]] == 3 and set(PARTNER) == set(range(len(SHAPES)))

@@ -104,6 +104,8 @@ class ShardConfig:
     seed: int = 0  # synthetic: generator seed
     image_size: int = 64  # synthetic: image side in pixels
     captions: int = 5  # synthetic: captions per image
+    atypical: float = 0.0  # synthetic: chance a caption uses a rare paraphrase of its shape (planted hard positive)
+    mislabel: float = 0.0  # synthetic: chance a caption names the confusable partner shape (planted wrong text)
     data: DataOptions = dataclasses.field(default_factory=DataOptions)
     holdout: Holdout = dataclasses.field(default_factory=Holdout)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fgcmr.losses import LossOutput
+from fgcmr.losses import LossOutput, hardness_stats
 
 log = logging.getLogger("fgcmr.train")
 
@@ -66,7 +66,7 @@ class Monitor:
         if step % self.hist_every == 0:
             self._histograms(step, out)
         if self.logs_at(step):
-            self._flush(step, lr, grad_norm)
+            self._flush(step, lr, grad_norm, {f"labels/{k}": v for k, v in hardness_stats(out).items()})
 
     def _histograms(self, step: int, out: LossOutput) -> None:
         pos = out.y > 0
@@ -75,8 +75,9 @@ class Monitor:
         if out.omega is not None:
             self.writer.add_histogram("weights/omega", out.omega.float().cpu(), step)
 
-    def _flush(self, step: int, lr: float, grad_norm: float | None) -> None:
-        values = {f"train/{k}": (v / self.n).item() for k, v in self.sums.items()}
+    def _flush(self, step: int, lr: float, grad_norm: float | None, label_stats: dict[str, float]) -> None:
+        """``label_stats``: how much the fine-grained labels can move the loss, on the step's last batch."""
+        values = {f"train/{k}": (v / self.n).item() for k, v in self.sums.items()} | label_stats
         step_s = self.step_time / self.n
         values.update({
             "train/lr": lr,

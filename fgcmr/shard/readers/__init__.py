@@ -15,7 +15,8 @@ def make_reader(cfg):
         from fgcmr.shard.readers.synthetic import SyntheticReader
 
         try:
-            return SyntheticReader(cfg.items, cfg.seed, cfg.image_size, cfg.captions, cfg.data.jpeg_quality)
+            return SyntheticReader(cfg.items, cfg.seed, cfg.image_size, cfg.captions, cfg.data.jpeg_quality,
+                                   cfg.atypical, cfg.mislabel)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     root = Path(cfg.root)

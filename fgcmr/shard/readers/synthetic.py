@@ -6,6 +6,12 @@ category and named in the captions too, so texts of different categories can sha
 words (hard negatives) and captions of one category can share few (hard positives). Every item is
 drawn from its own RNG seeded by ``(seed, index)``: any worker or task regenerates the same item,
 and generation streams, so memory does not grow with the number of items.
+
+Two knobs plant pairs whose hardness the labels can know about (both 0 by default, which leaves the
+corpus byte-identical): ``atypical`` is the chance that a caption names its shape by a rare
+paraphrase (``RARE``; paraphrases of a confusable pair share words, so they are hard positives and
+make hard negatives), ``mislabel`` the chance that a caption names the confusable partner's shape
+instead (a wrong text: a suspected mismatch that down-weighting should discount).
 """
 from __future__ import annotations
 
@@ -41,6 +47,14 @@ POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.
 COUNTS = {1: "one", 2: "two", 3: "three"}
 BACKGROUNDS = [(128, 128, 128), (90, 110, 130), (170, 160, 140), (60, 60, 70), (200, 200, 210)]
 TEST_EVERY = 5  # every 5th item is a test item: an 80/20 split
+PARTNER = {0: 7, 7: 0, 1: 3, 3: 1, 2: 9, 9: 2, 4: 6, 6: 4, 5: 8, 8: 5}  # confusable shape pairs (by index)
+RARE = {  # a confusable pair's paraphrases share words
+    "circle": "perfectly round figure", "ring": "round hollow band",
+    "square": "four equal sided figure", "diamond": "four sided tilted figure",
+    "triangle": "three cornered figure", "arrow": "three cornered pointing figure",
+    "star": "pointed spiky figure", "cross": "pointed crossed figure",
+    "hexagon": "six cornered flat figure", "crescent": "curved flat figure",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +68,7 @@ class Spec:
     jitter: tuple[tuple[float, float], ...]
     angle: float
     phrasing: tuple[int, ...]
+    noise: tuple[float, ...]  # per template: the draws that decide atypical / mislabelled captions
 
 
 def split_of(index: int) -> str:
@@ -74,6 +89,7 @@ def spec_of(seed: int, index: int) -> Spec:
         jitter=tuple((rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in range(count)),
         angle=rng.uniform(-0.3, 0.3),
         phrasing=tuple(rng.randrange(1000) for _ in range(2 * len(TEMPLATES))),
+        noise=tuple(rng.random() for _ in range(2 * len(TEMPLATES))),  # drawn last: earlier draws unchanged
     )
 
 
@@ -157,12 +173,15 @@ TEMPLATES = [
 BG_NAMES = {(128, 128, 128): "grey", (90, 110, 130): "slate", (170, 160, 140): "beige", (60, 60, 70): "dark", (200, 200, 210): "light"}
 
 
-def captions(spec: Spec, n: int) -> list[str]:
-    """``n`` captions, each from a different template, naming the shape by a per-caption synonym."""
+def captions(spec: Spec, n: int, atypical: float = 0.0, mislabel: float = 0.0) -> list[str]:
+    """``n`` captions, each from a different template, naming the shape by a per-caption synonym
+    (or, with the planting knobs, by a rare paraphrase or as the confusable partner shape)."""
     order = sorted(range(len(TEMPLATES)), key=lambda t: spec.phrasing[t])[:n]
     out = []
     for t in order:
-        noun = SYNONYMS[SHAPES[spec.shape]][spec.phrasing[len(TEMPLATES) + t] % 3]
+        shape = SHAPES[PARTNER[spec.shape]] if spec.noise[t] < mislabel else SHAPES[spec.shape]
+        rare = spec.noise[len(TEMPLATES) + t] < atypical
+        noun = RARE[shape] if rare else SYNONYMS[shape][spec.phrasing[len(TEMPLATES) + t] % 3]
         plural = spec.count > 1
         words = {
             "count_word": COUNTS[spec.count],
@@ -189,7 +208,11 @@ class SyntheticReader:
 
     unique_ids = True
 
-    def __init__(self, items: int, seed: int = 0, image_size: int = 64, num_captions: int = 5, quality: int = 90):
+    def __init__(self, items: int, seed: int = 0, image_size: int = 64, num_captions: int = 5, quality: int = 90,
+                 atypical: float = 0.0, mislabel: float = 0.0):
+        if not (0 <= atypical <= 1 and 0 <= mislabel <= 1):
+            raise ValueError(f"atypical={atypical} and mislabel={mislabel} are probabilities: each in [0, 1]")
+        self.atypical, self.mislabel = atypical, mislabel
         if items < 1:
             raise ValueError(f"items={items} must be at least 1")
         if not 1 <= num_captions <= len(TEMPLATES):
@@ -208,6 +231,6 @@ class SyntheticReader:
         buf = io.BytesIO()
         draw(spec, self.image_size).save(buf, format="JPEG", quality=self.quality)
         return Item(
-            id=ref.id, split=ref.split, category=spec.shape, texts=captions(spec, self.num_captions),
+            id=ref.id, split=ref.split, category=spec.shape, texts=captions(spec, self.num_captions, self.atypical, self.mislabel),
             source=f"synthetic:seed={self.seed}:index={ref.data}", image=buf.getvalue(),
         )
