@@ -57,6 +57,27 @@ def test_train_writes_a_self_contained_labeler(labeler, synthetic_dataset):
     assert metrics["auc"] > 0.6, metrics  # synthetic categories are learnable in a few dozen steps
     assert metrics["train"]["hardness_std"] > 0.05  # labels spread, not all 0 or all 1
     assert list((out / "tensorboard").glob("events.*"))
+    # the head was calibrated on held-out pairs: balanced probabilities, mean p on val negatives
+    # about 1 − mean p on val positives (the balanced Platt optimum's stationarity)
+    assert metrics["calibration"]["scale"] > 0
+    val = metrics["val"]
+    assert val["mean_p_negative"] == pytest.approx(1 - val["mean_p_positive"], abs=0.05)
+
+
+def test_platt_scaling_recovers_scale_and_balances_classes():
+    from fgcmr.label.metrics import fit_platt
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, generator=g) * 2
+    y = (torch.rand(20000, generator=g) < torch.sigmoid(1.7 * z)).float()  # symmetric: classes about balanced
+    a, b = fit_platt(z, y)
+    assert a == pytest.approx(1.7, rel=0.08) and abs(b) < 0.1
+    # unbalanced (1 positive in 10): the balanced fit still gives mean p(neg) = 1 − mean p(pos)
+    y2 = (z > 2.5).float()
+    z2 = z + 0.5 * torch.randn(20000, generator=g)
+    a2, b2 = fit_platt(z2, y2)
+    p = torch.sigmoid(a2 * z2.double() + b2)
+    assert a2 > 0 and p[y2 == 0].mean().item() == pytest.approx(1 - p[y2 > 0].mean().item(), abs=1e-3)
 
 
 def test_embeddings_do_not_depend_on_batching(labeler):

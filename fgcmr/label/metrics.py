@@ -47,3 +47,25 @@ def pair_stats(emb: torch.Tensor, texts: TextSet, w: torch.Tensor, c: torch.Tens
     p, y = p[iu[0], iu[1]].numpy(), y[iu[0], iu[1]].numpy() > 0
     auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
     return PairStats(auc, len(texts), int(y.sum()), int((~y).sum()), p[y], p[~y])
+
+
+def fit_platt(z: torch.Tensor, y: torch.Tensor, iters: int = 100) -> tuple[float, float]:
+    """``(a, b)`` minimising the class-balanced BCE of ``sigmoid(a·z + b)`` against ``y`` (Platt scaling).
+
+    Balanced so that ``p`` reads as the chance of relevance at equal priors: negatives far outnumber
+    positives among all pairs, and the loss trains on balanced batches too.
+    """
+    z, y = z.double().flatten(), (y.flatten() > 0).double()
+    weight = torch.where(y > 0, 0.5 / y.sum().clamp_min(1), 0.5 / (1 - y).sum().clamp_min(1))
+    params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([params], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (weight * torch.nn.functional.binary_cross_entropy_with_logits(params[0] * z + params[1], y, reduction="none")).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a, b = params.detach().tolist()
+    return a, b

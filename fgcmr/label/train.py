@@ -3,9 +3,11 @@
 Each rank draws a batch of anchor texts plus, for every anchor, one partner text of the same group
 (category, or image without categories), so every batch holds positives. Scores of every in-batch
 pair across all ranks form the logits; the loss is binary cross-entropy with positives and negatives
-weighted equally. A validation part carved from the train split (whole images) drives early stopping,
-so the labeler does not memorise the pairs whose hardness it will later report. ROC-AUC on train,
-validation and test goes to ``metrics.json`` and TensorBoard.
+weighted equally. A validation part carved from the train split (whole images) drives early stopping
+(an evaluation counts as better only by ``min_delta``), so the labeler does not memorise the pairs whose
+hardness it will later report; then the head's scale and offset are calibrated on that held-out part
+(Platt scaling), since the training pairs' scores are overconfident. ROC-AUC on train, validation and
+test goes to ``metrics.json`` and TensorBoard.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from fgcmr.dataset import open_dataset
 from fgcmr.distributed import DistEnv, all_gather_with_grad, barrier, init
 from fgcmr.io import atomic_write_json, atomic_write_text
 from fgcmr.label.encode import embed_texts
-from fgcmr.label.metrics import PairStats, pair_stats, subsample
+from fgcmr.label.metrics import PairStats, fit_platt, pair_stats, subsample
 from fgcmr.label.model import EncoderConfig, SiameseLabeler, autocast, build_encoder, save_labeler, tokenize
 from fgcmr.label.texts import TextSet, read_texts
 from fgcmr.text import load_tokenizer, train_wordpiece
@@ -52,6 +54,8 @@ class LabelTrainConfig:
     warmup_steps: int = 20
     eval_every: int = 50
     patience: int = 4  # evaluations without a better validation AUC before stopping
+    min_delta: float = 0.001  # a validation AUC must beat the best by this much to count as better
+    calibrate: bool = True  # fit the head's scale and offset on held-out pairs (Platt scaling) after training
     val_fraction: float = 0.1
     max_eval_texts: int = 1500
     eval_batch_size: int = 64
@@ -224,7 +228,7 @@ def run(cfg: LabelTrainConfig) -> dict:
             if tb:
                 tb.add_scalar("label/val_auc", val_auc, step)
             log.info("label train step %d: loss %.4f val AUC %.4f", step, loss.item(), val_auc)
-            if best_state is None or val_auc > best_auc:
+            if best_state is None or val_auc > best_auc + cfg.min_delta:
                 best_auc, best_step, stale = val_auc, step, 0
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             else:
@@ -233,8 +237,9 @@ def run(cfg: LabelTrainConfig) -> dict:
                     log.info("label train: early stop at step %d (best val AUC %.4f at step %d)", step, best_auc, best_step)
                     break
     model.load_state_dict(best_state)
-    metrics = _final_metrics(model, tokenizer, {"train": train, "val": val, "test": test}, cfg, d, tb)
-    metrics.update(steps=step, best_step=best_step, world_size=d.world_size, init=cfg.init)
+    calibration = calibrate(model, tokenizer, val, cfg, d) if cfg.calibrate else None
+    metrics = _final_metrics(model, tokenizer, {"train": train, "val": val, "test": test}, cfg, d, tb, step)
+    metrics.update(steps=step, best_step=best_step, world_size=d.world_size, init=cfg.init, calibration=calibration)
     if d.is_main:
         save_labeler(cfg.out, model, tokenizer, cfg.model.max_length)
         atomic_write_text(Path(cfg.out) / "config.yaml", dump_yaml(cfg))
@@ -246,8 +251,32 @@ def run(cfg: LabelTrainConfig) -> dict:
     return metrics
 
 
-def _final_metrics(model, tokenizer, parts: dict[str, TextSet | None], cfg: LabelTrainConfig, d: DistEnv, tb) -> dict:
-    """Pair statistics per part; ``auc`` and the counts at top level are the test split's."""
+def calibrate(model: SiameseLabeler, tokenizer, val: TextSet, cfg: LabelTrainConfig, d: DistEnv) -> dict:
+    """Platt-scale the head on the held-out part: ``w ← a·w``, ``c ← a·c + b`` (every rank computes the same)."""
+    model.eval()
+    sub = subsample(val, cfg.max_eval_texts, cfg.seed)
+    emb = embed_texts(model, tokenizer, sub.texts, cfg.model.max_length, cfg.eval_batch_size, d.device, cfg.dtype).float()
+    model.train()
+    with torch.no_grad():
+        z = model.logits(emb.to(d.device), emb.to(d.device)).float().cpu()
+    iu = torch.triu_indices(len(sub), len(sub), offset=1)
+    y = sub.targets()[iu[0], iu[1]]
+    if not 0 < int((y > 0).sum()) < len(y):
+        log.warning("label train: no calibration (held-out part has only one kind of pair)")
+        return {"scale": 1.0, "shift": 0.0}
+    a, b = fit_platt(z[iu[0], iu[1]], y)
+    if not a > 0:
+        log.warning("label train: calibration gave a non-positive scale %.3g; head left as trained", a)
+        return {"scale": 1.0, "shift": 0.0}
+    with torch.no_grad():
+        model.w.mul_(a)
+        model.c.mul_(a).add_(b)
+    log.info("label train: head calibrated on %d held-out texts (scale %.3f, shift %+.3f)", len(sub), a, b)
+    return {"scale": a, "shift": b}
+
+
+def _final_metrics(model, tokenizer, parts: dict[str, TextSet | None], cfg: LabelTrainConfig, d: DistEnv, tb, step: int) -> dict:
+    """Pair statistics per part, logged at the last step; ``auc`` and the counts at top level are the test split's."""
     metrics: dict = {}
     for name, texts in parts.items():
         if texts is None:
@@ -255,10 +284,10 @@ def _final_metrics(model, tokenizer, parts: dict[str, TextSet | None], cfg: Labe
         stats = evaluate(model, tokenizer, texts, cfg, d)
         metrics[name] = stats.summary()
         if tb:
-            tb.add_scalar(f"label/{name}_auc", stats.auc, 0)
-            tb.add_histogram(f"label/{name}/p_positive", stats.p_pos, 0)
-            tb.add_histogram(f"label/{name}/p_negative", stats.p_neg, 0)
-            tb.add_histogram(f"label/{name}/hardness", np.concatenate([1 - stats.p_pos, stats.p_neg]), 0)
+            tb.add_scalar(f"label/{name}_auc", stats.auc, step)
+            tb.add_histogram(f"label/{name}/p_positive", stats.p_pos, step)
+            tb.add_histogram(f"label/{name}/p_negative", stats.p_neg, step)
+            tb.add_histogram(f"label/{name}/hardness", np.concatenate([1 - stats.p_pos, stats.p_neg]), step)
     top = metrics.get("test")
     if top:
         metrics.update(auc=top["auc"], texts=top["texts"], positive_pairs=top["positive_pairs"], negative_pairs=top["negative_pairs"])
