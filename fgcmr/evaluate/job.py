@@ -40,7 +40,7 @@ class EvalConfig:
     split: str = "test"  # the split whose metrics are metrics.json's top level
     extra_splits: list[str] = dataclasses.field(default_factory=list)  # also evaluated, e.g. [val]
     batch_size: int = 64  # images per forward (texts: all their captions)
-    baselines: bool = False  # CCA and semantic matching on the dataset's img.npy features and texts
+    baselines: bool = False  # CCA and semantic matching on img.npy features (or the frozen pretrained tower) and texts
     baseline_train_split: str = "train"
     baseline_hellinger: bool = False  # square-root the image features first (histograms such as SIFT BoW)
     baseline_cca_dim: int = 10
