@@ -1,8 +1,8 @@
 """Fault injection for ``fgcmr train`` under ``launchers/torchrun.sh`` on 2 gloo ranks (issue 11, defects 2, 3, 7, 8, 9).
 
-One run of 12 steps is interrupted four ways and continued each time with ``--resume=auto``: Ctrl-C
-(SIGINT to the process group), ``kill -9`` of torchrun alone, ``kill -9`` of the whole process group
-while a checkpoint is being written, ``kill -9`` of one rank; with ``latest`` deleted and the newest
+One run of 24 steps is interrupted four ways and continued each time with ``--resume=auto``: Ctrl-C
+(SIGINT to the process group), ``kill -9`` of torchrun alone, ``kill -9`` of every process (torchrun puts
+each rank in a session of its own) while a checkpoint is being written, ``kill -9`` of one rank; with ``latest`` deleted and the newest
 checkpoint truncated on the way. The finished run must count exactly what an uninterrupted one does.
 Waits follow log lines and files; timeouts are hang guards only.
 """
@@ -24,13 +24,13 @@ from test_train import scalars, train_args
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 12
+STEPS = 24
 GUARD = 600  # s: a hang guard, never the expected duration
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
     return subprocess.Popen([str(REPO / "launchers/torchrun.sh"), "-n", "2", "train", *args], cwd=REPO, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -62,7 +62,7 @@ def newest_step(run: Path) -> int:
 
 def test_interrupted_every_way_then_resumed_counts_like_one_run(synthetic_dataset: Path, tmp_path: Path):
     run = tmp_path / "run"
-    args = train_args(synthetic_dataset, run, "--loss.name=pairwise", f"--max_steps={STEPS}", "--checkpoint_every=2", "--keep_last=3")
+    args = train_args(synthetic_dataset, run, "--loss.name=pairwise", f"--max_steps={STEPS}", "--checkpoint_every=3", "--keep_last=3")
     resume = [*args, "--resume=auto"]
 
     # 1. Ctrl-C: every process of the group gets SIGINT; the ranks checkpoint, the launcher exits 75 (not torchrun's 1).
@@ -111,9 +111,13 @@ def test_interrupted_every_way_then_resumed_counts_like_one_run(synthetic_datase
     def saving() -> bool:
         return any(t.name > checkpoint.tag_for(before) and not (t / checkpoint.COMPLETE).exists() for t in checkpoint.step_tags(ckpt))
 
+    torchrun, ranks = ranks_of(proc)  # torchrun starts each rank in a session of its own: kill them all
     wait_until(saving, proc, log, "a checkpoint being saved")
+    for p in (*ranks, torchrun):
+        p.kill()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(GUARD)
+    assert "saved (step" not in log.read_text().split("resumed from")[-1]
     for tag in checkpoint.step_tags(ckpt):
         assert checkpoint.problem(tag) is None or tag.name > checkpoint.latest_tag(ckpt), tag  # only the interrupted one
     assert (ckpt / "latest").read_text().strip() == checkpoint.latest_tag(ckpt)  # never names an incomplete tag

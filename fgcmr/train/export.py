@@ -11,7 +11,7 @@ from fgcmr.config import build, read_yaml
 from fgcmr.model import ModelConfig, build_model, save_export
 from fgcmr.progress import setup_logging
 from fgcmr.run import Check, Fingerprint, check_stamp, fingerprint, read_stamp, write_stamp
-from fgcmr.train.checkpoint import latest_tag
+from fgcmr.train.checkpoint import latest_tag, problem
 
 log = logging.getLogger("fgcmr.export")
 
@@ -67,6 +67,9 @@ def run(cfg: ExportConfig) -> Path:
     tag = fp.inputs["checkpoint"]
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+    why = problem(ckpt_dir / tag)
+    if why:
+        raise FileNotFoundError(f"cannot export: {why}")
     state = consolidated_state_dict(ckpt_dir, tag)
     model = build_model(model_cfg)
     model.load_state_dict(state, strict=True)
