@@ -95,7 +95,7 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [s for s, v in stages.items() if v["status"] == "ran"] == ["eval"]
-    assert "eval: no finished evaluation" in again.stderr
+    assert f"eval: {out / 'run' / 'eval'} is incomplete, redoing" in again.stderr
     assert json.loads((out / "run" / "eval" / "metrics.json").read_text())["map_avg"] == pytest.approx(metrics["map_avg"])
     assert (out / "run" / "eval" / "report.png").is_file()
     assert time.monotonic() - t0 < 60

@@ -68,13 +68,13 @@ def test_interrupted_every_way_then_resumed_counts_like_one_run(synthetic_datase
     # 1. Ctrl-C: every process of the group gets SIGINT; the ranks checkpoint, the launcher exits 75 (not torchrun's 1).
     log = tmp_path / "1-sigint.log"
     proc = start(args, log)
-    wait_until(lambda: f"step 3/{STEPS}" in log.read_text(), proc, log, "step 3")
+    wait_until(lambda: f"step 4/{STEPS}" in log.read_text(), proc, log, "step 4")  # a tag at 3 and one at the stop
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(GUARD) == 75, log.read_text()[-3000:]
     text = log.read_text()
     assert "continue with the same command and --resume=auto" in text and "KeyboardInterrupt" not in text
     stopped = newest_step(run)
-    assert 3 <= stopped < STEPS and checkpoint.problem(run / "checkpoints" / checkpoint.tag_for(stopped)) is None
+    assert 4 <= stopped < STEPS and checkpoint.problem(run / "checkpoints" / checkpoint.tag_for(stopped)) is None
 
     # 2. Training into it again without --resume is refused, before any start-up (defect 2).
     done = subprocess.run([sys.executable, "-m", "fgcmr.cli", "train", *args], cwd=REPO, capture_output=True, text=True, timeout=GUARD)

@@ -30,7 +30,7 @@ from fgcmr.label.model import SiameseLabeler, load_labeler
 from fgcmr.label.stream import ShardEnd, ShardTexts, TextBatch, prefetch, shard_items
 from fgcmr.labels import (SidecarError, labels_dir, pair_scores, read_head, read_sidecar, relevance, sidecar_path,
                           verify_labels, write_head, write_sidecar)
-from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, read_stamp, write_stamp
+from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 
 log = logging.getLogger("fgcmr.label")
 
@@ -134,13 +134,11 @@ EXECUTION_FIELDS = ("verify_only", "batch_size", "tensorboard", "hist_max_images
 
 
 def labeler_identity(labeler: Path) -> str | None:
-    """What the sidecars were made with: the labeler's own fingerprint, else a hash of its weights.
-    (Sidecars carrying the labeler's identity themselves plug in here.)"""
-    stamp = read_stamp(labeler)
-    if stamp is not None:
-        return stamp["fingerprint"]
-    weights = [file_hash(labeler / "head.safetensors"), file_hash(labeler / "encoder" / "model.safetensors")]
-    return None if None in weights else ":".join(weights)
+    """What the sidecars were made with: hashes of the labeler's weights (a retrained labeler differs even
+    with the same config). Sidecars carrying the labeler's identity themselves plug in here."""
+    files = [labeler / "labeler.json", labeler / "head.safetensors", labeler / "encoder" / "model.safetensors"]
+    hashes = [file_hash(f) for f in files]
+    return None if None in hashes else ":".join(hashes)
 
 
 def infer_fingerprint(cfg: LabelInferConfig) -> Fingerprint:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from fgcmr.config import ConfigError, dump_yaml, to_dict
-from fgcmr.io import atomic_write_json, read_json
+from fgcmr.io import atomic_write_json, clean_leftovers, read_json
 from fgcmr.progress import Progress
 from fgcmr.run import DONE, Check, diff
 from fgcmr.shard.manifest import WORK_DIR, finalize, plan_path
@@ -124,6 +124,8 @@ def run(cfg: ShardConfig) -> dict:
     """Shard (this task's part of) the corpus; return the manifest, or this task's summary in an array."""
     cfg.validate()
     out = Path(cfg.out)
+    if cfg.merge or cfg.num_tasks == 1:
+        clean_leftovers(out)  # temporary files of a killed finalize (tasks of an array write only under the work dir)
     if cfg.merge:
         return _report(finalize(out))
     reader = make_reader(cfg)  # a wrong path or layout fails here, before any work
