@@ -117,7 +117,8 @@ def eval(config: str | None = None, **options: Any) -> None:  # noqa: A001 - the
     _stage("eval", config, options, eval)
 
 
-def pipeline(config: str | None = None, nproc: int = 1, out: str | None = None, force: bool = False, **options: Any) -> None:
+def pipeline(config: str | None = None, nproc: int = 1, out: str | None = None, force: bool = False,
+             **options: Any) -> None:
     """shard → label (train + infer) → train → export → eval from one experiment config, on N local processes.
 
     fgcmr pipeline --config=<experiment.yaml> [--nproc=N] [--out=<dir>] [--force] [--<section>.<option>=value ...]

@@ -210,7 +210,8 @@ def run_pipeline(config_path: str, nproc: int = 1, out: str | None = None, overr
         if why and not (force and stage.forceable):
             raise ConfigError(why)
         if why:
-            log.warning("pipeline: %s: %s; --force: deleting %s and redoing it", stage.name, c.reason, getattr(layout, stage.output))
+            log.warning("pipeline: %s: %s; --force: deleting %s and redoing it", stage.name, c.reason,
+                        getattr(layout, stage.output))
             shutil.rmtree(getattr(layout, stage.output))
         elif c.exists:
             log.warning("pipeline: %s: %s, %s", stage.name, c.reason, "resuming" if stage.rerun_args else "redoing")
@@ -221,15 +222,16 @@ def run_pipeline(config_path: str, nproc: int = 1, out: str | None = None, overr
         status[stage.name] = {"status": "ran", "seconds": round(time.monotonic() - t0, 1), "returncode": rc}
         _write_status(layout, config_path, nproc, overrides, status, started)
         if rc == EXIT_REQUEUE:
-            print(f"fgcmr pipeline: {stage.name} stopped by a signal after checkpointing; rerun the same command to continue",
-                  file=sys.stderr)
+            print(f"fgcmr pipeline: {stage.name} stopped by a signal after checkpointing; "
+                  "rerun the same command to continue", file=sys.stderr)
             sys.exit(EXIT_REQUEUE)
         if interrupted:
-            print(f"fgcmr pipeline: interrupted during {stage.name}; rerun the same command to continue", file=sys.stderr)
+            print(f"fgcmr pipeline: interrupted during {stage.name}; rerun the same command to continue",
+                  file=sys.stderr)
             sys.exit(130)
         if rc != 0:
-            print(f"fgcmr pipeline: stage {stage.name!r} failed (exit {rc}); fix it and rerun the same command to continue",
-                  file=sys.stderr)
+            print(f"fgcmr pipeline: stage {stage.name!r} failed (exit {rc}); "
+                  "fix it and rerun the same command to continue", file=sys.stderr)
             sys.exit(rc if 0 < rc < 128 else 1)
         c = check(stage, configs[stage.name])
         if not c.done:

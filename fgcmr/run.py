@@ -6,6 +6,7 @@ options that never change what it writes, plus the hashes of its inputs) with it
 its ``done`` check (next to the writer, listed in ``fgcmr.stages``) compares. ``Check.reason`` says why
 a stage is not done, e.g. ``config changed (loss.name clip→pairwise)``, so nothing old is ever shown as new.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,7 +56,9 @@ class Fingerprint:
         """What differs from a recorded stamp, as ``key old→new`` (config) and ``<input> input`` entries."""
         out = diff(recorded.get("config") or {}, self.config)
         old_inputs = recorded.get("inputs") or {}
-        out += [f"{k} input" for k in sorted(set(old_inputs) | set(self.inputs)) if old_inputs.get(k) != self.inputs.get(k)]
+        out += [
+            f"{k} input" for k in sorted(set(old_inputs) | set(self.inputs)) if old_inputs.get(k) != self.inputs.get(k)
+        ]
         return out
 
 
@@ -88,8 +91,10 @@ DONE = Check(True, exists=True)
 
 def write_stamp(directory: Path, fp: Fingerprint, **extra: Any) -> None:
     """Record ``fp`` beside a stage's output; call it after the output is complete."""
-    atomic_write_json(directory / STAMP, {"stage": fp.stage, "fingerprint": fp.digest, "config": fp.config,
-                                          "inputs": fp.inputs, **extra})
+    atomic_write_json(
+        directory / STAMP,
+        {"stage": fp.stage, "fingerprint": fp.digest, "config": fp.config, "inputs": fp.inputs, **extra},
+    )
 
 
 def clear_stamp(directory: Path) -> None:

@@ -4,6 +4,7 @@ Each stage names its experiment section, its config class, its entry point and i
 (``fgcmr.run.Check``, next to its writer) as ``module:attribute`` strings, so that importing this
 table (and ``fgcmr --help``) imports no stage module.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,21 +55,83 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("shard", ("shard",), "fgcmr.shard.job:ShardConfig", "fgcmr.shard.job:run", "fgcmr.shard.job:done", False,
-          output="shards", protect="which other runs may share; delete it or set data_dir elsewhere", slurm_job="shard"),
-    Stage("tokenizer", ("label", "tokenizer"), "fgcmr.label.tokenizer:TokenizerConfig", "fgcmr.label.tokenizer:run",
-          "fgcmr.label.tokenizer:done", False, optional=True, output="tokenizer", slurm_job="label"),
-    Stage("label", ("label", "train"), "fgcmr.label.train:LabelTrainConfig", "fgcmr.label.train:run",
-          "fgcmr.label.train:done", True, optional=True, output="labeler", slurm_job="label"),
-    Stage("infer", ("label", "infer"), "fgcmr.label.infer:LabelInferConfig", "fgcmr.label.infer:run",
-          "fgcmr.label.infer:done", True, optional=True, output="labeler", slurm_job="infer"),
-    Stage("train", ("train",), "fgcmr.train.config:TrainConfig", "fgcmr.train.loop:run", "fgcmr.train.state:done", True,
-          output="run", protect="whose checkpoints would be lost; rerun with --force to retrain (deletes it) or use a new --out",
-          forceable=True, slurm_job="train", rerun_args=("--resume=auto",)),
-    Stage("export", ("export",), "fgcmr.train.export:ExportConfig", "fgcmr.train.export:run", "fgcmr.train.export:done",
-          False, output="export", slurm_job="eval"),
-    Stage("eval", ("eval",), "fgcmr.evaluate.job:EvalConfig", "fgcmr.evaluate.job:run", "fgcmr.evaluate.job:done", True,
-          output="eval", slurm_job="eval"),
+    Stage(
+        "shard",
+        ("shard",),
+        "fgcmr.shard.job:ShardConfig",
+        "fgcmr.shard.job:run",
+        "fgcmr.shard.job:done",
+        False,
+        output="shards",
+        protect="which other runs may share; delete it or set data_dir elsewhere",
+        slurm_job="shard",
+    ),
+    Stage(
+        "tokenizer",
+        ("label", "tokenizer"),
+        "fgcmr.label.tokenizer:TokenizerConfig",
+        "fgcmr.label.tokenizer:run",
+        "fgcmr.label.tokenizer:done",
+        False,
+        optional=True,
+        output="tokenizer",
+        slurm_job="label",
+    ),
+    Stage(
+        "label",
+        ("label", "train"),
+        "fgcmr.label.train:LabelTrainConfig",
+        "fgcmr.label.train:run",
+        "fgcmr.label.train:done",
+        True,
+        optional=True,
+        output="labeler",
+        slurm_job="label",
+    ),
+    Stage(
+        "infer",
+        ("label", "infer"),
+        "fgcmr.label.infer:LabelInferConfig",
+        "fgcmr.label.infer:run",
+        "fgcmr.label.infer:done",
+        True,
+        optional=True,
+        output="labeler",
+        slurm_job="infer",
+    ),
+    Stage(
+        "train",
+        ("train",),
+        "fgcmr.train.config:TrainConfig",
+        "fgcmr.train.loop:run",
+        "fgcmr.train.state:done",
+        True,
+        output="run",
+        protect="whose checkpoints would be lost; rerun with --force to retrain (deletes it) or use a new --out",
+        forceable=True,
+        slurm_job="train",
+        rerun_args=("--resume=auto",),
+    ),
+    Stage(
+        "export",
+        ("export",),
+        "fgcmr.train.export:ExportConfig",
+        "fgcmr.train.export:run",
+        "fgcmr.train.export:done",
+        False,
+        output="export",
+        slurm_job="eval",
+    ),
+    Stage(
+        "eval",
+        ("eval",),
+        "fgcmr.evaluate.job:EvalConfig",
+        "fgcmr.evaluate.job:run",
+        "fgcmr.evaluate.job:done",
+        True,
+        output="eval",
+        slurm_job="eval",
+    ),
 )
 BY_NAME = {s.name: s for s in STAGES}
 SECTIONS = tuple(BY_NAME)

@@ -1,5 +1,6 @@
 """The run lifecycle without launching DeepSpeed: fingerprints, checkpoint bookkeeping, refusals, export
 and eval completeness, permissions, leftovers, the requeue code through launchers (issue 11)."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,11 @@ def test_fingerprint_names_what_changed(tmp_path):
     assert check_stamp(tmp_path, fingerprint("train", cfg, {"manifest": "aa"}, ("out", "resume"))).done
     cfg.loss.name, cfg.optim.lr = "clip", 0.01
     c = check_stamp(tmp_path, fingerprint("train", cfg, {"manifest": "aa"}, ("out", "resume")))
-    assert not c.done and c.changed and c.reason == "config changed (loss.name weighted_pairwise→clip, optim.lr 0.001→0.01)"
+    assert (
+        not c.done
+        and c.changed
+        and c.reason == "config changed (loss.name weighted_pairwise→clip, optim.lr 0.001→0.01)"
+    )
     c = check_stamp(tmp_path, fingerprint("train", TrainConfig(shards="s"), {"manifest": "bb"}, ("out", "resume")))
     assert c.changed and c.reason == "inputs changed (manifest)"
     assert not check_stamp(tmp_path / "none", old).exists
@@ -56,7 +61,12 @@ def test_prune_keeps_latest_and_newer_sorted_by_step(tmp_path):
     fake_tag(ckpt, 3, complete=False)
     (ckpt / "latest").write_text("step_00000010")
     checkpoint.prune(ckpt, keep_last=1)
-    assert [t.name for t in checkpoint.step_tags(ckpt)] == ["step_00000010", "step_00000020", "step_00000030", "step_00000040"]
+    assert [t.name for t in checkpoint.step_tags(ckpt)] == [
+        "step_00000010",
+        "step_00000020",
+        "step_00000030",
+        "step_00000040",
+    ]
     (ckpt / "step_100000000").mkdir()  # a 9-digit step sorts first by name, last by step
     assert [t.name for t in checkpoint.step_tags(ckpt)][-1] == "step_00000040"  # (not a tag name: ignored)
 
@@ -76,7 +86,8 @@ def test_resume_finds_the_newest_complete_tag(tmp_path, caplog):
     with open(ckpt / "step_00000020" / "mp_rank_00_model_states.pt", "r+b") as f:
         f.truncate(50)
     assert checkpoint.problem(ckpt / "step_00000020") == (
-        f"checkpoint file {ckpt / 'step_00000020' / 'mp_rank_00_model_states.pt'} is damaged (50 bytes, 100 written)")
+        f"checkpoint file {ckpt / 'step_00000020' / 'mp_rank_00_model_states.pt'} is damaged (50 bytes, 100 written)"
+    )
     assert checkpoint.candidates(ckpt, "auto") == [ckpt / "step_00000010"]
     assert checkpoint.latest_tag(ckpt) == "step_00000010"  # what export takes by default
     assert checkpoint.candidates(ckpt, "step_00000010") == [ckpt / "step_00000010"]  # a tag name
@@ -95,7 +106,9 @@ def test_train_refuses_to_clobber_checkpoints(synthetic_dataset, tmp_path):
     fp = train_fingerprint(cfg, strict=True)
     guard(cfg, fp)  # an empty run dir: fine
     fake_tag(tmp_path / "run" / "checkpoints", 40)
-    with pytest.raises(ConfigError, match=r"already holds checkpoints \(newest step_00000040\): pass --resume=auto .* or a new --out"):
+    with pytest.raises(
+        ConfigError, match=r"already holds checkpoints \(newest step_00000040\): pass --resume=auto .* or a new --out"
+    ):
         guard(cfg, fp)
     record(cfg, fp, 40, 40, complete=True)
     cfg.resume = "auto"
@@ -113,8 +126,21 @@ def test_train_checks_its_inputs_before_starting(synthetic_dataset, tmp_path):
         train_fingerprint(TrainConfig(shards=str(synthetic_dataset), out="x", labels="typo"), strict=True)
     with pytest.raises(FileNotFoundError, match="no dataset at .*nowhere"):
         train_fingerprint(TrainConfig(shards=str(tmp_path / "nowhere"), out="x", labels="l"), strict=True)
-    done = subprocess.run([sys.executable, "-m", "fgcmr.cli", "train", f"--shards={synthetic_dataset}", f"--out={tmp_path / 'r'}",
-                           "--labels=typo"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fgcmr.cli",
+            "train",
+            f"--shards={synthetic_dataset}",
+            f"--out={tmp_path / 'r'}",
+            "--labels=typo",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert done.returncode == 2 and "no labels 'typo'" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "r").exists()
 
@@ -122,8 +148,11 @@ def test_train_checks_its_inputs_before_starting(synthetic_dataset, tmp_path):
 def _tiny_model():
     from fgcmr.model import ImageTowerConfig, ModelConfig, TextTowerConfig, build_model
 
-    cfg = ModelConfig(embed_dim=8, image=ImageTowerConfig(kind="feature", feature_dim=6),
-                      text=TextTowerConfig(kind="feature", feature_dim=5))
+    cfg = ModelConfig(
+        embed_dim=8,
+        image=ImageTowerConfig(kind="feature", feature_dim=6),
+        text=TextTowerConfig(kind="feature", feature_dim=5),
+    )
     return build_model(cfg), cfg
 
 
@@ -186,7 +215,9 @@ def test_clean_leftovers(tmp_path):
     (tmp_path / ".train-000000.tar.link.tmp").write_text("half")
     (tmp_path / "keep.json").write_text("{}")
     assert sorted(p.name for p in clean_leftovers(tmp_path, tmp_path / "absent")) == [
-        ".metrics.json.abc123.tmp", ".train-000000.tar.link.tmp"]
+        ".metrics.json.abc123.tmp",
+        ".train-000000.tar.link.tmp",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]
 
 
@@ -206,10 +237,19 @@ def test_requeue_code_survives_torchrun_and_the_pipeline(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK_75)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
-    done = subprocess.run([str(REPO / "launchers/torchrun.sh"), "-n", "1", str(script)], env={**env, "PYTHON": sys.executable},
-                          cwd=REPO, timeout=240, capture_output=True, text=True)
+    done = subprocess.run(
+        [str(REPO / "launchers/torchrun.sh"), "-n", "1", str(script)],
+        env={**env, "PYTHON": sys.executable},
+        cwd=REPO,
+        timeout=240,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == EXIT_REQUEUE, done.stderr[-2000:]
-    rc, interrupted = run_stage([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(script)],
-                                env, tmp_path / ".requeue-train")
+    rc, interrupted = run_stage(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(script)],
+        env,
+        tmp_path / ".requeue-train",
+    )
     assert (rc, interrupted) == (EXIT_REQUEUE, False) and not (tmp_path / ".requeue-train").exists()
     assert run_stage([sys.executable, "-c", "raise SystemExit(3)"], env, tmp_path / ".requeue-x") == (3, False)

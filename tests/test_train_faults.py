@@ -6,6 +6,7 @@ each rank in a session of its own) while a checkpoint is being written, ``kill -
 checkpoint truncated on the way. The finished run must count exactly what an uninterrupted one does.
 Waits follow log lines and files; timeouts are hang guards only.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,22 @@ GUARD = 600  # s: a hang guard, never the expected duration
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([str(REPO / "launchers/torchrun.sh"), "-n", "2", "train", *args], cwd=REPO, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        PYTHON=sys.executable, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1"
+    )
+    return subprocess.Popen(
+        [str(REPO / "launchers/torchrun.sh"), "-n", "2", "train", *args],
+        cwd=REPO,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_until(pred, proc: subprocess.Popen, log: Path, what: str) -> None:
@@ -62,7 +75,9 @@ def newest_step(run: Path) -> int:
 
 def test_interrupted_every_way_then_resumed_counts_like_one_run(synthetic_dataset: Path, tmp_path: Path):
     run = tmp_path / "run"
-    args = train_args(synthetic_dataset, run, "--loss.name=pairwise", f"--max_steps={STEPS}", "--checkpoint_every=3", "--keep_last=3")
+    args = train_args(
+        synthetic_dataset, run, "--loss.name=pairwise", f"--max_steps={STEPS}", "--checkpoint_every=3", "--keep_last=3"
+    )
     resume = [*args, "--resume=auto"]
 
     # 1. Ctrl-C: every process of the group gets SIGINT; the ranks checkpoint, the launcher exits 75 (not torchrun's 1).
@@ -77,7 +92,9 @@ def test_interrupted_every_way_then_resumed_counts_like_one_run(synthetic_datase
     assert 4 <= stopped < STEPS and checkpoint.problem(run / "checkpoints" / checkpoint.tag_for(stopped)) is None
 
     # 2. Training into it again without --resume is refused, before any start-up (defect 2).
-    done = subprocess.run([sys.executable, "-m", "fgcmr.cli", "train", *args], cwd=REPO, capture_output=True, text=True, timeout=GUARD)
+    done = subprocess.run(
+        [sys.executable, "-m", "fgcmr.cli", "train", *args], cwd=REPO, capture_output=True, text=True, timeout=GUARD
+    )
     assert done.returncode == 2 and "already holds checkpoints" in done.stderr and "--resume=auto" in done.stderr
 
     # 3. No `latest`, the newest tag truncated (defects 3, 9): resume takes the newest intact one, saying so;
@@ -109,7 +126,10 @@ def test_interrupted_every_way_then_resumed_counts_like_one_run(synthetic_datase
     ckpt = run / "checkpoints"
 
     def saving() -> bool:
-        return any(t.name > checkpoint.tag_for(before) and not (t / checkpoint.COMPLETE).exists() for t in checkpoint.step_tags(ckpt))
+        return any(
+            t.name > checkpoint.tag_for(before) and not (t / checkpoint.COMPLETE).exists()
+            for t in checkpoint.step_tags(ckpt)
+        )
 
     torchrun, ranks = ranks_of(proc)  # torchrun starts each rank in a session of its own: kill them all
     wait_until(saving, proc, log, "a checkpoint being saved")
@@ -119,7 +139,9 @@ def test_interrupted_every_way_then_resumed_counts_like_one_run(synthetic_datase
     proc.wait(GUARD)
     assert "saved (step" not in log.read_text().split("resumed from")[-1]
     for tag in checkpoint.step_tags(ckpt):
-        assert checkpoint.problem(tag) is None or tag.name > checkpoint.latest_tag(ckpt), tag  # only the interrupted one
+        assert checkpoint.problem(tag) is None or tag.name > checkpoint.latest_tag(ckpt), (
+            tag
+        )  # only the interrupted one
     assert (ckpt / "latest").read_text().strip() == checkpoint.latest_tag(ckpt)  # never names an incomplete tag
 
     # 5. kill -9 of one rank: torchrun ends the other; nothing newer than the last complete tag is trusted.

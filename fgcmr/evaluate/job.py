@@ -74,13 +74,15 @@ class Embedded:
 
 def _paths(cfg: EvalConfig) -> tuple[Path, Path, Path]:
     run_dir = Path(cfg.run)
-    return run_dir, Path(cfg.export) if cfg.export else run_dir / "export", Path(cfg.out) if cfg.out else run_dir / "eval"
+    export_dir = Path(cfg.export) if cfg.export else run_dir / "export"
+    return run_dir, export_dir, Path(cfg.out) if cfg.out else run_dir / "eval"
 
 
 def eval_fingerprint(cfg: EvalConfig) -> Fingerprint:
     """This config, the exported weights and the dataset's manifest."""
     run_dir, export_dir, _ = _paths(cfg)
-    shards = Path(cfg.shards) if cfg.shards else Path(_run_shards(run_dir)) if (run_dir / "config.yaml").is_file() else None
+    has_config = (run_dir / "config.yaml").is_file()
+    shards = Path(cfg.shards) if cfg.shards else Path(_run_shards(run_dir)) if has_config else None
     inputs = {"model": file_hash(export_dir / "model.safetensors"),
               "manifest": file_hash(shards / "manifest.json") if shards else None}
     return fingerprint("eval", cfg, inputs, ("out",))

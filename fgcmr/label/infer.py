@@ -130,7 +130,8 @@ def label_shards(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, max_
 
 
 # Options that change how inference runs, never the sidecars it writes.
-EXECUTION_FIELDS = ("verify_only", "batch_size", "tensorboard", "hist_max_images", "threads", "window_batches", "prefetch_batches")
+EXECUTION_FIELDS = ("verify_only", "batch_size", "tensorboard", "hist_max_images", "threads", "window_batches",
+                    "prefetch_batches")
 
 
 def labeler_identity(labeler: Path) -> str | None:

@@ -35,8 +35,8 @@ def standalone_config(model: TwoTower, cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, image=image, text=text)
 
 
-def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None,
-                extra: Callable[[Path], None] | None = None) -> Path:
+def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig,
+                state_dict: dict[str, torch.Tensor] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write the export atomically: a fresh hidden sibling directory ``.<name>.<id>``, then ``<name>`` (a
     relative symlink) switched to it in one rename, so there is never a moment without a whole export.
     ``extra(dir)`` adds files (e.g. a stamp) before the switch. Files get the umask's permissions."""

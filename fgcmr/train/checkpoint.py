@@ -81,7 +81,8 @@ def step_tags(ckpt_dir: Path) -> list[Path]:
     """Every ``step_*`` directory, oldest step first (by step, not by name)."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name)), key=lambda p: int(TAG.match(p.name)[1]))
+    tags = (p for p in ckpt_dir.iterdir() if p.is_dir() and TAG.match(p.name))
+    return sorted(tags, key=lambda p: int(TAG.match(p.name)[1]))
 
 
 def problem(tag_dir: Path) -> str | None:
@@ -151,7 +152,8 @@ def candidates(ckpt_dir: Path, resume: str) -> list[Path]:
         pointer = ckpt_dir / "latest"
         named = pointer.read_text().strip() if pointer.is_file() else None
         if good and named != good[0].name:
-            log.warning("%s names %s; resuming from the newest complete tag %s", pointer, named or "nothing (missing)", good[0].name)
+            log.warning("%s names %s; resuming from the newest complete tag %s", pointer,
+                        named or "nothing (missing)", good[0].name)
         return good
     path = Path(resume) if Path(resume).is_dir() or not (ckpt_dir / resume).is_dir() else ckpt_dir / resume
     if not path.is_dir():

@@ -204,7 +204,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 save()
                 record_requeue(step)
                 if env.is_main:
-                    log.warning("stopped at step %d of %d; continue with the same command and --resume=auto", step, sched.total_steps)
+                    log.warning("stopped at step %d of %d; continue with the same command and --resume=auto",
+                                step, sched.total_steps)
                 sys.exit(EXIT_REQUEUE)
         save()
     finally:

@@ -34,7 +34,8 @@ class StopRequest:
         self.device = device
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         self._done = threading.Event()
-        threading.Thread(target=self._watch_parent, args=(os.getppid(),), name="fgcmr-parent-watch", daemon=True).start()
+        watch = threading.Thread(target=self._watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True)
+        watch.start()
 
     def _handle(self, signum, frame) -> None:
         self.received = signum

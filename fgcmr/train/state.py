@@ -6,6 +6,7 @@ false``) and again when it ends (``complete: true``, the step reached). Checkpoi
 run directory holding them is never trained over by accident: without ``--resume`` that is refused, and
 ``--resume=auto`` continues a run only with the config and data it was started with.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,10 @@ def inputs(cfg: TrainConfig, strict: bool = False) -> dict[str, str | None]:
         found["labels"] = file_hash(head)
         if strict and found["labels"] is None:
             have = sorted(p.parent.name for p in (shards / "labels").glob("*/head.npz"))
-            raise FileNotFoundError(f"no labels {cfg.labels!r} for {shards} ({head} missing; labels there: "
-                                    f"{', '.join(have) or 'none'}): run `fgcmr label infer` or fix --labels")
+            raise FileNotFoundError(
+                f"no labels {cfg.labels!r} for {shards} ({head} missing; labels there: "
+                f"{', '.join(have) or 'none'}): run `fgcmr label infer` or fix --labels"
+            )
     model = json.dumps(to_dict(load_model_config(cfg.model, cfg.model_overrides)), sort_keys=True)
     found["model"] = hashlib.sha256(model.encode()).hexdigest()
     found["deepspeed"] = file_hash(named_config_path(cfg.deepspeed, "deepspeed", ".json"))
@@ -55,7 +58,9 @@ def done(cfg: TrainConfig) -> Check:
         return check
     stamp = read_stamp(run) or {}
     if not stamp.get("complete"):
-        return Check(False, f"training stopped at step {stamp.get('step', '?')} of {stamp.get('total_steps', '?')}", exists=True)
+        return Check(
+            False, f"training stopped at step {stamp.get('step', '?')} of {stamp.get('total_steps', '?')}", exists=True
+        )
     return check
 
 
@@ -68,13 +73,17 @@ def guard(cfg: TrainConfig, fp: Fingerprint) -> None:
     if not tags:
         return
     if cfg.resume is None:
-        raise ConfigError(f"{run} already holds checkpoints (newest {tags[-1].name}): pass --resume=auto to continue "
-                          "that run, or a new --out to start another")
+        raise ConfigError(
+            f"{run} already holds checkpoints (newest {tags[-1].name}): pass --resume=auto to continue "
+            "that run, or a new --out to start another"
+        )
     stamp = read_stamp(run)
     if cfg.resume in AUTO and stamp is not None and stamp.get("fingerprint") != fp.digest:
-        raise ConfigError(f"{run} was trained with another config or data ({', '.join(fp.changes(stamp))}); "
-                          "--resume=auto continues a run only as it was started: use a new --out, or "
-                          "--resume=<tag dir> to start from those weights with this config")
+        raise ConfigError(
+            f"{run} was trained with another config or data ({', '.join(fp.changes(stamp))}); "
+            "--resume=auto continues a run only as it was started: use a new --out, or "
+            "--resume=<tag dir> to start from those weights with this config"
+        )
 
 
 def record(cfg: TrainConfig, fp: Fingerprint, step: int, total_steps: int, complete: bool) -> None:
