@@ -32,6 +32,24 @@ def _run(target: str, section: str | None, config: str | None, overrides: dict[s
     return getattr(module, fn_name)(cfg)
 
 
+def _stage(name: str, config: str | None, overrides: dict[str, Any], command: Any) -> Any:
+    """Run pipeline stage ``name`` (``fgcmr.stages``) from its config file and options."""
+    from fgcmr.stages import stage
+
+    s = stage(name)
+    if overrides.keys() & {"help", "h"}:
+        print(_options_help(s.config_class, inspect.getdoc(command) or ""))
+        return None
+    return s.run(s.load(config, _aliases(name, overrides)))
+
+
+def _aliases(stage: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``--run_dir`` is ``--run`` for export and eval: torchrun takes ``--run=…`` as its own ``--run-path``."""
+    if stage in ("export", "eval") and "run_dir" in overrides:
+        overrides = {("run" if k == "run_dir" else k): v for k, v in overrides.items()}
+    return overrides
+
+
 def _options_help(cls: type, doc: str) -> str:
     lines = [doc, "", "Options (--name=value; nested as --section.name=value; or from --config=<yaml>):"] if doc else ["Options:"]
 
@@ -58,7 +76,7 @@ def shard(config: str | None = None, **options: Any) -> None:
     fgcmr shard --source=synthetic --out=<dataset dir> --items=N [--seed=S]
     fgcmr shard --merge --out=<dataset dir>   (after a Slurm array of --num_tasks tasks)
     """
-    _run("fgcmr.shard.job:ShardConfig:run", "shard", config, options, shard)
+    _stage("shard", config, options, shard)
 
 
 class Label:
@@ -66,37 +84,47 @@ class Label:
 
     def tokenizer(self, config: str | None = None, **options: Any) -> None:
         """Train a WordPiece tokenizer (English and Chinese) on a dataset's train texts: --shards=<dir> --out=<dir>."""
-        _run("fgcmr.label.tokenizer:TokenizerConfig:run", "tokenizer", config, options, self.tokenizer)
+        _stage("tokenizer", config, options, self.tokenizer)
 
     def train(self, config: str | None = None, **options: Any) -> None:
         """Train the siamese labeler: --shards=<dataset dir> --out=<labeler dir> [--init=<pretrained dir>]."""
-        _run("fgcmr.label.train:LabelTrainConfig:run", "label", config, options, self.train)
+        _stage("label", config, options, self.train)
 
     def infer(self, config: str | None = None, **options: Any) -> None:
         """Distributed inference: --shards=<dataset dir> --labeler=<labeler dir> → <dataset dir>/labels/<name>/."""
-        _run("fgcmr.label.infer:LabelInferConfig:run", "infer", config, options, self.infer)
+        _stage("infer", config, options, self.infer)
 
 
 def train(config: str | None = None, **options: Any) -> None:
-    """Train the two-tower model with DeepSpeed: --shards=<dataset dir> --out=<run dir> [--resume=auto]."""
-    _run("fgcmr.train.loop:TrainConfig:run", "train", config, options, train)
+    """Train the two-tower model with DeepSpeed: --shards=<dataset dir> --out=<run dir> [--resume=auto].
+
+    A run directory that holds checkpoints is continued only with --resume=auto (alias latest: its newest
+    complete checkpoint) or --resume=<tag>; Ctrl-C / SIGTERM / SIGUSR1 checkpoint and exit 75.
+    """
+    _stage("train", config, options, train)
 
 
 def export(config: str | None = None, **options: Any) -> None:
-    """Consolidate a (ZeRO) checkpoint into <run dir>/export/model.safetensors: --run=<run dir>."""
-    _run("fgcmr.train.export:ExportConfig:run", "export", config, options, export)
+    """Consolidate a (ZeRO) checkpoint into <run dir>/export/model.safetensors: --run=<run dir> (or --run_dir=)."""
+    _stage("export", config, options, export)
 
 
 def eval(config: str | None = None, **options: Any) -> None:  # noqa: A001 - the command's name
-    """Retrieval metrics (MAP@all, MAP@R, Recall@K, median rank) and a PNG report: --run=<run dir>."""
-    _run("fgcmr.evaluate.job:EvalConfig:run", "eval", config, options, eval)
+    """Retrieval metrics (MAP@all, MAP@R, Recall@K, median rank) and a PNG report: --run_dir=<run dir> (or --run=).
+
+    Under torchrun spell it --run_dir: torchrun reads --run=… as its own --run-path.
+    """
+    _stage("eval", config, options, eval)
 
 
-def pipeline(config: str | None = None, nproc: int = 1, out: str | None = None, **options: Any) -> None:
+def pipeline(config: str | None = None, nproc: int = 1, out: str | None = None, force: bool = False,
+             **options: Any) -> None:
     """shard → label (train + infer) → train → export → eval from one experiment config, on N local processes.
 
-    fgcmr pipeline --config=<experiment.yaml> [--nproc=N] [--out=<dir>] [--<section>.<option>=value ...]
-    Stages whose verified outputs exist are skipped, so rerunning after a crash continues.
+    fgcmr pipeline --config=<experiment.yaml> [--nproc=N] [--out=<dir>] [--force] [--<section>.<option>=value ...]
+    Stages whose outputs are complete and made from the same config and inputs are skipped, so rerunning
+    after a crash continues; a changed stage is redone with everything downstream. A training run made
+    with another config is refused unless --force (which deletes it) or a new --out.
     """
     if config is None or options.keys() & {"help", "h"}:
         print(inspect.getdoc(pipeline))
@@ -105,7 +133,7 @@ def pipeline(config: str | None = None, nproc: int = 1, out: str | None = None, 
         return
     from fgcmr.pipeline import run_pipeline
 
-    run_pipeline(config, nproc=nproc, out=out, overrides=options)
+    run_pipeline(config, nproc=nproc, out=out, overrides=options, force=force)
 
 
 class Submit:
@@ -179,6 +207,9 @@ def main() -> None:
     except (FileNotFoundError, NotADirectoryError) as e:
         print(f"fgcmr: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("fgcmr: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

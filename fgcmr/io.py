@@ -21,6 +21,7 @@ def _current_umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp alone gives 0600
+_DIR_MODE = 0o777 & ~_current_umask()  # what mkdir() would give; mkdtemp alone gives 0700
 
 
 @contextlib.contextmanager
@@ -40,6 +41,33 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh directory in ``parent`` with the umask's permissions (``mkdtemp`` alone gives 0700)."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(path, _DIR_MODE)
+    return path
+
+
+def honour_umask(root: str | Path) -> None:
+    """Give ``root`` and everything under it the umask's permissions (writers such as safetensors make 0600 files)."""
+    root = Path(root)
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if not path.is_symlink():
+            os.chmod(path, _DIR_MODE if path.is_dir() else _FILE_MODE)
+
+
+def clean_leftovers(*dirs: str | Path) -> list[Path]:
+    """Remove the temporary files of writers killed mid-write (``.<name>.*.tmp``) in ``dirs``; call it
+    before any writer of this job starts there. Returns what was removed."""
+    removed = []
+    for d in map(Path, dirs):
+        for path in d.glob(".*.tmp") if d.is_dir() else []:
+            if path.is_file() or path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

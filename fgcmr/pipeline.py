@@ -16,55 +16,39 @@ One experiment file drives it. Its sections are named like the CLI's config sect
 
 The pipeline fills in every path between stages, writes the resolved file to ``<out>/experiment.yaml``
 (so any stage can be rerun by hand: ``fgcmr train --config=<out>/experiment.yaml``), and runs each
-stage as a subprocess (``torchrun --nproc_per_node N`` for the distributed ones). A stage whose
-verified output already exists is skipped, so a rerun after a crash continues where it stopped;
-delete a stage's output to redo it. The tokenizer and label stages run only when their section is
-present. Per-stage status and wall time go to ``<out>/pipeline.json``.
+stage as a subprocess (``torchrun --nproc_per_node N`` for the distributed ones). Every stage's config
+is built and validated before anything runs. A stage is skipped when its ``done`` check (``fgcmr.stages``)
+says its output is complete and made from the same config and inputs, so a rerun after a crash continues
+where it stopped. Otherwise it runs, saying why ("eval: config changed (split test→val), redoing"), and
+so does everything downstream whose inputs it changes. Output that is expensive or shared is never
+replaced silently: a finished or started training run made with another config or data is refused
+(``--force`` retrains, deleting ``<out>/run``; or use a new ``--out``), and so are shards made with
+another config. The tokenizer and label stages run only when their section is present. Per-stage
+status and wall time go to ``<out>/pipeline.json``. A training stage stopped by a signal (Ctrl-C,
+SIGTERM to this process) checkpoints and the pipeline exits 75; rerun the same command to continue.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fgcmr.config import ConfigError, apply_overrides, dump_yaml, read_yaml
 from fgcmr.distributed import free_port
-from fgcmr.io import atomic_write_json, atomic_write_text, read_json, sha256_file
+from fgcmr.io import atomic_write_json, atomic_write_text, read_json
+from fgcmr.run import EXIT_REQUEUE, LABELER, REQUEUE_FILE_ENV, Check, Layout
+from fgcmr.stages import SECTIONS, STAGES, Stage
 
 log = logging.getLogger("fgcmr.pipeline")
 
 DEFAULT_DATA_ROOT = "../shared/data"
-LABELER = "labeler"
-SECTIONS = ("shard", "tokenizer", "label", "infer", "train", "export", "eval")
-# stage → (CLI words, distributed?)
-COMMANDS: dict[str, tuple[list[str], bool]] = {
-    "shard": (["shard"], False),
-    "tokenizer": (["label", "tokenizer"], False),
-    "label": (["label", "train"], True),
-    "infer": (["label", "infer"], True),
-    "train": (["train", "--resume=auto"], True),
-    "export": (["export"], False),
-    "eval": (["eval"], True),
-}
-
-
-class Layout:
-    """Where every stage's output lives."""
-
-    def __init__(self, out: Path, data_dir: Path):
-        self.out, self.data_dir = out, data_dir
-        self.shards = data_dir / "shards"
-        self.tokenizer = data_dir / "tokenizer"
-        self.labeler = data_dir / LABELER
-        self.run = out / "run"
-        self.export = self.run / "export"
-        self.eval = self.run / "eval"
-        self.experiment = out / "experiment.yaml"
+__all__ = ["LABELER", "Layout", "plan", "resolve_experiment", "run_pipeline", "stage_configs"]
 
 
 def resolve_experiment(config_path: str | Path, out: str | None, overrides: dict[str, Any] | None) -> tuple[dict, Layout]:
@@ -122,98 +106,136 @@ def _substitute(node: Any, table: dict[str, str]) -> Any:
     return node
 
 
-# ---- is a stage's output there and whole? -------------------------------------------------------
+# ---- which stages to run ---------------------------------------------------------------------
 
-def shard_done(layout: Layout) -> bool:
-    path = layout.shards / "manifest.json"
-    if not path.is_file():
-        return False
-    splits = read_json(path)["splits"].values()
-    return all((layout.shards / s["file"]).is_file() and (layout.shards / s["file"]).stat().st_size == s["bytes"] for sp in splits for s in sp["shards"])
+def stages_of(exp: dict) -> list[Stage]:
+    return [s for s in STAGES if not s.optional or s.name in exp]
 
 
-def tokenizer_done(layout: Layout) -> bool:
-    return (layout.tokenizer / "tokenizer.json").is_file() and (layout.tokenizer / "config.yaml").is_file()
+def stage_configs(exp: dict) -> dict[str, Any]:
+    """Every stage's typed config, built (and validated) before anything runs: a bad option fails now."""
+    return {s.name: s.build(exp.get(s.name) or {}) for s in stages_of(exp)}
 
 
-def label_done(layout: Layout) -> bool:
-    return (layout.labeler / "metrics.json").is_file()
+def check(stage: Stage, cfg: Any) -> Check:
+    """The stage's ``done`` check; a check that cannot read what it inspects says so instead of failing."""
+    try:
+        return stage.done(cfg)
+    except ConfigError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        return Check(False, f"cannot tell ({type(e).__name__}: {e})", exists=True)
 
 
-def infer_done(layout: Layout) -> bool:
-    from fgcmr.dataset import open_dataset
-    from fgcmr.labels import labels_dir, sidecar_path
-
-    if not (labels_dir(layout.shards, LABELER) / "manifest.json").is_file():
-        return False
-    ds = open_dataset(layout.shards)
-    return all(sidecar_path(layout.shards, LABELER, s.file).is_file() for split in ds.split_names for s in ds.shard_infos(split))
+def refusal(stage: Stage, check: Check, layout: Layout, upstream: str | None) -> str:
+    """The one-line refusal for a protected stage whose existing output would be replaced (``""``: go ahead)."""
+    if not stage.protect or not check.exists or not (check.changed or upstream):
+        return ""
+    why = check.reason if check.changed else f"{upstream} changed"
+    return f"{stage.name}: {why} for the output in {getattr(layout, stage.output)}, {stage.protect}"
 
 
-def train_done(layout: Layout) -> bool:
-    summary, config = layout.run / "train_metrics.json", layout.run / "config.yaml"
-    if not (summary.is_file() and config.is_file()):
-        return False
-    total = (read_yaml(config).get("schedule") or {}).get("total_steps")
-    return total is not None and read_json(summary).get("step", -1) >= total
-
-
-def export_done(layout: Layout) -> bool:
-    weights = layout.export / "model.safetensors"
-    return weights.is_file() and (layout.export / "model_config.json").is_file() and \
-        weights.stat().st_mtime >= (layout.run / "train_metrics.json").stat().st_mtime
-
-
-def eval_done(layout: Layout) -> bool:
-    path = layout.eval / "metrics.json"
-    return path.is_file() and read_json(path).get("model", {}).get("sha256") == sha256_file(layout.export / "model.safetensors")
-
-
-DONE: dict[str, Callable[[Layout], bool]] = {
-    "shard": shard_done, "tokenizer": tokenizer_done, "label": label_done, "infer": infer_done,
-    "train": train_done, "export": export_done, "eval": eval_done,
-}
+def plan(exp: dict, layout: Layout, configs: dict[str, Any], force: bool = False) -> list[tuple[Stage, Check]]:
+    """Each stage with its check now; refuses (ConfigError) up front where work would be lost."""
+    out, upstream = [], None
+    for stage in stages_of(exp):
+        c = check(stage, configs[stage.name])
+        why = refusal(stage, c, layout, upstream)
+        if why and not (force and stage.forceable):
+            raise ConfigError(why)
+        if c.changed and upstream is None:
+            upstream = stage.name
+        out.append((stage, c))
+    return out
 
 
 # ---- running ------------------------------------------------------------------------------------
 
-def stage_command(stage: str, experiment: Path, nproc: int) -> list[str]:
+def stage_command(stage: Stage, experiment: Path, nproc: int) -> list[str]:
     """The subprocess for one stage: ``python -m fgcmr.cli …`` or the same under torchrun."""
-    words, distributed = COMMANDS[stage]
-    args = ["-m", "fgcmr.cli", *words, f"--config={experiment}"]
-    if not distributed:
+    args = ["-m", "fgcmr.cli", *stage.words, f"--config={experiment}", *stage.rerun_args]
+    if not stage.distributed:
         return [sys.executable, *args]
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
     return [*launcher, "--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
 
 
-def run_pipeline(config_path: str, nproc: int = 1, out: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
-    """Run every stage that is not already done; print the final metrics table. Returns the metrics."""
+def run_stage(cmd: list[str], env: dict[str, str], requeue_file: Path) -> tuple[int, bool]:
+    """Run one stage; SIGTERM/SIGUSR1 to the pipeline go on to it (Ctrl-C reaches it from the terminal).
+    Returns its exit code (``EXIT_REQUEUE`` when a rank recorded one, which torchrun reports as 1) and
+    whether the pipeline was interrupted."""
+    requeue_file.unlink(missing_ok=True)
+    child = subprocess.Popen(cmd, env={**env, REQUEUE_FILE_ENV: str(requeue_file)})
+    interrupted = False
+
+    def forward(signum, frame) -> None:
+        nonlocal interrupted
+        interrupted = True
+        if signum != signal.SIGINT:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        rc = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if requeue_file.is_file():
+        requeue_file.unlink()
+        rc = EXIT_REQUEUE if rc != 0 else rc
+    return rc, interrupted
+
+
+def run_pipeline(config_path: str, nproc: int = 1, out: str | None = None, overrides: dict[str, Any] | None = None,
+                 force: bool = False) -> dict:
+    """Run every stage that is not done; print the final metrics table. Returns the metrics."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be ≥ 1, got {nproc}")
     exp, layout = resolve_experiment(config_path, out, overrides)
+    configs = stage_configs(exp)
+    plan(exp, layout, configs, force)
     layout.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.experiment, dump_yaml(exp))
-    stages = [s for s in SECTIONS if s not in ("tokenizer", "label", "infer") or s in exp]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     status: dict[str, dict] = {}
     started = time.monotonic()
-    for stage in stages:
-        if DONE[stage](layout):
-            log.info("pipeline: %s already done, skipped", stage)
-            status[stage] = {"status": "skipped"}
+    for stage in stages_of(exp):
+        c = check(stage, configs[stage.name])  # again: an upstream stage may have just changed its inputs
+        if c.done:
+            log.info("pipeline: %s already done (same config and inputs), skipped", stage.name)
+            status[stage.name] = {"status": "skipped"}
             continue
+        why = refusal(stage, c, layout, None)
+        if why and not (force and stage.forceable):
+            raise ConfigError(why)
+        if why:
+            log.warning("pipeline: %s: %s; --force: deleting %s and redoing it", stage.name, c.reason,
+                        getattr(layout, stage.output))
+            shutil.rmtree(getattr(layout, stage.output))
+        elif c.exists:
+            log.warning("pipeline: %s: %s, %s", stage.name, c.reason, "resuming" if stage.rerun_args else "redoing")
         cmd = stage_command(stage, layout.experiment, nproc)
-        log.info("pipeline: %s: %s", stage, " ".join(cmd))
+        log.info("pipeline: %s: %s", stage.name, " ".join(cmd))
         t0 = time.monotonic()
-        rc = subprocess.run(cmd, env=env).returncode
-        status[stage] = {"status": "ran", "seconds": round(time.monotonic() - t0, 1), "returncode": rc}
+        rc, interrupted = run_stage(cmd, env, layout.out / f".requeue-{stage.name}")
+        status[stage.name] = {"status": "ran", "seconds": round(time.monotonic() - t0, 1), "returncode": rc}
         _write_status(layout, config_path, nproc, overrides, status, started)
+        if rc == EXIT_REQUEUE:
+            print(f"fgcmr pipeline: {stage.name} stopped by a signal after checkpointing; "
+                  "rerun the same command to continue", file=sys.stderr)
+            sys.exit(EXIT_REQUEUE)
+        if interrupted:
+            print(f"fgcmr pipeline: interrupted during {stage.name}; rerun the same command to continue",
+                  file=sys.stderr)
+            sys.exit(130)
         if rc != 0:
-            raise RuntimeError(f"pipeline stage {stage!r} failed (exit {rc}); fix it and rerun the same command to continue")
-        if not DONE[stage](layout):
-            raise RuntimeError(f"pipeline stage {stage!r} exited 0 but its output is incomplete under {layout.out}")
+            print(f"fgcmr pipeline: stage {stage.name!r} failed (exit {rc}); "
+                  "fix it and rerun the same command to continue", file=sys.stderr)
+            sys.exit(rc if 0 < rc < 128 else 1)
+        c = check(stage, configs[stage.name])
+        if not c.done:
+            raise RuntimeError(f"pipeline stage {stage.name!r} exited 0 but is not done: {c.reason}")
     _write_status(layout, config_path, nproc, overrides, status, started)
     metrics = read_json(layout.eval / "metrics.json")
     from fgcmr.evaluate.job import format_table

@@ -25,3 +25,24 @@ parse_args() {
     if [[ $1 == *.py ]]; then TARGET=("$1"); shift; else TARGET=(-m fgcmr.cli); fi
     ARGS=("$@")
 }
+
+# Run "$@" (a launcher) and exit with its code, keeping fgcmr's requeue code 75: torchrun reports a rank's
+# exit 75 as 1, so the ranks also record it in $FGCMR_REQUEUE_FILE. SIGTERM and SIGUSR1 to this script
+# go on to the launcher (which passes them to the ranks); Ctrl-C reaches everyone from the terminal.
+run_keeping_requeue() {
+    local marker child rc=0
+    marker=$(mktemp -u "${TMPDIR:-/tmp}/fgcmr-requeue.XXXXXX")
+    export FGCMR_REQUEUE_FILE=$marker
+    "$@" &
+    child=$!
+    trap 'kill -TERM "$child" 2>/dev/null || true' TERM
+    trap 'kill -USR1 "$child" 2>/dev/null || true' USR1
+    trap ':' INT
+    while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
+    wait "$child" || rc=$?
+    if [[ -e $marker ]]; then
+        rm -f "$marker"
+        (( rc == 0 )) || rc=75
+    fi
+    exit "$rc"
+}

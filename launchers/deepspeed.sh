@@ -16,5 +16,5 @@ parse_args "$@"
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 [[ ${TARGET[0]} == -m ]] && TARGET=(--module "${TARGET[1]}")
-exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "${MASTER_PORT:-$(free_port)}" \
+run_keeping_requeue "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "${MASTER_PORT:-$(free_port)}" \
     --no_local_rank "${TARGET[@]}" "${ARGS[@]}"

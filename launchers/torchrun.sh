@@ -20,4 +20,4 @@ if (( ${NNODES:-1} > 1 )); then
 else
     rdzv=(--standalone)
 fi
-exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" "${TARGET[@]}" "${ARGS[@]}"
+run_keeping_requeue "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" "${TARGET[@]}" "${ARGS[@]}"

@@ -1,6 +1,7 @@
 """fgcmr submit: rendering (no cluster needed), and a failing chain against a real Slurm cluster."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,24 @@ def test_chain_leaves_out_stages_the_experiment_lacks():
     assert label.values["with_tokenizer"] == "false"
 
 
+def test_bad_stage_option_fails_before_submitting(tmp_path):
+    path = write_experiment(tmp_path, shard={"source": "wikipedia"}, train={}, eval={})
+    with pytest.raises(ConfigError, match="shard: --root is required"):
+        submit_pipeline(str(path), dry_run=True, out=str(tmp_path / "out"))
+    path = write_experiment(tmp_path, shard={"source": "synthetic"}, train={}, eval={})
+    with pytest.raises(ConfigError, match="train.data.micro_batch must be an integer"):
+        submit_pipeline(str(path), dry_run=True, out=str(tmp_path / "out"), overrides={"train.data.micro_batch": "abc"})
+
+
+def test_jobs_read_the_stage_table():
+    from fgcmr.slurm.config import JOBS
+    from fgcmr.stages import STAGES
+
+    assert JOBS == ("shard", "merge", "label", "infer", "train", "eval")
+    assert {f.name for f in dataclasses.fields(SlurmConfig)} >= set(JOBS)
+    assert {s.slurm_job for s in STAGES} <= set(JOBS)
+
+
 @pytest.mark.parametrize("slurm_section, message", [
     ({"time": "soon"}, "not a Slurm time"),
     ({"train": {"nodez": 2}}, "slurm.train.nodez"),
@@ -88,8 +107,8 @@ def test_bad_slurm_section_fails_before_submitting(tmp_path, slurm_section, mess
 
 @pytest.mark.slurm
 def test_failed_job_stops_its_dependents_and_status_names_it(tmp_path, capsys, slurm, cancel_after):  # noqa: F811
-    # source=wikipedia without --root is a config error: the shard array fails at once.
-    path = write_experiment(tmp_path, shard={"source": "wikipedia", "out": str(tmp_path / "shards")},
+    # A corpus folder that is not there: the config is valid (so it is submitted), the shard array fails at once.
+    path = write_experiment(tmp_path, shard={"source": "folder", "root": str(tmp_path / "missing"), "out": str(tmp_path / "shards")},
                             train={"shards": str(tmp_path / "shards"), "out": str(tmp_path / "run")},
                             eval={"run": str(tmp_path / "run")},
                             slurm={"shard_tasks": 2, "cpus_per_task": 1, "time": "00:05:00"})
@@ -110,7 +129,7 @@ def test_failed_job_stops_its_dependents_and_status_names_it(tmp_path, capsys, s
     for t in failed:
         assert t.exit_code == "2:0" and Path(t.log).is_file()
         assert f"FAILED: job shard ({t.job_id}) ended FAILED with exit code 2:0; log: {t.log}" in text
-    assert "--root is required" in text
+    assert "does not exist" in text
     assert "never started (a job they depend on failed): merge, train, eval" in text
     cli = subprocess.run([sys.executable, "-m", "fgcmr.cli", "submit", "status", f"--out={out}"], capture_output=True, text=True)
     assert cli.returncode == 1 and "FAILED: job shard" in cli.stdout

@@ -8,6 +8,7 @@ every sample exactly once); rank 0 gathers the per-shard results, restores shard
     <run>/eval/report.png       PR curves, similarity histograms, top-5 images for a few text queries
     <run>/eval/config.yaml      this job's resolved config
     <run>/eval/tensorboard/     the same numbers as scalars ``eval/<split>/<metric>``
+    <run>/eval/fgcmr-stage.json its fingerprint (config, exported weights, dataset), written last: ``done``
 
 The dataset comes from the run's ``config.yaml`` (``train.shards``) unless ``--shards`` is given.
 """
@@ -25,8 +26,9 @@ from fgcmr import distributed
 from fgcmr.config import dump_yaml, read_yaml
 from fgcmr.dataset import DatasetInfo, Sample, iter_samples, open_dataset
 from fgcmr.evaluate.metrics import RECALL_KS, retrieval_metrics
-from fgcmr.io import atomic_write_json, atomic_write_text, sha256_file
+from fgcmr.io import atomic_write_json, atomic_write_text, clean_leftovers, sha256_file
 from fgcmr.progress import Progress
+from fgcmr.run import STAMP, Check, Fingerprint, check_stamp, file_hash, fingerprint, write_stamp
 
 log = logging.getLogger("fgcmr.eval")
 
@@ -70,14 +72,41 @@ class Embedded:
     skipped: int
 
 
+def _paths(cfg: EvalConfig) -> tuple[Path, Path, Path]:
+    run_dir = Path(cfg.run)
+    export_dir = Path(cfg.export) if cfg.export else run_dir / "export"
+    return run_dir, export_dir, Path(cfg.out) if cfg.out else run_dir / "eval"
+
+
+def eval_fingerprint(cfg: EvalConfig) -> Fingerprint:
+    """This config, the exported weights and the dataset's manifest."""
+    run_dir, export_dir, _ = _paths(cfg)
+    has_config = (run_dir / "config.yaml").is_file()
+    shards = Path(cfg.shards) if cfg.shards else Path(_run_shards(run_dir)) if has_config else None
+    inputs = {"model": file_hash(export_dir / "model.safetensors"),
+              "manifest": file_hash(shards / "manifest.json") if shards else None}
+    return fingerprint("eval", cfg, inputs, ("out",))
+
+
+def done(cfg: EvalConfig) -> Check:
+    """Done when metrics.json (and report.png when asked) were written for this model, data and config."""
+    out = _paths(cfg)[2]
+    check = check_stamp(out, eval_fingerprint(cfg), "evaluation")
+    if check.done and not all((out / f).is_file() for f in ["metrics.json", *(["report.png"] if cfg.report else [])]):
+        return Check(False, f"{out} is incomplete", exists=True)
+    return check
+
+
 def run(cfg: EvalConfig) -> dict | None:
     env = distributed.init()
     from fgcmr.model import load_export
 
-    run_dir = Path(cfg.run)
-    export_dir = Path(cfg.export) if cfg.export else run_dir / "export"
-    out = Path(cfg.out) if cfg.out else run_dir / "eval"
+    run_dir, export_dir, out = _paths(cfg)
     dataset = open_dataset(cfg.shards or _run_shards(run_dir))
+    fp = eval_fingerprint(cfg) if env.is_main else None
+    if env.is_main:
+        (out / STAMP).unlink(missing_ok=True)  # the old results stop counting as done from here on
+        clean_leftovers(out)
     model, _, inputs = load_export(export_dir, device=env.device)
     started = time.time()
     results = {}
@@ -96,6 +125,7 @@ def run(cfg: EvalConfig) -> dict | None:
         _log_tensorboard(out / "tensorboard", metrics, _train_steps(run_dir))
     if cfg.report:
         _draw(out / "report.png", dataset, cfg, results[cfg.split], metrics, run_dir)
+    write_stamp(out, fp)
     log.info("%s", format_table(metrics))
     log.info("wrote %s", out / "metrics.json")
     return metrics

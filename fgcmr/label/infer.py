@@ -30,6 +30,7 @@ from fgcmr.label.model import SiameseLabeler, load_labeler
 from fgcmr.label.stream import ShardEnd, ShardTexts, TextBatch, prefetch, shard_items
 from fgcmr.labels import (SidecarError, labels_dir, pair_scores, read_head, read_sidecar, relevance, sidecar_path,
                           verify_labels, write_head, write_sidecar)
+from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 
 log = logging.getLogger("fgcmr.label")
 
@@ -128,6 +129,36 @@ def label_shards(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, max_
     return records
 
 
+# Options that change how inference runs, never the sidecars it writes.
+EXECUTION_FIELDS = ("verify_only", "batch_size", "tensorboard", "hist_max_images", "threads", "window_batches",
+                    "prefetch_batches")
+
+
+def labeler_identity(labeler: Path) -> str | None:
+    """What the sidecars were made with: hashes of the labeler's weights (a retrained labeler differs even
+    with the same config). Sidecars carrying the labeler's identity themselves plug in here."""
+    files = [labeler / "labeler.json", labeler / "head.safetensors", labeler / "encoder" / "model.safetensors"]
+    hashes = [file_hash(f) for f in files]
+    return None if None in hashes else ":".join(hashes)
+
+
+def infer_fingerprint(cfg: LabelInferConfig) -> Fingerprint:
+    inputs = {"manifest": file_hash(Path(cfg.shards) / "manifest.json"), "labeler": labeler_identity(Path(cfg.labeler))}
+    return fingerprint("infer", cfg, inputs, EXECUTION_FIELDS)
+
+
+def done(cfg: LabelInferConfig) -> Check:
+    """Done when the labels were made by this labeler from this dataset and every shard has its sidecar."""
+    out = labels_dir(cfg.shards, cfg.labeler_name)
+    check = check_stamp(out, infer_fingerprint(cfg), "label sidecars")
+    if not check.done:
+        return check
+    ds = open_dataset(cfg.shards)
+    missing = [s.file for split in (cfg.splits or ds.split_names) for s in ds.shard_infos(split)
+               if not sidecar_path(cfg.shards, cfg.labeler_name, s.file).is_file()]
+    return Check(False, f"{len(missing)} sidecars missing (first: {missing[0]})", exists=True) if missing else check
+
+
 def run(cfg: LabelInferConfig) -> dict:
     d = init(cfg.threads)
     ds = open_dataset(cfg.shards)
@@ -136,6 +167,8 @@ def run(cfg: LabelInferConfig) -> dict:
         return _report(verify_labels(cfg.shards, cfg.labeler_name, check_keys=True), out)
     model, tokenizer, max_length = load_labeler(cfg.labeler)
     model.to(d.device)
+    if d.is_main:
+        clear_stamp(out)
     splits = cfg.splits or ds.split_names
     mine = [(split, shard) for split in splits for shard in shard_slice(ds.shards(split), d.rank, d.world_size)]
     t0 = time.monotonic()
@@ -150,6 +183,7 @@ def run(cfg: LabelInferConfig) -> dict:
         manifest = _manifest(cfg, ds, splits, gathered, d)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         atomic_write_json(out / "manifest.json", manifest)
+        write_stamp(out, infer_fingerprint(cfg))
         log.info("label infer: %d sidecars (%d written, %d kept) → %s", len(gathered),
                  sum(r["status"] == "written" for r in gathered.values()), sum(r["status"] == "kept" for r in gathered.values()), out)
     barrier()

@@ -123,12 +123,13 @@ def save_labeler(out: str | Path, model: SiameseLabeler, tokenizer: PreTrainedTo
     """Write everything inference needs; ``labeler.json`` goes last, so a directory without it is incomplete."""
     from safetensors.torch import save
 
-    from fgcmr.io import atomic_write_bytes
+    from fgcmr.io import atomic_write_bytes, honour_umask
 
     out = Path(out)
     model.encoder.save_pretrained(out / "encoder")
     tokenizer.save_pretrained(out / "tokenizer")
     atomic_write_bytes(out / "head.safetensors", save({k: v.detach().float().cpu().contiguous() for k, v in model.head_state().items()}))
+    honour_umask(out)  # transformers' safetensors writer makes 0600 files
     atomic_write_json(out / "labeler.json", {"pooling": model.pooling, "dim": model.proj.out_features, "max_length": max_length})
 
 

@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from fgcmr.config import dump_yaml
 from fgcmr.io import atomic_write_text
+from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 from fgcmr.text import SPECIAL_TOKENS, train_wordpiece
 
 log = logging.getLogger("fgcmr.label")
@@ -30,13 +31,23 @@ class TokenizerConfig:
             raise ValueError(f"vocab_size={self.vocab_size} is too small")
 
 
+def tokenizer_fingerprint(cfg: TokenizerConfig) -> Fingerprint:
+    return fingerprint("tokenizer", cfg, {"manifest": file_hash(Path(cfg.shards) / "manifest.json")}, ("out",))
+
+
+def done(cfg: TokenizerConfig) -> Check:
+    return check_stamp(Path(cfg.out), tokenizer_fingerprint(cfg), "tokenizer")
+
+
 def run(cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
     """``fgcmr label tokenizer``: train on one split's texts and save beside the resolved config."""
     from fgcmr.label.texts import read_texts
 
+    clear_stamp(Path(cfg.out))
     texts = read_texts(cfg.shards, [cfg.split]).texts
     tok = train_wordpiece(texts, cfg.vocab_size, cfg.min_frequency, cfg.lowercase)
     tok.save_pretrained(cfg.out)
     atomic_write_text(Path(cfg.out) / "config.yaml", dump_yaml(cfg))
+    write_stamp(Path(cfg.out), tokenizer_fingerprint(cfg))
     log.info("tokenizer: %d tokens from %d %s texts → %s", len(tok), len(texts), cfg.split, cfg.out)
     return tok

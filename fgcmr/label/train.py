@@ -26,6 +26,7 @@ from fgcmr.config import dump_yaml
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import DistEnv, all_gather_with_grad, barrier, init
 from fgcmr.io import atomic_write_json, atomic_write_text
+from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 from fgcmr.label.encode import embed_texts
 from fgcmr.label.metrics import PairStats, fit_platt, pair_stats, subsample
 from fgcmr.label.model import EncoderConfig, SiameseLabeler, autocast, build_encoder, save_labeler, tokenize
@@ -185,9 +186,22 @@ def lr_lambda(cfg: LabelTrainConfig):
     return f
 
 
+def labeler_fingerprint(cfg: LabelTrainConfig) -> Fingerprint:
+    """The config, the dataset and the tokenizer it is given (``init`` is a path in the config)."""
+    inputs = {"manifest": file_hash(Path(cfg.shards) / "manifest.json"),
+              "tokenizer": file_hash(Path(cfg.tokenizer) / "tokenizer.json") if cfg.tokenizer else None}
+    return fingerprint("label", cfg, inputs, ("out", "threads", "tensorboard"))
+
+
+def done(cfg: LabelTrainConfig) -> Check:
+    return check_stamp(Path(cfg.out), labeler_fingerprint(cfg), "labeler")
+
+
 def run(cfg: LabelTrainConfig) -> dict:
     d = init(cfg.threads)
     torch.manual_seed(cfg.seed)
+    if d.is_main:
+        clear_stamp(Path(cfg.out))
     ds = open_dataset(cfg.shards)
     train = read_texts(cfg.shards, [cfg.train_split])
     if cfg.test_fraction > 0:
@@ -244,6 +258,7 @@ def run(cfg: LabelTrainConfig) -> dict:
         save_labeler(cfg.out, model, tokenizer, cfg.model.max_length)
         atomic_write_text(Path(cfg.out) / "config.yaml", dump_yaml(cfg))
         atomic_write_json(Path(cfg.out) / "metrics.json", metrics)
+        write_stamp(Path(cfg.out), labeler_fingerprint(cfg))
         log.info("label train: AUC train %.4f val %.4f test %s → %s", metrics["train"]["auc"], metrics["val"]["auc"], metrics.get("auc"), cfg.out)
     if tb:
         tb.close()

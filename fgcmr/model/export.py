@@ -1,5 +1,6 @@
 """The exported model: ``model.safetensors`` + ``model_config.json`` (+ ``tokenizer/``), free of DeepSpeed.
 
+``<dir>`` is a symlink to a hidden versioned sibling ``.<dir>.<id>/`` (see ``save_export``).
 The config is rewritten to be self-contained: no pretrained-weight paths (the weights are in the
 safetensors file), the text encoder's full architecture inline, the tokenizer copied beside it.
 """
@@ -7,14 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from fgcmr.config import build, to_dict
-from fgcmr.io import atomic_write_json
+from fgcmr.io import atomic_write_json, honour_umask, make_temp_dir
 from fgcmr.model.config import ModelConfig
 from fgcmr.model.inputs import Inputs, build_inputs
 from fgcmr.model.two_tower import TwoTower, build_model
@@ -33,27 +35,53 @@ def standalone_config(model: TwoTower, cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, image=image, text=text)
 
 
-def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the export atomically (a temporary sibling directory renamed into place)."""
+def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig,
+                state_dict: dict[str, torch.Tensor] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write the export atomically: a fresh hidden sibling directory ``.<name>.<id>``, then ``<name>`` (a
+    relative symlink) switched to it in one rename, so there is never a moment without a whole export.
+    ``extra(dir)`` adds files (e.g. a stamp) before the switch. Files get the umask's permissions."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_old_exports(out_dir)
     state = state_dict if state_dict is not None else model.state_dict()
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         save_file(state, str(tmp / WEIGHTS))
         if cfg.text.kind == "transformers":
             shutil.copytree(cfg.tokenizer_dir, tmp / TOKENIZER)
         atomic_write_json(tmp / CONFIG, to_dict(standalone_config(model, cfg)))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        if extra is not None:
+            extra(tmp)
+        honour_umask(tmp)
+        _switch(out_dir, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    clean_old_exports(out_dir)
     return out_dir
+
+
+def _switch(out_dir: Path, new: Path) -> None:
+    link = out_dir.with_name(f".{out_dir.name}.link.tmp")
+    link.unlink(missing_ok=True)
+    os.symlink(new.name, link)
+    if out_dir.is_dir() and not out_dir.is_symlink():  # a plain directory from an older fgcmr: move it aside first
+        out_dir.rename(make_temp_dir(out_dir.parent, f".{out_dir.name}.") / "old")
+    os.replace(link, out_dir)
+
+
+def clean_old_exports(out_dir: Path) -> None:
+    """Remove the hidden versions ``<name>`` no longer points at (left by earlier or killed exports)."""
+    current = os.readlink(out_dir) if out_dir.is_symlink() else None
+    for path in out_dir.parent.glob(f".{out_dir.name}.*"):
+        if path.name != current:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TwoTower, ModelConfig, Inputs]:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from fgcmr.config import ConfigError, dump_yaml, to_dict
-from fgcmr.io import atomic_write_json, read_json
+from fgcmr.io import atomic_write_json, clean_leftovers, read_json
 from fgcmr.progress import Progress
+from fgcmr.run import DONE, Check, diff
 from fgcmr.shard.manifest import WORK_DIR, finalize, plan_path
 from fgcmr.shard.readers import make_reader
 from fgcmr.shard.records import Ref, make_key
@@ -125,6 +126,8 @@ def run(cfg: ShardConfig) -> dict:
     """Shard (this task's part of) the corpus; return the manifest, or this task's summary in an array."""
     cfg.validate()
     out = Path(cfg.out)
+    if cfg.merge or cfg.num_tasks == 1:
+        clean_leftovers(out)  # temporary files of a killed finalize (tasks of an array write only under the work dir)
     if cfg.merge:
         return _report(finalize(out))
     reader = make_reader(cfg)  # a wrong path or layout fails here, before any work
@@ -147,6 +150,25 @@ def run(cfg: ShardConfig) -> dict:
         return _report(finalize(out))
     log.info("task %d of %d done; after all tasks finish run `fgcmr shard --merge --out=%s`", cfg.task_index, cfg.num_tasks, out)
     return plan
+
+
+def done(cfg: ShardConfig) -> Check:
+    """Done when the manifest was made with this config and every shard it lists has its recorded size."""
+    out = Path(cfg.out)
+    path = out / "manifest.json"
+    if not path.is_file():
+        return Check(False, f"no dataset in {out}", exists=(out / WORK_DIR).is_dir())
+    manifest = read_json(path)
+    wanted = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_FIELDS}
+    changes = diff(manifest.get("config") or {}, wanted)
+    if changes:
+        return Check(False, f"config changed ({', '.join(changes)})", exists=True)
+    for split in manifest["splits"].values():
+        for s in split["shards"]:
+            f = out / s["file"]
+            if not f.is_file() or f.stat().st_size != s["bytes"]:
+                return Check(False, f"shard {f} is missing or not {s['bytes']} bytes", exists=True)
+    return DONE
 
 
 def _prepare(work: Path, cfg: ShardConfig) -> dict:

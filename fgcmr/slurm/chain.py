@@ -13,14 +13,13 @@ import re
 import shlex
 from pathlib import Path
 
+from fgcmr.run import EXIT_REQUEUE
 from fgcmr.slurm.config import Resolved, SlurmConfig
+from fgcmr.stages import STAGES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"  # package data: ships in the wheel
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
-EXIT_REQUEUE = 75  # fgcmr train's exit code after a signal-triggered checkpoint (fgcmr.train.signals)
-# job → the experiment sections (pipeline stages) it runs
-STAGES = {"shard": ["shard"], "merge": ["shard"], "label": ["tokenizer", "label"], "infer": ["infer"],
-          "train": ["train"], "eval": ["export", "eval"]}
+__all__ = ["EXIT_REQUEUE", "Job", "plan", "render"]
 
 
 @dataclasses.dataclass
@@ -32,8 +31,9 @@ class Job:
     requeue: bool = False
 
     def stages(self, experiment: dict) -> list[str]:
-        """The pipeline stages this job runs (``fgcmr.pipeline`` names)."""
-        return [s for s in STAGES[self.name] if s in experiment]
+        """The pipeline stages this job runs (``fgcmr.stages``; the merge job finishes the shard stage)."""
+        job = "shard" if self.name == "merge" else self.name
+        return [s.name for s in STAGES if s.slurm_job == job and s.name in experiment]
 
     def log_pattern(self, logs: Path) -> str:
         return str(logs / (f"{self.name}-%A_%a.out" if self.array else f"{self.name}-%j.out"))

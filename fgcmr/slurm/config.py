@@ -11,8 +11,12 @@ import dataclasses
 import re
 import sys
 
+from fgcmr.stages import STAGES
+
 TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")  # Slurm's [days-]hours[:minutes[:seconds]] or minutes
-JOBS = ("shard", "merge", "label", "infer", "train", "eval")
+# The chain's jobs: each stage's Slurm job (fgcmr.stages), the shard array's merge job after the shard job.
+JOBS = tuple(dict.fromkeys(j for s in STAGES for j in ((s.slurm_job, "merge") if s.slurm_job == "shard"
+                                                       else (s.slurm_job,))))
 
 
 @dataclasses.dataclass

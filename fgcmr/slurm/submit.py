@@ -17,8 +17,10 @@ from typing import Any
 
 from fgcmr.config import build, dump_yaml, to_dict
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json
+from fgcmr.pipeline import resolve_experiment, stage_configs
+from fgcmr.pipeline import plan as pipeline_plan
+from fgcmr.run import Layout
 from fgcmr.slurm.chain import Job, plan, render
-from fgcmr.pipeline import DONE, Layout, resolve_experiment
 from fgcmr.slurm.config import SlurmConfig
 
 FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -37,14 +39,17 @@ def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str
     """Render the chain's scripts and submit them with ``afterok`` dependencies (or only print them).
 
     Jobs whose stages are already done (the same checks as ``fgcmr pipeline``) are left out, so
-    resubmitting after a failure runs only what is missing.
+    resubmitting after a failure runs only what is missing. Every stage's config is validated first,
+    and a training run made with another config is refused, as ``fgcmr pipeline`` does.
     """
     exp, layout, cfg = resolve(config_path, out, {k: v for k, v in (overrides or {}).items() if v is not None})
+    configs = stage_configs(exp)
+    checks = {stage.name: c for stage, c in pipeline_plan(exp, layout, configs)}
     chain_dir = layout.out / "slurm"
     logs = Path(cfg.logs).absolute() if cfg.logs else chain_dir / "logs"
     jobs, done = [], []
     for job in plan(exp, cfg):
-        (done if all(stage_done(s, layout) for s in job.stages(exp)) else jobs).append(job)
+        (done if not jobs and all(checks[s].done for s in job.stages(exp)) else jobs).append(job)
     if done:
         print(f"already done, not submitted: {', '.join(j.name for j in done)}")
     if not jobs:
@@ -83,14 +88,6 @@ def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str
     print(f"TensorBoard: tensorboard {logdir}")
     print(f"Status:      fgcmr submit status --out={shlex.quote(str(layout.out))}")
     return submitted
-
-
-def stage_done(stage: str, layout: Layout) -> bool:
-    """``fgcmr pipeline``'s check that a stage's verified output exists (False when it cannot tell)."""
-    try:
-        return DONE[stage](layout)
-    except (OSError, KeyError, ValueError):
-        return False
 
 
 def sbatch_args(after: str | None) -> list[str]:

@@ -51,7 +51,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # overrides epochs × steps per epoch
     seed: int = 0
-    resume: str | None = None  # "auto": the run dir's latest checkpoint, or a checkpoint tag dir
+    resume: str | None = None  # "auto" (or "latest"): the run's newest complete checkpoint; or a tag dir / tag name
     checkpoint_every: int = 500  # optimizer steps
     keep_last: int = 3
     log_every: int = 10

@@ -10,7 +10,8 @@ import torch
 from fgcmr.config import build, read_yaml
 from fgcmr.model import ModelConfig, build_model, save_export
 from fgcmr.progress import setup_logging
-from fgcmr.train.checkpoint import latest_tag
+from fgcmr.run import Check, Fingerprint, check_stamp, fingerprint, read_stamp, write_stamp
+from fgcmr.train.checkpoint import latest_tag, problem
 
 log = logging.getLogger("fgcmr.export")
 
@@ -18,7 +19,7 @@ log = logging.getLogger("fgcmr.export")
 @dataclasses.dataclass
 class ExportConfig:
     run: str = ""  # run dir of `fgcmr train`
-    tag: str | None = None  # checkpoint tag (default: latest)
+    tag: str | None = None  # checkpoint tag (default: the newest complete one)
     out: str | None = None  # default: <run>/export
 
     def validate(self) -> None:
@@ -39,6 +40,22 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     return {k: v.float() for k, v in state["module"].items()}
 
 
+def export_dir(cfg: ExportConfig) -> Path:
+    return Path(cfg.out) if cfg.out else Path(cfg.run) / "export"
+
+
+def export_fingerprint(cfg: ExportConfig) -> Fingerprint:
+    """The training run's fingerprint and the checkpoint tag exported (the newest complete one by default)."""
+    run_dir = Path(cfg.run)
+    train = read_stamp(run_dir) or {}
+    tag = cfg.tag or latest_tag(run_dir / "checkpoints")
+    return fingerprint("export", cfg, {"train": train.get("fingerprint"), "checkpoint": tag}, ("out",))
+
+
+def done(cfg: ExportConfig) -> Check:
+    return check_stamp(export_dir(cfg), export_fingerprint(cfg), "export")
+
+
 def run(cfg: ExportConfig) -> Path:
     setup_logging()
     run_dir = Path(cfg.run)
@@ -46,12 +63,16 @@ def run(cfg: ExportConfig) -> Path:
         raise FileNotFoundError(f"{run_dir} is not a training run (no config.yaml); run `fgcmr train` first")
     model_cfg = build(ModelConfig, read_yaml(run_dir / "config.yaml")["model"], "model")
     ckpt_dir = run_dir / "checkpoints"
-    tag = cfg.tag or latest_tag(ckpt_dir)
+    fp = export_fingerprint(cfg)
+    tag = fp.inputs["checkpoint"]
     if tag is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+    why = problem(ckpt_dir / tag)
+    if why:
+        raise FileNotFoundError(f"cannot export: {why}")
     state = consolidated_state_dict(ckpt_dir, tag)
     model = build_model(model_cfg)
     model.load_state_dict(state, strict=True)
-    out = save_export(Path(cfg.out) if cfg.out else run_dir / "export", model, model_cfg)
+    out = save_export(export_dir(cfg), model, model_cfg, extra=lambda d: write_stamp(d, fp))
     log.info("exported %s (%s, %d tensors) → %s", run_dir, tag, len(state), out)
     return out

@@ -2,8 +2,8 @@
 
 Run directory: ``config.yaml`` (the resolved train, model and DeepSpeed configs), ``tokenizer/``
 (when trained on the data), ``checkpoints/`` (see ``checkpoint``), ``tensorboard/`` and
-``train_metrics.json`` (the last logged figures). Exit code ``EXIT_REQUEUE`` (75) after a
-SIGTERM/SIGUSR1-triggered checkpoint; rerun with ``--resume=auto``.
+``train_metrics.json`` (the last logged figures), ``fgcmr-stage.json`` (its fingerprint, ``train.state``).
+Exit code ``EXIT_REQUEUE`` (75) after a SIGTERM/SIGUSR1/SIGINT-triggered checkpoint; rerun with ``--resume=auto``.
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ import torch
 from fgcmr.config import dump_yaml, to_dict
 from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
 from fgcmr.distributed import DistEnv, barrier, free_port, init
-from fgcmr.io import atomic_write_json, atomic_write_text
+from fgcmr.io import atomic_write_json, atomic_write_text, clean_leftovers
 from fgcmr.labels import read_head
 from fgcmr.losses import LossConfig, RetrievalLoss
 from fgcmr.model import ModelConfig, TwoTower, build_inputs, build_model, train_wordpiece
-from fgcmr.train import checkpoint
+from fgcmr.run import record_requeue
+from fgcmr.train import checkpoint, state
 from fgcmr.train.config import TrainConfig, load_model_config
 from fgcmr.train.data import build_loader
 from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
@@ -128,10 +129,14 @@ class Trainer:
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
+    fp = state.train_fingerprint(cfg, strict=True)  # cheap input checks, before any heavy start-up
+    state.guard(cfg, fp)
     env = init_distributed()
     run_dir, dataset = Path(cfg.out), open_dataset(cfg.shards)
     ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        clean_leftovers(run_dir, ckpt_dir, *checkpoint.step_tags(ckpt_dir))
     model_cfg = load_model_config(cfg.model, cfg.model_overrides)
     model_cfg = ensure_tokenizer(model_cfg, dataset, run_dir, env, cfg.data.split, cfg.data.tokenizer_samples, model_cfg.text.vocab_size)
     sched = Schedule(env.world_size, cfg.data.micro_batch, cfg.optim.grad_accum,
@@ -151,6 +156,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     resolved = {"train": to_dict(cfg), "model": to_dict(model_cfg), "deepspeed": ds_cfg, "schedule": {**dataclasses.asdict(sched), "total_steps": sched.total_steps}}
     if env.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(resolved))
+        state.record(cfg, fp, step, sched.total_steps, complete=False)
 
     inputs = build_inputs(model_cfg, train=cfg.data.augment)
     # Resampled shards are endless, so one pass of the loader covers the rest of the run: a pass per epoch
@@ -196,6 +202,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             if stop.agreed():
                 log.warning("stop signal received: checkpointing at step %d, exiting %d for requeue", step, EXIT_REQUEUE)
                 save()
+                record_requeue(step)
+                if env.is_main:
+                    log.warning("stopped at step %d of %d; continue with the same command and --resume=auto",
+                                step, sched.total_steps)
                 sys.exit(EXIT_REQUEUE)
         save()
     finally:
@@ -204,5 +214,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     summary = {"step": step, "samples_seen": samples_seen, "world_size": env.world_size, **monitor.last_values}
     if env.is_main:
         atomic_write_json(run_dir / "train_metrics.json", summary)
+        state.record(cfg, fp, step, sched.total_steps, complete=True)
     barrier()
     return summary
