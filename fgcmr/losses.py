@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from fgcmr.distributed import all_gather_with_grad
-from fgcmr.labels import hardness, pair_scores, relevance
+from fgcmr.labels import hardness, label_scores, relevance
 
 LOG_MAX_SCALE = math.log(100.0)  # CLIP clamps the temperature's inverse at 100
 
@@ -98,7 +98,8 @@ class RetrievalLoss:
     """The configured loss over the batch gathered from every rank.
 
     ``batch`` carries ``category`` and ``image_id`` (int64 per image; its text shares them) and, for
-    the weighted loss, the label stage's ``desc_emb`` and ``label_text_emb``; ``head`` is the
+    the weighted loss, the label stage's ``desc_emb``, ``label_text_emb`` and ``has_desc``
+    (``fgcmr.labels.join_labels``); ``head`` is the
     labeler's ``(w, c)``.
     """
 
@@ -118,7 +119,8 @@ class RetrievalLoss:
         name = self.cfg.name
         if name == "weighted_pairwise":
             w, c = self.head
-            p = pair_scores(all_gather_with_grad(batch["desc_emb"]), all_gather_with_grad(batch["label_text_emb"]), w.to(s.device), c)
+            p = label_scores(all_gather_with_grad(batch["desc_emb"]), all_gather_with_grad(batch["label_text_emb"]),
+                             all_gather_with_grad(batch["has_desc"]), ids, w.to(s.device), c)
             omega = 1.0 + self.cfg.alpha * hardness(p, y)
         if name in ("weighted_pairwise", "pairwise"):
             loss, parts = pairwise_loss(s, y, omega, self.cfg.lam, self.cfg.margin)

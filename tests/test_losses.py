@@ -46,7 +46,8 @@ def test_pairwise_matches_reference_and_alpha_zero_is_unweighted():
     ref0 = s[y > 0].var(unbiased=False) + s[y == 0].var(unbiased=False) + 0.35 * torch.clamp(0.8 - (s[y > 0].mean() - s[y == 0].mean()), min=0)
     assert loss0.item() == pytest.approx(ref0.item(), rel=1e-5)
     # α = 0 through the full loss object is bit-identical to the unweighted loss
-    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=g), "label_text_emb": torch.randn(12, 4, generator=g)}
+    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=g), "label_text_emb": torch.randn(12, 4, generator=g),
+             "has_desc": torch.ones(12)}
     head = (torch.randn(4, generator=g), 0.1)
     weighted0 = RetrievalLoss(LossConfig(name="weighted_pairwise", alpha=0.0), head)(img, txt, batch)
     unweighted = RetrievalLoss(LossConfig(name="pairwise"))(img, txt, batch)
@@ -105,7 +106,8 @@ def _gathered_worker(rank: int, world: int, port: int, out: dict) -> None:
 
 def _full_inputs():
     img, txt, cat, ids, g = _batch(n=8, d=6, seed=3)
-    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(8, 4, generator=g), "label_text_emb": torch.randn(8, 4, generator=g)}
+    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(8, 4, generator=g), "label_text_emb": torch.randn(8, 4, generator=g),
+             "has_desc": (torch.arange(8) % 2).float()}
     head = (torch.randn(4, generator=g), -0.2)
     return img, txt, batch, head
 

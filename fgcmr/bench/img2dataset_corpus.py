@@ -1,4 +1,4 @@
-"""Write a corpus in img2dataset's output format, for tests and the shard benchmark.
+"""Corpora in img2dataset's output format: generated (tests, the shard benchmark) or made by the real tool.
 
 ``NNNNN.tar`` (``{key}.jpg``, ``{key}.txt``, ``{key}.json``), ``NNNNN.parquet`` (every row of the URL
 list, failed ones with ``status`` and ``error_message``) and ``NNNNN_stats.json``, as img2dataset
@@ -8,11 +8,13 @@ rows are shuffled by ``shuffle_seed`` (None keeps url order), and a ``fail_fract
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import random
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -107,3 +109,87 @@ def write_img2dataset_corpus(out: str | Path, rows: int, rows_per_image: int = 5
                                                                  table["status"].count("failed_to_resize")}))
     summary["images"] = len(summary["images"])
     return summary
+
+
+# --- The real img2dataset, run as a subprocess from its own venv (it needs webdataset 0.2.x) -----------------
+
+IMG2DATASET_ENV = "FGCMR_IMG2DATASET"  # path of the img2dataset executable; default .venv-img2dataset/bin/img2dataset
+
+
+def img2dataset_bin() -> Path | None:
+    """The tool venv's img2dataset (made by `make setup`), or None when it is not installed."""
+    import os
+
+    path = Path(os.environ.get(IMG2DATASET_ENV) or Path(__file__).resolve().parents[2] / ".venv-img2dataset/bin/img2dataset")
+    return path if path.is_file() else None
+
+
+@contextlib.contextmanager
+def serve_directory(directory: str | Path) -> Iterator[str]:
+    """Serve ``directory`` over HTTP on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_img2dataset(url_list: str | Path, out: str | Path, *, extra_columns: list[str] = (), image_size: int = 256,
+                    samples_per_shard: int = 10_000, threads: int = 4) -> None:
+    """Run the real img2dataset (``--output_format=webdataset``) on a parquet URL list with url/caption columns.
+
+    Offline it needs ``NO_ALBUMENTATIONS_UPDATE=1``; ``out`` must not exist yet (its default incremental
+    mode on an empty folder: ``--incremental_mode=overwrite`` deletes its own ``_tmp/`` in 1.47.0)."""
+    import os
+    import subprocess
+
+    tool = img2dataset_bin()
+    if tool is None:
+        raise FileNotFoundError(f"img2dataset not installed: run `make setup` (or set {IMG2DATASET_ENV})")
+    if Path(out).exists():
+        raise FileExistsError(f"{out} exists; img2dataset needs an empty output folder")
+    cmd = [str(tool), f"--url_list={url_list}", "--input_format=parquet", "--url_col=url", "--caption_col=caption",
+           "--output_format=webdataset", f"--output_folder={out}", "--processes_count=1", f"--thread_count={threads}",
+           f"--image_size={image_size}", "--resize_mode=keep_ratio", "--resize_only_if_bigger=True",
+           f"--number_sample_per_shard={samples_per_shard}", "--retries=0", "--timeout=30", "--enable_wandb=False",
+           "--distributor=multiprocessing"]
+    if extra_columns:
+        cmd.append(f"--save_additional_columns={json.dumps(list(extra_columns))}")
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"img2dataset failed ({proc.returncode}): {proc.stderr[-3000:]}")
+
+
+def flickr8k_url_list(flickr_root: str | Path, base_url: str, out: str | Path, images: int | None = None,
+                      seed: int = 0) -> dict:
+    """A shuffled parquet URL list of Flickr8k's caption rows (url, caption, split) served under ``base_url``,
+    plus one 404 row; returns the counts a reader must find."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    flickr_root = Path(flickr_root)
+    with open(flickr_root / "splits.csv", newline="") as f:
+        splits = {r["image"]: r["flickr8k_split"] for r in csv.DictReader(f)}
+    with open(flickr_root / "captions.txt", newline="") as f:
+        captions = list(csv.DictReader(f))
+    keep = sorted({r["image"] for r in captions})[:images]
+    rows = [{"url": f"{base_url}/{r['image']}", "caption": r["caption"], "split": splits.get(r["image"], "none")}
+            for r in captions if r["image"] in set(keep)]
+    rows.append({"url": f"{base_url}/no-such-image.jpg", "caption": "a photo that is gone", "split": "train"})
+    random.Random(seed).shuffle(rows)
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return {"rows": len(rows), "images": keep}
