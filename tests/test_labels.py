@@ -76,3 +76,15 @@ def test_leave_one_out_description_and_single_caption_images():
              "label_text_emb": text, "has_desc": torch.tensor([1.0, 0.0])}
     out = RetrievalLoss(LossConfig(alpha=2.0), (w, c))(torch.eye(2), torch.eye(2), batch)
     np.testing.assert_allclose(out.omega.numpy(), [[1 + 2 * (1 - sig(0.5)), 1 + 2 * sig(4.0)], [1 + 2 * sig(2.0), 1.0]], rtol=1e-6)
+
+
+def test_labeler_refuses_a_corpus_without_positive_pairs():
+    from fgcmr.config import ConfigError
+    from fgcmr.label.texts import TextSet
+    from fgcmr.label.train import check_positive_pairs
+
+    single = TextSet(["a", "b", "c"], np.array([-1, -1, -1]), np.array([0, 1, 2]))
+    with pytest.raises(ConfigError, match="no positive pairs.*--loss.name=pairwise"):
+        check_positive_pairs(single, "shards/x")
+    check_positive_pairs(TextSet(["a", "b", "c"], np.array([-1, -1, -1]), np.array([0, 0, 2])), "x")  # two captions of image 0
+    check_positive_pairs(TextSet(["a", "b"], np.array([3, 3]), np.array([0, 1])), "x")  # one category
