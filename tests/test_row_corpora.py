@@ -164,3 +164,14 @@ def test_tabular_wrong_columns_name_the_file(tmp_path):
 
     with pytest.raises(ConfigError, match=r"list.parquet: needs columns \['caption', 'image'\]"):
         _shard(tmp_path, "o", source="parquet", root=str(tmp_path / "list.parquet"))
+
+
+def test_two_images_with_one_key_the_second_is_a_counted_duplicate(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name, colour in (("a.jpg", (10, 10, 10)), ("a.png", (200, 200, 200))):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "images" / name)
+    rows = [{"image": "a.jpg", "caption": "dark"}, {"image": "a.png", "caption": "light"}, {"image": "a.png", "caption": "pale"}]
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = _shard(tmp_path, "o", source="jsonl", root=str(tmp_path / "list.jsonl"))
+    assert m["items_written"] == 1 and m["rows"]["skipped"] == {"duplicate_id": 2}  # both rows of the second image
+    assert not (tmp_path / "o" / ".parts" / "spill-0").exists()  # spill files go once read
