@@ -102,11 +102,9 @@ def write_img2dataset_corpus(out: str | Path, rows: int, rows_per_image: int = 5
                     jpegs.clear()
             tar.write(bytes(1024))  # end-of-archive
         pq.write_table(pa.table(table), out / f"{shard:05d}.parquet")
-        count = len(table["key"])
-        ok = table["status"].count("success")
-        (out / f"{shard:05d}_stats.json").write_text(json.dumps({"count": count, "successes": ok, "failed_to_download":
-                                                                 table["status"].count("failed_to_download"), "failed_to_resize":
-                                                                 table["status"].count("failed_to_resize")}))
+        stats = {"count": len(table["key"]), "successes": table["status"].count("success"),
+                 **{status: table["status"].count(status) for status in ("failed_to_download", "failed_to_resize")}}
+        (out / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
     summary["images"] = len(summary["images"])
     return summary
 
