@@ -15,7 +15,15 @@ $(BIN)/fgcmr: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,weights,bench]'
 	touch $@
 
-setup: $(BIN)/fgcmr
+# img2dataset needs webdataset 0.2.x (the project pins 1.0.2), so it lives in its own tool venv and runs as a
+# subprocess (fgcmr.bench.img2dataset_corpus.run_img2dataset; the real-tool test and the Flickr8k demo corpus).
+I2D_VENV ?= .venv-img2dataset
+$(I2D_VENV)/bin/img2dataset:
+	$(PY) -m venv $(I2D_VENV)
+	NO_ALBUMENTATIONS_UPDATE=1 $(I2D_VENV)/bin/pip install -q img2dataset==1.47.0
+	touch $@
+
+setup: $(BIN)/fgcmr $(I2D_VENV)/bin/img2dataset
 
 demo: setup
 	$(BIN)/fgcmr pipeline --config=configs/experiments/synthetic.yaml --nproc=2 --out=runs/demo

@@ -71,8 +71,9 @@ def _options_help(cls: type, doc: str) -> str:
 def shard(config: str | None = None, **options: Any) -> None:
     """Write a corpus as verified WebDataset shards with a manifest.
 
-    fgcmr shard --source=<wikipedia|folder|karpathy|jsonl|csv|synthetic> --root=<input> --out=<dataset dir>
-                [--features=<file>] [--workers=N] [--task_index=I --num_tasks=T] [--data.max_items_per_shard=N]
+    fgcmr shard --source=<wikipedia|folder|karpathy|jsonl|csv|parquet|img2dataset|webdataset|synthetic>
+                --root=<input> --out=<dataset dir> [--group_by=url|sha256|none] [--features=<file>]
+                [--workers=N] [--task_index=I --num_tasks=T] [--data.max_items_per_shard=N]
     fgcmr shard --source=synthetic --out=<dataset dir> --items=N [--seed=S]
     fgcmr shard --merge --out=<dataset dir>   (after a Slurm array of --num_tasks tasks)
     """

@@ -24,6 +24,13 @@ Label math, for a batch of N images and M texts (gathered across ranks if need b
   matrix is one product ``(D * w) @ Tᵀ + c``;
 - hardness ``h = 1 − p`` on positives (a relevant pair the labeler finds dissimilar is hard) and
   ``h = p`` on negatives (an irrelevant pair that looks alike is hard); ``h`` lies in [0, 1].
+
+Descriptions are leave-one-out, at join time (``join_labels``): a training item pairs image i with its
+k-th of n texts, and ``d_i`` is the mean of its *other* texts, ``(n·desc − t_k)/(n − 1)`` (computed
+from the stored text embeddings), so the matched pair is never scored against itself. With n = 1 there
+is no other text: ``d_i`` is the caption itself, which describes image i for its negatives (and for
+same-category positives of other images), and the matched pair gets no hardness (``p = 1``, ``h = 0``,
+``ω = 1``; ``label_scores``). The sidecar keeps the plain mean of all texts.
 """
 from __future__ import annotations
 
@@ -106,6 +113,27 @@ def relevance(img_cat: torch.Tensor, txt_cat: torch.Tensor, img_id: torch.Tensor
 def pair_scores(desc_emb: torch.Tensor, text_emb: torch.Tensor, w: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
     """``p[i, j] = sigmoid(w · (desc_i ⊙ text_j) + c)`` as one matrix product."""
     return torch.sigmoid((desc_emb.float() * w.float()) @ text_emb.float().T + c)
+
+
+LABEL_FIELDS = ("label_text_emb", "desc_emb", "has_desc")  # what ``join_labels`` adds to a training item
+
+
+def join_labels(texts: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Label inputs of an item paired with its text ``k`` of ``texts`` [n, d]: that text's embedding and
+    the leave-one-out description (mean of the other texts; the text itself when n = 1, ``has_desc`` 0)."""
+    n = len(texts)
+    t = texts.astype(np.float32)
+    desc = (t.sum(0) - t[k]) / (n - 1) if n > 1 else t[k]
+    return {"label_text_emb": t[k], "desc_emb": desc, "has_desc": np.float32(n > 1)}
+
+
+def label_scores(desc_emb: torch.Tensor, text_emb: torch.Tensor, has_desc: torch.Tensor, image_id: torch.Tensor,
+                 w: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """``p`` of every (image, text) pair of a batch; 1 on an image's own text when it has no other text to be
+    described by (``has_desc`` 0), so that pair carries no hardness."""
+    p = pair_scores(desc_emb, text_emb, w, c)
+    own = (image_id[:, None] == image_id[None, :]) & (has_desc[:, None] <= 0)
+    return torch.where(own, torch.ones_like(p), p)
 
 
 def hardness(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

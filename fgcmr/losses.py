@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 
 from fgcmr.distributed import all_gather_with_grad
-from fgcmr.labels import hardness, pair_scores, relevance
+from fgcmr.labels import hardness, label_scores, relevance
 
 LOG_MAX_SCALE = math.log(100.0)  # CLIP clamps the temperature's inverse at 100
 
@@ -169,7 +169,8 @@ class RetrievalLoss:
     """The configured loss over the batch gathered from every rank.
 
     ``batch`` carries ``category`` and ``image_id`` (int64 per image; its text shares them) and, for
-    the weighted loss, the label stage's ``desc_emb`` and ``label_text_emb``; ``head`` is the
+    the weighted loss, the label stage's ``desc_emb``, ``label_text_emb`` and ``has_desc``
+    (``fgcmr.labels.join_labels``); ``head`` is the
     labeler's ``(w, c)``.
     """
 
@@ -188,7 +189,7 @@ class RetrievalLoss:
         y = relevance(cat, cat, ids, ids)
         s = img @ txt.T
         name = self.cfg.name
-        h = self._hardness(batch, y, cat) if name == "weighted_pairwise" else None
+        h = self._hardness(batch, y, cat, ids) if name == "weighted_pairwise" else None
         omega = None
         if name in ("weighted_pairwise", "pairwise"):
             w_pos, w_neg = pair_weights(y, h, self.cfg)
@@ -200,9 +201,10 @@ class RetrievalLoss:
             loss, parts = vse_loss(s, y, self.cfg.vse_margin)
         return LossOutput(loss, {k: v.detach() for k, v in parts.items()}, s.detach(), y, omega, h)
 
-    def _hardness(self, batch: dict[str, torch.Tensor], y: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+    def _hardness(self, batch: dict[str, torch.Tensor], y: torch.Tensor, cat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         w, c = self.head
-        p = pair_scores(all_gather_with_grad(batch["desc_emb"]), all_gather_with_grad(batch["label_text_emb"]), w.to(y.device), c)
+        p = label_scores(all_gather_with_grad(batch["desc_emb"]), all_gather_with_grad(batch["label_text_emb"]),
+                         all_gather_with_grad(batch["has_desc"]), ids, w.to(y.device), c)
         h = hardness(p, y)
         if self.cfg.shuffle_hardness:
             groups = (y > 0).long() * (int(cat.max()) + 2) + (cat[:, None] + 1)  # relevance class × image category

@@ -50,3 +50,41 @@ def test_relevance_and_hardness():
     assert y.tolist() == [[1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
     p = torch.tensor([[0.9, 0.2]])
     assert hardness(p, torch.tensor([[1.0, 0.0]]))[0].tolist() == pytest.approx([0.1, 0.2])
+
+
+def test_leave_one_out_description_and_single_caption_images():
+    from fgcmr.labels import join_labels, label_scores
+    from fgcmr.losses import LossConfig, RetrievalLoss
+
+    three = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float16)
+    j = join_labels(three, 0)  # the mean of the other two captions, not of all three (no leak of t_0)
+    np.testing.assert_array_equal(j["desc_emb"], [0.5, 1.0])
+    np.testing.assert_array_equal(j["label_text_emb"], [1, 0])
+    assert j["has_desc"] == 1.0 and j["desc_emb"].dtype == np.float32
+    np.testing.assert_allclose(join_labels(three, 2)["desc_emb"], (3 * three.astype(np.float32).mean(0) - three[2]) / 2)
+    one = join_labels(np.array([[2, 3]], dtype=np.float16), 0)  # one caption: it describes the image for negatives
+    np.testing.assert_array_equal(one["desc_emb"], [2, 3])
+    assert one["has_desc"] == 0.0
+    desc = torch.tensor([[0.5, 1.0], [2.0, 3.0]])
+    text = torch.tensor([[1.0, 0.0], [2.0, 3.0]])
+    w, c = torch.tensor([1.0, 1.0]), 0.0
+    p = label_scores(desc, text, torch.tensor([1.0, 0.0]), torch.tensor([7, 9]), w, c)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    np.testing.assert_allclose(p.numpy(), [[sig(0.5), sig(4.0)], [sig(2.0), 1.0]], rtol=1e-6)
+    # in the weighted loss the single-caption image's matched pair gets ω = 1 (h = 0), its negative ω = 1 + α·p
+    batch = {"category": torch.tensor([-1, -1]), "image_id": torch.tensor([7, 9]), "desc_emb": desc,
+             "label_text_emb": text, "has_desc": torch.tensor([1.0, 0.0])}
+    out = RetrievalLoss(LossConfig(alpha=2.0), (w, c))(torch.eye(2), torch.eye(2), batch)
+    np.testing.assert_allclose(out.omega.numpy(), [[1 + 2 * (1 - sig(0.5)), 1 + 2 * sig(4.0)], [1 + 2 * sig(2.0), 1.0]], rtol=1e-6)
+
+
+def test_labeler_refuses_a_corpus_without_positive_pairs():
+    from fgcmr.config import ConfigError
+    from fgcmr.label.texts import TextSet
+    from fgcmr.label.train import check_positive_pairs
+
+    single = TextSet(["a", "b", "c"], np.array([-1, -1, -1]), np.array([0, 1, 2]))
+    with pytest.raises(ConfigError, match="no positive pairs.*--loss.name=pairwise"):
+        check_positive_pairs(single, "shards/x")
+    check_positive_pairs(TextSet(["a", "b", "c"], np.array([-1, -1, -1]), np.array([0, 0, 2])), "x")  # two captions of image 0
+    check_positive_pairs(TextSet(["a", "b"], np.array([3, 3]), np.array([0, 1])), "x")  # one category

@@ -48,7 +48,8 @@ def test_pairwise_matches_reference_and_alpha_zero_is_unweighted():
     ref0 = s[y > 0].var(unbiased=False) + s[y == 0].var(unbiased=False) + 0.35 * torch.clamp(0.8 - (s[y > 0].mean() - s[y == 0].mean()), min=0)
     assert loss0.item() == pytest.approx(ref0.item(), rel=1e-5)
     # α = 0 through the full loss object is bit-identical to the unweighted loss
-    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=g), "label_text_emb": torch.randn(12, 4, generator=g)}
+    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=g), "label_text_emb": torch.randn(12, 4, generator=g),
+             "has_desc": torch.ones(12)}
     head = (torch.randn(4, generator=g), 0.1)
     weighted0 = RetrievalLoss(LossConfig(name="weighted_pairwise", alpha=0.0), head)(img, txt, batch)
     unweighted = RetrievalLoss(LossConfig(name="pairwise"))(img, txt, batch)
@@ -107,7 +108,8 @@ def _gathered_worker(rank: int, world: int, port: int, out: dict) -> None:
 
 def _full_inputs():
     img, txt, cat, ids, g = _batch(n=8, d=6, seed=3)
-    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(8, 4, generator=g), "label_text_emb": torch.randn(8, 4, generator=g)}
+    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(8, 4, generator=g), "label_text_emb": torch.randn(8, 4, generator=g),
+             "has_desc": (torch.arange(8) % 2).float()}
     head = (torch.randn(4, generator=g), -0.2)
     return img, txt, batch, head
 
@@ -217,7 +219,8 @@ def test_shuffled_hardness_keeps_each_groups_values_and_moves_pairs():
     assert torch.equal(out, shuffle_within(h, groups, torch.Generator().manual_seed(0)))  # same seed, same permutation
     # through the loss: the control changes the loss but keeps per-class-and-category mean hardness
     img, txt, cat, ids, gen = _batch(n=12)
-    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=gen), "label_text_emb": torch.randn(12, 4, generator=gen)}
+    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=gen), "label_text_emb": torch.randn(12, 4, generator=gen),
+             "has_desc": torch.ones(12)}
     head = (torch.randn(4, generator=gen), 0.1)
     real = RetrievalLoss(LossConfig(), head)(img, txt, batch)
     control = RetrievalLoss(LossConfig(shuffle_hardness=True), head)(img, txt, batch)
@@ -231,7 +234,8 @@ def test_shuffled_hardness_keeps_each_groups_values_and_moves_pairs():
 
 def test_hardness_stats():
     img, txt, cat, ids, gen = _batch(n=12)
-    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=gen), "label_text_emb": torch.randn(12, 4, generator=gen)}
+    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=gen), "label_text_emb": torch.randn(12, 4, generator=gen),
+             "has_desc": torch.ones(12)}
     out = RetrievalLoss(LossConfig(alpha=1.0), (torch.randn(4, generator=gen), 0.1))(img, txt, batch)
     stats = hardness_stats(out)
     neg = out.y <= 0

@@ -69,8 +69,9 @@ def test_flickr8k_captions_grouped_with_standard_splits(data_root, tmp_path):
     assert m["categories"] == []
     test = samples(tmp_path / "f8k", "test")
     assert all(len(s.texts) == 5 and s.category is None and s.image_ext == "jpg" for s in test)
-    first = samples(tmp_path / "f8k", "train")[0]
-    assert first.meta["id"] == "1000268201_693b08cb0e" and first.texts[1] == "A girl going into a wooden building ."
+    assert m["rows"] == {"rows_in": 2500, "rows_in_items": 2500, "rows_skipped": 0, "skipped": {}}
+    (first,) = [s for s in samples(tmp_path / "f8k", "train") if s.meta["id"] == "1000268201_693b08cb0e"]
+    assert "A girl going into a wooden building ." in first.texts and first.texts == sorted(first.texts)
     assert first.image == (root / "images" / "1000268201_693b08cb0e.jpg").read_bytes()
 
 
@@ -112,11 +113,12 @@ def test_jsonl_groups_captions_of_one_image(tmp_path):
     bad_bytes = b'{"image": "z.jpg", "caption": "caf\xe9"}\n'
     (tmp_path / "caps.jsonl").write_bytes(text.encode() + bad_bytes)
     m = run(ShardConfig(source="jsonl", root=str(tmp_path / "caps.jsonl"), out=str(tmp_path / "j")))
-    assert m["categories"] == ["dogs", "cats"]
-    assert (m["items_in"], m["items_written"]) == (6, 2)
-    assert m["skipped"] == {"bad_record": 2, "duplicate_id": 1, "text_not_utf8": 1}
-    (x,) = samples(tmp_path / "j", "train")
-    assert x.texts == ["first of x", "second of x"] and x.meta["category_name"] == "dogs" and x.category == 0
+    assert m["categories"] == ["cats", "dogs"]  # sorted: numbering must not depend on row order
+    assert (m["items_in"], m["items_written"]) == (5, 2)
+    assert m["skipped"] == {"bad_record": 2, "text_not_utf8": 1}
+    assert m["rows"] == {"rows_in": 7, "rows_in_items": 4, "rows_skipped": 3, "skipped": {"bad_record": 2, "text_not_utf8": 1}}
+    (x,) = samples(tmp_path / "j", "train")  # a later row of x joins x's item, wherever it sits
+    assert x.texts == ["first of x", "second of x", "x again, later"] and x.meta["category_name"] == "dogs" and x.category == 1
     (y,) = samples(tmp_path / "j", "test")
     assert y.meta["category_name"] == "cats"
 
@@ -137,11 +139,16 @@ def test_folder_layout_with_html(tmp_path):
 @pytest.mark.parametrize("source,make,match", [
     ("wikipedia", lambda p: p.mkdir(), "not a Wikipedia-layout corpus"),
     ("folder", lambda p: p.mkdir(), "no category folders"),
-    ("csv", lambda p: p.write_text("path,text\n"), "'image' and 'caption'"),
+    ("csv", lambda p: p.write_text("path,text\n"), r"needs columns \['caption', 'image'\]"),
     ("karpathy", lambda p: p.mkdir(), "must be the karpathy caption file"),
     ("karpathy", lambda p: p.write_text("[1, 2]"), "not a Karpathy JSON file"),
     ("jsonl", lambda p: p.write_text("\n"), "no items found"),
     ("folder", lambda p: (p / "empty_category").mkdir(parents=True), "no items found"),
+    ("csv", lambda p: p.write_bytes(b"PAR1\x15\x04" + bytes(range(256))), "is a parquet file .use --source=parquet"),
+    ("csv", lambda p: p.write_bytes("image,caption\nx.jpg,caf\xe9\n".encode("utf-16")), "not UTF-8 text"),
+    ("parquet", lambda p: p.write_text("image,caption\n"), "not a parquet file"),
+    ("img2dataset", lambda p: p.mkdir(), "no NNNNN.parquet files"),
+    ("webdataset", lambda p: p.mkdir(), "no .tar files"),
 ])
 def test_unknown_layout_fails_before_work(tmp_path, source, make, match):
     make(tmp_path / "in")

@@ -109,7 +109,7 @@ def test_bad_slurm_section_fails_before_submitting(tmp_path, slurm_section, mess
 def test_failed_job_stops_its_dependents_and_status_names_it(tmp_path, capsys, slurm, cancel_after):  # noqa: F811
     # A corpus folder that is not there: the config is valid (so it is submitted), the shard array fails at once.
     path = write_experiment(tmp_path, shard={"source": "folder", "root": str(tmp_path / "missing"), "out": str(tmp_path / "shards")},
-                            train={"shards": str(tmp_path / "shards"), "out": str(tmp_path / "run")},
+                            train={"shards": str(tmp_path / "shards"), "out": str(tmp_path / "run"), "loss": {"name": "pairwise"}},
                             eval={"run": str(tmp_path / "run")},
                             slurm={"shard_tasks": 2, "cpus_per_task": 1, "time": "00:05:00"})
     out = tmp_path / "out"

@@ -43,8 +43,10 @@ def test_batches_carry_labels_joined_by_key(synthetic_dataset: Path, inputs):
     for j in range(8):
         sample, texts, desc = by_id[int(b["image_id"][j])]
         assert int(b["category"][j]) == sample.category
-        np.testing.assert_array_equal(b["desc_emb"][j].numpy(), desc)
         k = next(i for i, t in enumerate(texts) if np.array_equal(t, b["label_text_emb"][j].numpy()))  # the drawn caption's label
+        # the description leaves the paired caption out: the mean of the image's other captions
+        np.testing.assert_allclose(b["desc_emb"][j].numpy(), np.delete(texts, k, 0).mean(0), rtol=1e-6)
+        assert b["has_desc"][j] == 1.0
         ids = b["text"]["input_ids"][j][b["text"]["attention_mask"][j] > 0]
         assert ids.tolist() == inputs.text(sample, k).tolist()  # …is the caption the text tower gets
 

@@ -208,7 +208,8 @@ def _manifest(cfg: LabelInferConfig, ds, splits: list[str], records: dict, d: Di
 
 
 def _histograms(cfg: LabelInferConfig, ds, splits: list[str], records: dict) -> dict:
-    """``p`` of every image-text pair among the first images of each split, split by relevance."""
+    """``p`` of every image-text pair among the first images of each split, split by relevance (an image's
+    own texts against its leave-one-out description)."""
     w, c = read_head(cfg.shards, cfg.labeler_name)
     w = torch.from_numpy(w)
     writer = None
@@ -232,10 +233,19 @@ def _histograms(cfg: LabelInferConfig, ds, splits: list[str], records: dict) -> 
             continue
         cat = torch.tensor(cats)
         own = torch.tensor(owner)
-        p = pair_scores(torch.from_numpy(np.stack(desc)), torch.from_numpy(np.concatenate(texts)), w, c)
+        t = torch.from_numpy(np.concatenate(texts)).float()
+        p = pair_scores(torch.from_numpy(np.stack(desc)), t, w, c)
+        # An image's own texts are scored as training scores them: against the mean of its other texts
+        # (fgcmr.labels.join_labels); an image with a single text has no such pair.
+        n = torch.bincount(own)[own]
+        loo = (torch.zeros((len(desc), t.shape[1])).index_add_(0, own, t)[own] - t) / (n - 1).clamp_min(1)[:, None]
+        cols = torch.arange(len(own))
+        p[own, cols] = torch.sigmoid(((loo * w) * t).sum(1) + c)
+        valid = torch.ones_like(p, dtype=torch.bool)
+        valid[own, cols] = n > 1
         y = relevance(cat, cat[own], torch.arange(len(desc)), own) > 0
-        summary[split] = {"images": len(desc), "texts": len(own)}
-        for name, scores in (("positive", p[y]), ("negative", p[~y])):  # a one-image split has no negatives
+        summary[split] = {"images": len(desc), "texts": len(own), "single_text_images": int((torch.bincount(own) == 1).sum())}
+        for name, scores in (("positive", p[y & valid]), ("negative", p[~y])):  # a one-image split has no negatives
             summary[split][f"mean_p_{name}"] = float(scores.mean()) if scores.numel() else None
             if writer and scores.numel():
                 writer.add_histogram(f"labels/{split}/p_{name}", scores, 0)

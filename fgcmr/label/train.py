@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fgcmr.config import dump_yaml
+from fgcmr.config import ConfigError, dump_yaml
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import DistEnv, all_gather_with_grad, barrier, init
 from fgcmr.io import atomic_write_json, atomic_write_text
@@ -98,6 +98,19 @@ class PairSampler:
                 j = pool[self.rng.integers(0, len(pool))]
             partners.append(j)
         return np.concatenate([a, np.asarray(partners, dtype=a.dtype)])
+
+
+def check_positive_pairs(texts: TextSet, where: str) -> None:
+    """The labeler learns from pairs of distinct relevant texts: two captions of one image, or one category.
+
+    A corpus with one caption per image and no categories has none (every positive would be a text with
+    itself); the fine-grained weights then cannot be learned, so say what to do instead of training on
+    negatives only."""
+    group = np.where(texts.category >= 0, texts.category, -1 - texts.image)
+    if len(group) and np.unique(group).size == len(group):
+        raise ConfigError(f"{where}: every image has one text and there are no categories, so the labeler has no "
+                          "positive pairs to learn from; train with --loss.name=pairwise (or clip), or shard a "
+                          "corpus with several captions per image or a --category_col")
 
 
 def balanced_bce(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -204,6 +217,7 @@ def run(cfg: LabelTrainConfig) -> dict:
         clear_stamp(Path(cfg.out))
     ds = open_dataset(cfg.shards)
     train = read_texts(cfg.shards, [cfg.train_split])
+    check_positive_pairs(train, cfg.shards)
     if cfg.test_fraction > 0:
         train, test = train.split_by_image(cfg.test_fraction, cfg.seed + 1)
     else:

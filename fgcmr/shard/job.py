@@ -23,6 +23,7 @@ from fgcmr.config import ConfigError, dump_yaml, to_dict
 from fgcmr.io import atomic_write_json, clean_leftovers, read_json
 from fgcmr.progress import Progress
 from fgcmr.run import DONE, Check, diff
+from fgcmr.shard.grouping import GROUP_BY
 from fgcmr.shard.manifest import WORK_DIR, finalize, plan_path
 from fgcmr.shard.readers import make_reader
 from fgcmr.shard.records import Ref, make_key
@@ -88,14 +89,23 @@ class Holdout:
 class ShardConfig:
     """What to shard, where to, and how to split the work."""
 
-    source: Literal["wikipedia", "folder", "karpathy", "jsonl", "csv", "synthetic"] = "synthetic"
-    root: str | None = None  # input directory (wikipedia, folder) or file (karpathy, jsonl, csv)
+    source: Literal["wikipedia", "folder", "karpathy", "jsonl", "csv", "parquet", "img2dataset", "webdataset", "synthetic"] = "synthetic"
+    root: str | None = None  # input directory (wikipedia, folder, img2dataset, webdataset) or file(s) (karpathy, jsonl, csv, parquet)
     out: str = "shards/synthetic"
     name: str | None = None  # dataset name in the manifest; default: the out directory's name
     features: str | None = None  # wikipedia: .mat with I_tr/I_te (image) and/or T_tr/T_te (text) rows in list order
     images: str | None = None  # caption corpora: image directory (default: beside the root file)
     splits_file: str | None = None  # caption corpora: CSV image,split giving each image's split
     default_split: str = "train"  # split of items that name none
+    # Row corpora (csv, jsonl, parquet, img2dataset, webdataset): one row per (image, caption), grouped
+    # across the whole corpus into one item per image (fgcmr.shard.grouping).
+    group_by: Literal["url", "sha256", "none"] = "url"  # url: the image column / url; sha256: image content
+    image_col: str = "image"  # csv/jsonl/parquet: image path (under --images)
+    caption_col: str = "caption"
+    split_col: str = "split"  # used where present (a saved img2dataset column, a json field)
+    category_col: str = "category"  # used where present
+    image_exts: str = "jpg;png;webp"  # webdataset: image member extensions, first present wins
+    text_field: str = "txt"  # webdataset: the caption member's extension, or json.<field> of the json member
     splits: list[str] = dataclasses.field(default_factory=list)  # shard only these splits (default: all)
     workers: int = 1
     task_index: int = 0
@@ -118,6 +128,8 @@ class ShardConfig:
             raise ValueError(f"workers={self.workers} must be at least 1")
         if self.num_tasks < 1 or not 0 <= self.task_index < self.num_tasks:
             raise ValueError(f"task_index={self.task_index} must be in 0..num_tasks-1 (num_tasks={self.num_tasks})")
+        if self.group_by not in GROUP_BY:
+            raise ValueError(f"group_by={self.group_by!r} must be one of {', '.join(GROUP_BY)}")
         if self.image_size < 8:
             raise ValueError(f"image_size={self.image_size} must be at least 8")
 
@@ -195,9 +207,13 @@ def _discard(out: Path, work: Path) -> None:
 
 
 def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
-    """Cut the listing into per-split chunks of ``max_items_per_shard`` refs; duplicates become skips."""
+    """Cut the listing into per-split chunks of ``max_items_per_shard`` refs; duplicates become skips.
+
+    Refs the listing already failed ride along in the current chunk without taking an item's place,
+    so where a failed row sits in the input never moves a chunk boundary."""
     size = cfg.data.max_items_per_shard
     buffers: dict[str, list] = {}
+    filled: collections.Counter = collections.Counter()
     counters: collections.Counter = collections.Counter()
     seen: set[str] | None = None if getattr(reader, "unique_ids", False) else set()
     for ref in reader.refs():
@@ -215,10 +231,11 @@ def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
                 seen.add(ref.key)
         buffer = buffers.setdefault(ref.split, [])
         buffer.append(ref)
-        if len(buffer) == size:
+        filled[ref.split] += ref.skip is None
+        if filled[ref.split] == size:
             yield Chunk(ref.split, counters[ref.split], buffer, _snapshot(reader))
             counters[ref.split] += 1
-            buffers[ref.split] = []
+            buffers[ref.split], filled[ref.split] = [], 0
     for split, buffer in buffers.items():
         if buffer:
             yield Chunk(split, counters[split], buffer, _snapshot(reader))

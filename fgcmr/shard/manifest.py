@@ -52,7 +52,7 @@ def finalize(out: Path) -> dict:
     for tmp in work.glob(".*.tmp"):  # left by killed runs; every task has finished, so none is in use
         tmp.unlink(missing_ok=True)
     splits = _place_shards(out, work, plan["splits"], records)
-    skipped = _write_skips(out, records)
+    skipped, rows_skipped = _write_skips(out, records)
     categories = plan["categories"] or []
     for info in splits.values():
         info["category_counts"] = {categories[int(k)]: n for k, n in sorted(info["category_counts"].items(), key=lambda kv: int(kv[0]))}
@@ -68,8 +68,17 @@ def finalize(out: Path) -> dict:
         "items_skipped": sum(skipped.values()),
         "skipped": dict(sorted(skipped.items())),
         "splits": {s: info for s, info in splits.items() if info["items"]},
+        # Input rows (caption records): a row corpus groups several rows into one item; else rows = items.
+        "rows": {
+            "rows_in": sum(r.get("rows_in", r["items_in"]) for r in records),
+            "rows_in_items": sum(r.get("rows_written", r["items_written"]) for r in records),
+            "rows_skipped": sum(rows_skipped.values()),
+            "skipped": dict(sorted(rows_skipped.items())),
+        },
     }
     assert manifest["items_in"] == manifest["items_written"] + manifest["items_skipped"], manifest
+    rows = manifest["rows"]
+    assert rows["rows_in"] == rows["rows_in_items"] + rows["rows_skipped"], rows
     sizes = {shard["file"]: shard["items"] for info in manifest["splits"].values() for shard in info["shards"]}
     atomic_write_json(out / "sizes.json", sizes)
     atomic_write_text(out / "config.yaml", plan["config_yaml"])
@@ -102,11 +111,14 @@ def _link(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _write_skips(out: Path, records: list[dict]) -> Counter:
+def _write_skips(out: Path, records: list[dict]) -> tuple[Counter, Counter]:
+    """Write skipped.jsonl; return skipped items and skipped input rows, by reason."""
     counts: Counter = Counter()
+    rows: Counter = Counter()
     with atomic_open(out / "skipped.jsonl", "w") as f:
         for record in records:
             for skip in record["skipped"]:
                 f.write(json.dumps(skip, ensure_ascii=False) + "\n")
                 counts[skip["reason"]] += 1
-    return counts
+                rows[skip["reason"]] += skip.get("rows", 1)
+    return counts, rows

@@ -20,7 +20,8 @@ class Ref:
     """One input item as the cheap listing pass sees it; ``skip`` is set when the listing already fails it.
 
     ``data`` is reader-specific (paths, row numbers, captions) and must be small and picklable: refs
-    travel to worker processes in chunks.
+    travel to worker processes in chunks. ``rows`` is how many input rows (caption records) the ref
+    stands for, so the manifest can account for every row of a row corpus.
     """
 
     id: str
@@ -28,6 +29,7 @@ class Ref:
     category: int | None = None
     data: Any = None
     skip: tuple[str, str] | None = None
+    rows: int = 1
 
     @property
     def key(self) -> str:

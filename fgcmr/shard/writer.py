@@ -100,6 +100,7 @@ def write_chunk(
     writer = PartWriter(work, chunk.stem, max_bytes)
     skipped: list[dict] = []
     counts: dict[int, int] = {}
+    rows_written = 0
     try:
         for ref in chunk.refs:
             try:
@@ -108,8 +109,9 @@ def write_chunk(
                 item = load(ref)
                 writer.add(encode(item, chunk.categories))
             except Skip as s:
-                skipped.append({"id": ref.id, "split": ref.split, "reason": s.reason, "detail": s.detail})
+                skipped.append({"id": ref.id, "split": ref.split, "reason": s.reason, "detail": s.detail, "rows": ref.rows})
                 continue
+            rows_written += ref.rows
             if item.category is not None:
                 counts[item.category] = counts.get(item.category, 0) + 1
         parts = writer.close()
@@ -121,6 +123,8 @@ def write_chunk(
         "chunk": chunk.index,
         "items_in": len(chunk.refs),
         "items_written": sum(p["items"] for p in parts),
+        "rows_in": sum(ref.rows for ref in chunk.refs),
+        "rows_written": rows_written,
         "parts": parts,
         "skipped": skipped,
         "category_counts": {str(k): counts[k] for k in sorted(counts)},

@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 
 from fgcmr.dataset import DatasetInfo, sample_from_fields
-from fgcmr.labels import SidecarError, labels_dir, read_sidecar, sidecar_path
+from fgcmr.labels import LABEL_FIELDS, SidecarError, join_labels, labels_dir, read_sidecar, sidecar_path
 from fgcmr.model.inputs import Inputs
 from fgcmr.train.signals import ignore_stop_signals
 
@@ -96,8 +96,8 @@ class MakeItem:
         item["category"] = -1 if sample.category is None else int(sample.category)
         item["image_id"] = key_id(key)
         if self.labels is not None:
-            texts, desc = self.labels(raw["__url__"], key)
-            item["label_text_emb"], item["desc_emb"] = texts[k], desc
+            texts, _ = self.labels(raw["__url__"], key)
+            item.update(join_labels(texts, k))  # leave-one-out description of the image for its text k
         return item
 
 
@@ -112,7 +112,7 @@ class Collate:
             "category": torch.tensor([it["category"] for it in items], dtype=torch.long),
             "image_id": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
         }
-        for name in ("label_text_emb", "desc_emb"):
+        for name in LABEL_FIELDS:
             if name in items[0]:
                 batch[name] = torch.from_numpy(np.stack([it[name] for it in items]).astype(np.float32))
         return batch

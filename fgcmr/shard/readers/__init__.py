@@ -30,6 +30,21 @@ def make_reader(cfg):
         from fgcmr.shard.readers.folder import FolderReader
 
         return FolderReader(root, default_split=cfg.default_split)
+    from fgcmr.shard.manifest import WORK_DIR
+
+    spill = Path(cfg.out) / WORK_DIR / f"spill-{cfg.task_index}"  # row corpora group through these files
+    if cfg.source in ("csv", "jsonl", "parquet"):
+        from fgcmr.shard.readers.tabular import TabularReader
+
+        return TabularReader(root, cfg.source, cfg, spill)
+    if cfg.source == "img2dataset":
+        from fgcmr.shard.readers.tars import Img2DatasetReader
+
+        return Img2DatasetReader(root, cfg, spill)
+    if cfg.source == "webdataset":
+        from fgcmr.shard.readers.tars import WebDatasetReader
+
+        return WebDatasetReader(root, cfg, spill)
     from fgcmr.shard.readers.captions import CaptionReader
 
     return CaptionReader(root, cfg.source, images=cfg.images, splits_file=cfg.splits_file, default_split=cfg.default_split)
