@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fgcmr.config import ConfigError
 from fgcmr.dataset import iter_samples, open_dataset
 from fgcmr.labels import SidecarError, read_sidecar, sidecar_path
 from fgcmr.model import build_inputs, train_wordpiece
@@ -53,9 +54,12 @@ def test_missing_sidecars_and_too_few_shards_are_clear_errors(synthetic_dataset:
     ds = open_dataset(synthetic_dataset)
     with pytest.raises(SidecarError, match="label sidecars missing"):
         check_sidecars(ds, "train", "no-such-labeler")
-    check_shard_split(4, 2, 2)
-    with pytest.raises(ValueError, match="3 shards cannot feed 2 ranks × 2 workers"):
-        check_shard_split(3, 2, 2)
+    n = len(ds.shards("train"))
+    check_shard_split(ds, "train", 1, n, micro_batch=8)
+    with pytest.raises(ConfigError, match=f"{n} train shards do not divide evenly among 2 ranks × {n} workers"):
+        check_shard_split(ds, "train", 2, n, micro_batch=8)
+    with pytest.raises(ConfigError, match="less than one micro-batch of 1000"):  # defect 6b: silently no step before
+        check_shard_split(ds, "train", 1, 1, micro_batch=1000)
 
 
 def test_bad_samples_are_counted_and_skipped(synthetic_dataset: Path, inputs, tmp_path: Path, caplog):
