@@ -14,6 +14,7 @@ import typing
 from typing import Any
 
 from fgcmr.config import ConfigError, load_config
+from fgcmr.io import CorruptFileError
 
 
 def _run(target: str, section: str | None, config: str | None, overrides: dict[str, Any], command: Any = None) -> Any:
@@ -108,6 +109,20 @@ def pipeline(config: str | None = None, nproc: int = 1, out: str | None = None, 
     run_pipeline(config, nproc=nproc, out=out, overrides=options)
 
 
+def verify(path: str) -> None:
+    """Check shards (size, sha256, samples), label sidecars and exports under <path> against their records:
+    fgcmr verify <dataset dir | label dir | run dir | export dir | pipeline --out dir>. Exits 1 on a problem."""
+    from fgcmr.verify import verify as check
+
+    reports = check(path)
+    for r in reports:
+        print(r.line())
+    bad = sum(r.problem is not None for r in reports)
+    print(f"fgcmr verify: {len(reports) - bad} ok, {bad} problem(s)")
+    if bad:
+        sys.exit(1)
+
+
 class Submit:
     """Render and submit Slurm job chains."""
 
@@ -160,6 +175,7 @@ COMMANDS = {
     "export": export,
     "eval": eval,
     "pipeline": pipeline,
+    "verify": verify,
     "submit": Submit,
     "bench": Bench,
 }
@@ -179,6 +195,9 @@ def main() -> None:
     except (FileNotFoundError, NotADirectoryError) as e:
         print(f"fgcmr: {e}", file=sys.stderr)
         sys.exit(2)
+    except CorruptFileError as e:  # a damaged shard, sidecar or manifest: the message names it and what to do
+        print(f"fgcmr: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

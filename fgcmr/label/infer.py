@@ -2,9 +2,11 @@
 
 Each rank takes a round-robin share of the shards of every split. A shard whose sidecar exists and
 matches the shard's keys is kept, so a killed job rerun with the same command finishes the rest and
-ends with exactly the output of an uninterrupted run. Embeddings depend only on the shard (texts are
-batched by length within windows of a shard, read and tokenised on a helper thread while the encoder
-runs: ``fgcmr.label.stream``), so 1 rank and N ranks write the same files. Rank 0 then writes
+ends with exactly the output of an uninterrupted run. Each sidecar carries the labeler's identity
+(``fgcmr.labels.labeler_identity``): one written by another labeler (or before retraining) is redone.
+Embeddings depend only on the shard (texts are batched by length within windows of a shard, read and
+tokenised on a helper thread while the encoder runs: ``fgcmr.label.stream``), so 1 rank and N ranks
+write the same files. Rank 0 then writes
 ``head.npz``, ``manifest.json`` (labeler, metrics, counts, per-sidecar sha256), the resolved config,
 and TensorBoard histograms of ``p`` on relevant vs irrelevant image-text pairs.
 """
@@ -28,8 +30,8 @@ from fgcmr.io import atomic_write_json, atomic_write_text, read_json, sha256_fil
 from fgcmr.label.encode import encode_batch
 from fgcmr.label.model import SiameseLabeler, load_labeler
 from fgcmr.label.stream import ShardEnd, ShardTexts, TextBatch, prefetch, shard_items
-from fgcmr.labels import (SidecarError, labels_dir, pair_scores, read_head, read_sidecar, relevance, sidecar_path,
-                          verify_labels, write_head, write_sidecar)
+from fgcmr.labels import (SidecarError, labeler_identity, labels_dir, pair_scores, read_head, read_sidecar, relevance,
+                          sidecar_path, verify_labels, write_head, write_sidecar)
 
 log = logging.getLogger("fgcmr.label")
 
@@ -75,7 +77,7 @@ def embed_shard(data: ShardTexts, pieces: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def finish_shard(end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]], dim: int, seconds: float, waited: float,
-                 cfg: LabelInferConfig, d: DistEnv) -> dict:
+                 cfg: LabelInferConfig, d: DistEnv, identity: str) -> dict:
     """Write an embedded shard's sidecar (unless kept); returns its manifest record, with categories for histograms."""
     data, path = end.data, sidecar_path(cfg.shards, cfg.labeler_name, end.shard.name)
     n_texts = sum(len(t) for t in data.texts)
@@ -83,7 +85,7 @@ def finish_shard(end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]],
     if empty:
         log.warning("label infer: %s: %d samples without text get a zero description", end.shard.name, empty)
     if not end.kept:
-        write_sidecar(path, data.keys, *embed_shard(data, pieces, dim))
+        write_sidecar(path, data.keys, *embed_shard(data, pieces, dim), labeler=identity)
     status = "kept" if end.kept else "written"
     log.info("label infer rank %d/%d: %s %s: %d samples, %d texts, %.1fs (%.1f samples/s; %.1fs waiting for input)",
              d.rank, d.world_size, end.shard.name, status, len(data.keys), n_texts, seconds, len(data.keys) / max(seconds, 1e-9), waited)
@@ -91,28 +93,33 @@ def finish_shard(end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]],
             "sha256": sha256_file(path), "categories": data.categories}
 
 
-def sidecar_check(cfg: LabelInferConfig, shard: Path) -> Callable[[ShardTexts], bool] | None:
-    """None when the shard has no sidecar yet; else a check that keeps it if it matches the shard's keys."""
+def sidecar_check(cfg: LabelInferConfig, shard: Path, identity: str) -> Callable[[ShardTexts], bool] | None:
+    """None when the shard has no sidecar yet; else a check that keeps it if it matches the shard's keys
+    and was written by this labeler."""
     path = sidecar_path(cfg.shards, cfg.labeler_name, shard.name)
     if not path.is_file():
         return None
 
     def matches(data: ShardTexts) -> bool:
         try:
-            read_sidecar(path, data.keys)
-            return True
+            sc = read_sidecar(path, data.keys)
         except SidecarError as e:
             log.warning("label infer: redoing %s", e)
             return False
+        if sc.labeler != identity:
+            log.warning("label infer: redoing %s: written by another labeler (%s, now %s)", path, sc.labeler[:12] or "unrecorded", identity[:12])
+            return False
+        return True
 
     return matches
 
 
 def label_shards(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, max_length: int, shards: list[Path],
-                 cfg: LabelInferConfig, d: DistEnv) -> list[dict]:
+                 cfg: LabelInferConfig, d: DistEnv, identity: str = "") -> list[dict]:
     """Label shards in order while a helper thread reads and tokenises ahead, batch by batch (``fgcmr.label.stream``)."""
     items = (item for shard in shards
-             for item in shard_items(shard, tokenizer, max_length, cfg.batch_size, cfg.window_batches, sidecar_check(cfg, shard)))
+             for item in shard_items(shard, tokenizer, max_length, cfg.batch_size, cfg.window_batches,
+                                     sidecar_check(cfg, shard, identity)))
     records, pieces, waited = [], [], 0.0
     start = t = time.monotonic()
     with contextlib.closing(prefetch(items, cfg.prefetch_batches)) as stream:
@@ -122,7 +129,7 @@ def label_shards(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, max_
                 rows, batch = item.batch
                 pieces.append((rows, encode_batch(model, batch, d.device, cfg.dtype)))
             else:
-                records.append(finish_shard(item, pieces, model.proj.out_features, time.monotonic() - start, waited, cfg, d))
+                records.append(finish_shard(item, pieces, model.proj.out_features, time.monotonic() - start, waited, cfg, d, identity))
                 pieces, waited, start = [], 0.0, time.monotonic()
             t = time.monotonic()
     return records
@@ -132,22 +139,26 @@ def run(cfg: LabelInferConfig) -> dict:
     d = init(cfg.threads)
     ds = open_dataset(cfg.shards)
     out = labels_dir(cfg.shards, cfg.labeler_name)
+    identity = labeler_identity(cfg.labeler)
     if cfg.verify_only:
-        return _report(verify_labels(cfg.shards, cfg.labeler_name, check_keys=True), out)
+        from fgcmr.verify import verify_shards
+
+        shard_problems = [r.problem for r in verify_shards(ds) if r.problem]
+        return _report(shard_problems, verify_labels(cfg.shards, cfg.labeler_name, check_keys=not shard_problems, identity=identity), out)
     model, tokenizer, max_length = load_labeler(cfg.labeler)
     model.to(d.device)
     splits = cfg.splits or ds.split_names
     mine = [(split, shard) for split in splits for shard in shard_slice(ds.shards(split), d.rank, d.world_size)]
     t0 = time.monotonic()
-    done = label_shards(model, tokenizer, max_length, [shard for _, shard in mine], cfg, d)
+    done = label_shards(model, tokenizer, max_length, [shard for _, shard in mine], cfg, d, identity)
     records = {shard.name: dict(r, split=split) for (split, shard), r in zip(mine, done)}
     mine = sum(r["items"] for r in records.values() if r["status"] == "written")
     log.info("label infer rank %d: %d samples embedded in %.1fs", d.rank, mine, time.monotonic() - t0)
     gathered = {k: v for part in all_gather_objects(records) for k, v in part.items()}
     manifest = None
     if d.is_main:
-        write_head(cfg.shards, cfg.labeler_name, model.w.detach().float().numpy(), float(model.c.detach().float()))
-        manifest = _manifest(cfg, ds, splits, gathered, d)
+        write_head(cfg.shards, cfg.labeler_name, model.w.detach().float().numpy(), float(model.c.detach().float()), identity)
+        manifest = _manifest(cfg, ds, splits, gathered, d, identity)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         atomic_write_json(out / "manifest.json", manifest)
         log.info("label infer: %d sidecars (%d written, %d kept) → %s", len(gathered),
@@ -156,11 +167,11 @@ def run(cfg: LabelInferConfig) -> dict:
     return manifest
 
 
-def _manifest(cfg: LabelInferConfig, ds, splits: list[str], records: dict, d: DistEnv) -> dict:
+def _manifest(cfg: LabelInferConfig, ds, splits: list[str], records: dict, d: DistEnv, identity: str) -> dict:
     metrics_path = Path(cfg.labeler) / "metrics.json"
     ordered = [r for split in splits for r in (records[s.name] for s in ds.shards(split))]
     return {
-        "labeler": {"name": cfg.labeler_name, "path": str(Path(cfg.labeler).resolve())},
+        "labeler": {"name": cfg.labeler_name, "path": str(Path(cfg.labeler).resolve()), "identity": identity},
         "metrics": read_json(metrics_path) if metrics_path.is_file() else None,
         "dataset": ds.name,
         "counts": {split: {"sidecars": sum(r["split"] == split for r in ordered),
@@ -210,9 +221,12 @@ def _histograms(cfg: LabelInferConfig, ds, splits: list[str], records: dict) -> 
     return summary
 
 
-def _report(problems: list[str], out: Path) -> dict:
-    for p in problems:
+def _report(shard_problems: list[str], problems: list[str], out: Path) -> dict:
+    for p in shard_problems + problems:
         log.error("%s", p)
+    if shard_problems:
+        raise SystemExit(f"fgcmr: {len(shard_problems)} data shard(s) damaged (not the labels): re-shard with the same "
+                         f"`fgcmr shard` command, then rerun `fgcmr label infer`")
     if problems:
         raise SystemExit(f"fgcmr: {len(problems)} problem(s) with the labels in {out}; rerun `fgcmr label infer` to repair them")
     log.info("label infer: every sidecar in %s is present, intact and aligned with its shard", out)

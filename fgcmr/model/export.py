@@ -1,4 +1,4 @@
-"""The exported model: ``model.safetensors`` + ``model_config.json`` (+ ``tokenizer/``), free of DeepSpeed.
+"""The exported model: ``model.safetensors`` + ``model_config.json`` (+ ``tokenizer/``, ``checksums.json``), free of DeepSpeed.
 
 The config is rewritten to be self-contained: no pretrained-weight paths (the weights are in the
 safetensors file), the text encoder's full architecture inline, the tokenizer copied beside it.
@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from fgcmr.config import build, to_dict
-from fgcmr.io import atomic_write_json
+from fgcmr.io import atomic_write_json, sha256_file
 from fgcmr.model.config import ModelConfig
 from fgcmr.model.inputs import Inputs, build_inputs
 from fgcmr.model.two_tower import TwoTower, build_model
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "model_config.json", "tokenizer"
+CHECKSUMS = "checksums.json"  # sha256 of every other file, for `fgcmr verify`
 
 
 def standalone_config(model: TwoTower, cfg: ModelConfig) -> ModelConfig:
@@ -47,6 +48,7 @@ def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig, state_di
         if cfg.text.kind == "transformers":
             shutil.copytree(cfg.tokenizer_dir, tmp / TOKENIZER)
         atomic_write_json(tmp / CONFIG, to_dict(standalone_config(model, cfg)))
+        atomic_write_json(tmp / CHECKSUMS, {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()})
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

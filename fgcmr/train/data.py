@@ -27,7 +27,8 @@ import webdataset as wds
 
 from fgcmr.config import ConfigError
 from fgcmr.dataset import DatasetInfo, OnCorrupt, iter_records, sample_from_fields
-from fgcmr.labels import SidecarError, labels_dir, read_sidecar, sidecar_path
+from fgcmr.labels import SidecarError, labels_dir, read_head_with_identity, read_sidecar, read_sidecar_identity,
+                          sidecar_path
 from fgcmr.model.inputs import Inputs
 from fgcmr.train.signals import ignore_stop_signals, kill_workers_at_exit
 
@@ -40,13 +41,16 @@ def key_id(key: str) -> int:
 
 
 def check_sidecars(dataset: DatasetInfo, split: str, labeler: str) -> None:
-    """Every data shard of the split has its sidecar (keys are checked when each is read)."""
+    """Every data shard of the split has its sidecar, from the labeler of the head (keys are checked when each is read)."""
     missing = [s.name for s in dataset.shards(split) if not sidecar_path(dataset.root, labeler, s.name).is_file()]
     if missing:
         raise SidecarError(
             f"{len(missing)} of {len(dataset.shards(split))} label sidecars missing in {labels_dir(dataset.root, labeler)} "
             f"(first: {missing[0]}); run `fgcmr label infer --shards={dataset.root}` or train with --loss.name=pairwise"
         )
+    join = LabelJoin(dataset.root, labeler)
+    for path in (sidecar_path(dataset.root, labeler, s.name) for s in dataset.shards(split)):
+        join.check(path, read_sidecar_identity(path))
 
 
 def check_shard_split(dataset: DatasetInfo, split: str, world_size: int, workers: int, micro_batch: int) -> None:
@@ -67,10 +71,12 @@ def check_shard_split(dataset: DatasetInfo, split: str, world_size: int, workers
 
 
 class LabelJoin:
-    """key → (text embeddings, description embedding), from the sidecar of the sample's shard."""
+    """key → (text embeddings, description embedding), from the sidecar of the sample's shard, which must
+    come from the same labeler as the head the loss reads (``head.npz``)."""
 
     def __init__(self, dataset_root: Path, labeler: str, cache_shards: int = 4):
         self.root, self.labeler, self.cache_shards = dataset_root, labeler, cache_shards
+        self.identity = read_head_with_identity(dataset_root, labeler)[2]
         self._cache: dict[str, dict] = {}
 
     def __call__(self, shard_url: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,10 +84,19 @@ class LabelJoin:
         if table is None:
             if len(self._cache) >= self.cache_shards:
                 self._cache.pop(next(iter(self._cache)))
-            table = self._cache[shard_url] = read_sidecar(sidecar_path(self.root, self.labeler, Path(shard_url).name)).by_key()
+            path = sidecar_path(self.root, self.labeler, Path(shard_url).name)
+            sidecar = read_sidecar(path)
+            self.check(path, sidecar.labeler)
+            table = self._cache[shard_url] = sidecar.by_key()
         if key not in table:
             raise SidecarError(f"sample {key} of {shard_url} has no entry in its label sidecar")
         return table[key]
+
+    def check(self, path: Path, identity: str) -> None:
+        if identity != self.identity:
+            raise SidecarError(f"label sidecar {path} was written by another labeler than its head.npz "
+                               f"({identity[:12] or 'unrecorded'} vs {self.identity[:12] or 'unrecorded'}); "
+                               f"rerun `fgcmr label infer --shards={self.root}` with the labeler you mean")
 
 
 class MakeItem:
