@@ -27,8 +27,8 @@ import webdataset as wds
 
 from fgcmr.config import ConfigError
 from fgcmr.dataset import DatasetInfo, OnCorrupt, iter_records, sample_from_fields
-from fgcmr.labels import SidecarError, labels_dir, read_head_with_identity, read_sidecar, read_sidecar_identity,
-                          sidecar_path
+from fgcmr.labels import (SidecarError, labels_dir, read_head_with_identity, read_sidecar, read_sidecar_identity,
+                          sidecar_path)
 from fgcmr.model.inputs import Inputs
 from fgcmr.train.signals import ignore_stop_signals, kill_workers_at_exit
 
