@@ -21,7 +21,7 @@ from fgcmr.label import infer, train
 from fgcmr.label.encode import embed_texts
 from fgcmr.label.model import load_labeler
 from fgcmr.label.texts import TextSet
-from fgcmr.labels import labels_dir, read_head, read_sidecar, sidecar_path, verify_labels
+from fgcmr.labels import SidecarError, labels_dir, read_head, read_sidecar, sidecar_path, verify_labels
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -151,3 +151,48 @@ def test_train_on_two_ranks(synthetic_dataset, free_port, tmp_path):
     metrics = read_json(out / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["steps"] == 6 and 0 <= metrics["auc"] <= 1
     load_labeler(out)
+
+
+def test_another_labeler_redoes_sidecars_and_damaged_shards_are_blamed(labeler, synthetic_dataset, tmp_path):
+    """Defect 5: another labeler's infer kept the old sidecars ("0 written, 15 kept") and --verify_only passed.
+    Defect 9: --verify_only on a corrupt shard blamed the sidecars."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fgcmr.labels import labeler_identity, sidecars_current, write_head
+    from fgcmr.train.data import check_sidecars
+    from test_integrity import flip_header
+
+    first = infer.run(infer_cfg(synthetic_dataset, labeler[0], name="ident"))
+    other = tmp_path / "other"
+    shutil.copytree(labeler[0], other)
+    head = load_file(str(other / "head.safetensors"))
+    save_file({k: v + 0.5 for k, v in head.items()}, str(other / "head.safetensors"))
+    assert labeler_identity(other) != labeler_identity(labeler[0]) == first["labeler"]["identity"]
+    assert sidecars_current(synthetic_dataset, "ident", labeler[0]) is None
+    assert "another labeler" in sidecars_current(synthetic_dataset, "ident", other)
+    with pytest.raises(SystemExit, match="problem"):
+        infer.run(infer_cfg(synthetic_dataset, other, name="ident", verify_only=True))
+
+    ds = open_dataset(synthetic_dataset)
+    n_shards = sum(len(ds.shards(s)) for s in ds.split_names)
+    path = sidecar_path(synthetic_dataset, "ident", ds.shards("train")[0].name)
+    before = path.read_bytes()
+    second = infer.run(infer_cfg(synthetic_dataset, other, name="ident"))
+    assert second["labeler"]["identity"] == labeler_identity(other) and path.read_bytes() != before  # all redone
+    assert sidecars_current(synthetic_dataset, "ident", other) is None
+    check_sidecars(ds, "train", "ident")
+    w, c = read_head(synthetic_dataset, "ident")
+    write_head(synthetic_dataset, "ident", w, c, labeler_identity(labeler[0]))  # a head from the first labeler
+    with pytest.raises(SidecarError, match="written by another labeler than its head.npz"):
+        check_sidecars(ds, "train", "ident")
+
+    copy = tmp_path / "ds"
+    shutil.copytree(synthetic_dataset, copy, ignore=shutil.ignore_patterns(".parts"))
+    write_head(copy, "ident", w, c, labeler_identity(other))
+    infer.run(infer_cfg(copy, other, name="ident", verify_only=True))
+    bad = open_dataset(copy).shards("test")[0]
+    flip_header(bad)
+    with pytest.raises(SystemExit, match=r"1 data shard\(s\) damaged \(not the labels\)"):
+        infer.run(infer_cfg(copy, other, name="ident", verify_only=True))
