@@ -196,8 +196,16 @@ def main() -> None:
         print(f"fgcmr: {e}", file=sys.stderr)
         sys.exit(2)
     except CorruptFileError as e:  # a damaged shard, sidecar or manifest: the message names it and what to do
-        print(f"fgcmr: {e}", file=sys.stderr)
+        print(f"fgcmr: {_own_message(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _own_message(e: BaseException) -> str:
+    """The error's own message: a DataLoader re-raises a worker's error with the worker's traceback in its text."""
+    lines = str(e).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from fgcmr.label.encode import embed_texts
 from fgcmr.label.model import load_labeler
 from fgcmr.label.texts import TextSet
 from fgcmr.labels import SidecarError, labels_dir, read_head, read_sidecar, sidecar_path, verify_labels
+from waits import run_following, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -104,14 +104,12 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
     args = [f"--shards={synthetic_dataset}", f"--labeler={labeler[0]}", "--name=two", "--threads=1"]
     job = subprocess.Popen(torchrun(free_port, *args, "--batch_size=1"), env=ENV, cwd=tmp_path, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(out_two.glob("*.npz")) and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: list(out_two.glob("*.npz")) or job.poll() is not None, [job], [out_two.parent], early_exit_ok=True)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     written = len(list(out_two.glob("*-*.npz")))
     assert 0 < written < len(shards) and not (out_two / "manifest.json").exists(), "the job was not interrupted mid-way"
-    done = subprocess.run(torchrun(free_port + 1, *args), env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_following(torchrun(free_port + 1, *args), env=ENV, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kept" in done.stderr
     manifest = read_json(out_two / "manifest.json")
@@ -146,7 +144,7 @@ def test_train_on_two_ranks(synthetic_dataset, free_port, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
            "-m", "fgcmr.cli", "label", "train", f"--config={REPO / 'configs/labelers/tiny.yaml'}", f"--shards={synthetic_dataset}",
            f"--out={out}", "--max_steps=6", "--eval_every=3", "--max_eval_texts=100", "--threads=1", "--tensorboard=false"]
-    done = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_following(cmd, env=ENV, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_json(out / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["steps"] == 6 and 0 <= metrics["auc"] <= 1
@@ -176,7 +174,6 @@ def test_another_labeler_redoes_sidecars_and_damaged_shards_are_blamed(labeler, 
         infer.run(infer_cfg(synthetic_dataset, other, name="ident", verify_only=True))
 
     ds = open_dataset(synthetic_dataset)
-    n_shards = sum(len(ds.shards(s)) for s in ds.split_names)
     path = sidecar_path(synthetic_dataset, "ident", ds.shards("train")[0].name)
     before = path.read_bytes()
     second = infer.run(infer_cfg(synthetic_dataset, other, name="ident"))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import yaml
 
 from fgcmr.config import ConfigError
 from fgcmr.pipeline import resolve_experiment
+from waits import run_following
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
     cfg = _write(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fgcmr.cli", "pipeline", f"--config={cfg}", "--nproc=2", f"--out={out}"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = run_following(cmd, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "run" / "eval" / "metrics.json").read_text())
     for key in ("map_i2t", "map_t2i", "map_avg", "r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "chance_map"):
@@ -91,7 +91,7 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
 
     (out / "run" / "eval" / "metrics.json").unlink()  # as if it crashed during eval: only eval reruns
     t0 = time.monotonic()
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = run_following(cmd, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [s for s, v in stages.items() if v["status"] == "ran"] == ["eval"]

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 from fgcmr.text import SPECIAL_TOKENS, wordpiece_vocab
+from waits import run_following
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = """
@@ -25,7 +25,8 @@ def test_tokenizer_bytes_identical_across_processes(tmp_path):
     for seed in ("1", "2"):
         d = tmp_path / f"tok{seed}"
         env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(REPO))
-        subprocess.run([sys.executable, "-c", TRAIN, str(d)], check=True, env=env, cwd=REPO, timeout=300)
+        done = run_following([sys.executable, "-c", TRAIN, str(d)], env=env, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-2000:]
         out.append((d / "tokenizer.json").read_bytes())
     assert out[0] == out[1]
     assert b'"##ox"' in out[0] or b'"fox"' in out[0]
