@@ -21,7 +21,7 @@ from fgcmr.label.encode import embed_texts
 from fgcmr.label.model import load_labeler
 from fgcmr.label.texts import TextSet
 from fgcmr.labels import SidecarError, labels_dir, read_head, read_sidecar, sidecar_path, verify_labels
-from waits import run_following, wait_until
+from waits import run_following, wait_procs, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -43,6 +43,19 @@ def infer_cfg(dataset: Path, labeler: Path, **kw) -> infer.LabelInferConfig:
 def torchrun(port: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
             "-m", "fgcmr.cli", "label", "infer", *args]
+
+
+def ranks_of(pid: int) -> list[int]:
+    """The fgcmr processes started below ``pid`` (torchrun's ranks)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                found += [int(p.name)] if b"fgcmr.cli" in (p / "cmdline").read_bytes() else ranks_of(int(p.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 def test_train_writes_a_self_contained_labeler(labeler, synthetic_dataset):
@@ -109,6 +122,18 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
     job.wait()
     written = len(list(out_two.glob("*-*.npz")))
     assert 0 < written < len(shards) and not (out_two / "manifest.json").exists(), "the job was not interrupted mid-way"
+
+    # Killed again, one rank only this time (SIGKILL), once it has written more: torchrun ends the other rank.
+    job = subprocess.Popen(torchrun(free_port + 2, *args, "--batch_size=1"), env=ENV, cwd=tmp_path, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: len(list(out_two.glob("*-*.npz"))) > written or job.poll() is not None, [job], [out_two.parent],
+               early_exit_ok=True)
+    ranks = ranks_of(job.pid)
+    assert len(ranks) == 2, f"the job ended before a rank could be killed ({job.poll()})"
+    os.kill(ranks[1], signal.SIGKILL)
+    assert wait_procs([job], [out_two.parent]) != [0]
+    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    assert not (out_two / "manifest.json").exists()
     done = run_following(torchrun(free_port + 1, *args), env=ENV, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kept" in done.stderr
