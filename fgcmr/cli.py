@@ -14,6 +14,7 @@ import typing
 from typing import Any
 
 from fgcmr.config import ConfigError, load_config
+from fgcmr.io import CorruptFileError
 
 
 def _run(target: str, section: str | None, config: str | None, overrides: dict[str, Any], command: Any = None) -> Any:
@@ -137,6 +138,20 @@ def pipeline(config: str | None = None, nproc: int = 1, out: str | None = None, 
     run_pipeline(config, nproc=nproc, out=out, overrides=options, force=force)
 
 
+def verify(path: str) -> None:
+    """Check shards (size, sha256, samples), label sidecars and exports under <path> against their records:
+    fgcmr verify <dataset dir | label dir | run dir | export dir | pipeline --out dir>. Exits 1 on a problem."""
+    from fgcmr.verify import verify as check
+
+    reports = check(path)
+    for r in reports:
+        print(r.line())
+    bad = sum(r.problem is not None for r in reports)
+    print(f"fgcmr verify: {len(reports) - bad} ok, {bad} problem(s)")
+    if bad:
+        sys.exit(1)
+
+
 class Submit:
     """Render and submit Slurm job chains."""
 
@@ -189,6 +204,7 @@ COMMANDS = {
     "export": export,
     "eval": eval,
     "pipeline": pipeline,
+    "verify": verify,
     "submit": Submit,
     "bench": Bench,
 }
@@ -211,6 +227,17 @@ def main() -> None:
     except KeyboardInterrupt:
         print("fgcmr: interrupted", file=sys.stderr)
         sys.exit(130)
+    except CorruptFileError as e:  # a damaged shard, sidecar or manifest: the message names it and what to do
+        print(f"fgcmr: {_own_message(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _own_message(e: BaseException) -> str:
+    """The error's own message: a DataLoader re-raises a worker's error with the worker's traceback in its text."""
+    lines = str(e).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(e)
 
 
 if __name__ == "__main__":

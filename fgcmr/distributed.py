@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import datetime
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from fgcmr.progress import setup_logging
 
 log = logging.getLogger("fgcmr.distributed")
+TIMEOUT_ENV = "FGCMR_COLLECTIVE_TIMEOUT"  # seconds a collective may wait for the other ranks (default 900)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +166,14 @@ def thread_count(d: DistEnv, environ: Mapping[str, str] | None = None) -> int:
     return max(1, cores // max(1, d.local_world_size))
 
 
+def collective_timeout(environ: Mapping[str, str] | None = None) -> datetime.timedelta:
+    """How long a collective waits for the other ranks before failing (``$FGCMR_COLLECTIVE_TIMEOUT`` seconds,
+    default 15 min: longer than any rank-0-only step such as tokenizer training or a checkpoint save, far
+    shorter than gloo's 30 min). A rank that dies closes its connections, so the others fail sooner."""
+    env = os.environ if environ is None else environ
+    return datetime.timedelta(seconds=float(env.get(TIMEOUT_ENV) or 900))
+
+
 def init(threads: int | None = None) -> DistEnv:
     """Resolve the topology, pin the GPU, set thread counts and join the process group (if > 1 rank)."""
     d = resolve_env()
@@ -175,7 +185,7 @@ def init(threads: int | None = None) -> DistEnv:
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for worker processes started later
     if d.distributed and not dist.is_initialized():
-        dist.init_process_group(backend=d.backend, rank=d.rank, world_size=d.world_size)
+        dist.init_process_group(backend=d.backend, rank=d.rank, world_size=d.world_size, timeout=collective_timeout())
     atexit.register(_leave_process_group)
     if d.is_main:
         log.info(

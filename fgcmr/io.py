@@ -84,9 +84,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+class CorruptFileError(ValueError):
+    """A file fgcmr wrote is unreadable or differs from its record; the message names the file and what to do."""
+
+
 def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a truncated or edited one raises ``CorruptFileError`` naming it, not a bare decode error."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptFileError(f"{path} is not valid JSON ({e}); it was truncated or edited: "
+                                   "rerun the stage that wrote it, or restore it") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

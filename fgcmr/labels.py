@@ -8,12 +8,16 @@ Files (written by ``fgcmr label infer``, read by ``fgcmr train``)::
         text_offsets  i64   [n + 1]  sample i's texts are text_emb[text_offsets[i]:text_offsets[i + 1]]
         desc_emb      f16   [n, d]   the description of sample i's image (its own text, or the mean of
                                      its normalised caption embeddings)
-    <dataset>/labels/<labeler>/head.npz             w f32 [d], c f32 [1]: the labeler's pair head
-    <dataset>/labels/<labeler>/manifest.json        labeler, metrics, counts, per-sidecar sha256
-                                                    (``sidecars: {<file>: {split, items, texts, sha256}}``)
+        labeler       str   []       the identity of the labeler that wrote it (``labeler_identity``)
+    <dataset>/labels/<labeler>/head.npz             w f32 [d], c f32 [1]: the labeler's pair head (+ labeler)
+    <dataset>/labels/<labeler>/manifest.json        labeler (name, path, identity), metrics, counts, per-sidecar
+                                                    sha256 (``sidecars: {<file>: {split, items, texts, sha256}}``)
 
 Every file is written atomically (``write_sidecar``, ``write_head``); ``verify_labels`` lists what is
-missing, corrupt or out of step with the manifest.
+missing, corrupt, out of step with the manifest or written by another labeler. A labeler's identity
+is a hash of its weights, config, head and tokenizer, so retraining it (or pointing ``--labeler`` at
+another) makes ``label infer`` redo the sidecars, and training refuses sidecars that the head it
+reads did not come with. Sidecars written before identities existed carry an empty one.
 
 Label math, for a batch of N images and M texts (gathered across ranks if need be):
 
@@ -42,10 +46,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.io import atomic_write_bytes, read_json, sha256_file
+from fgcmr.dataset import ShardError, iter_samples, open_dataset
+from fgcmr.io import CorruptFileError, atomic_write_bytes, read_json, sha256_file
 
 SIDECAR_FIELDS = ("keys", "text_emb", "text_offsets", "desc_emb")
+LABELER_FILES = ("labeler.json", "head.safetensors", "encoder", "tokenizer")  # what makes a labeler's embeddings
 
 
 def labels_dir(dataset_dir: str | Path, labeler_name: str) -> Path:
@@ -62,6 +67,7 @@ class Sidecar:
     text_emb: np.ndarray
     text_offsets: np.ndarray
     desc_emb: np.ndarray
+    labeler: str = ""  # identity of the labeler that wrote it
 
     def texts_of(self, i: int) -> np.ndarray:
         return self.text_emb[self.text_offsets[i] : self.text_offsets[i + 1]]
@@ -71,8 +77,22 @@ class Sidecar:
         return {str(k): (self.texts_of(i), self.desc_emb[i]) for i, k in enumerate(self.keys)}
 
 
-class SidecarError(RuntimeError):
-    """A sidecar is missing, corrupt, or does not match its data shard."""
+class SidecarError(CorruptFileError, RuntimeError):
+    """A sidecar is missing, corrupt, or does not match its data shard or labeler."""
+
+
+def labeler_identity(labeler_dir: str | Path) -> str:
+    """sha256 over the labeler's weights, config, head and tokenizer files (paths and contents, sorted)."""
+    root = Path(labeler_dir)
+    if not (root / "labeler.json").is_file():
+        raise FileNotFoundError(f"{root} is not a labeler directory (no labeler.json); run `fgcmr label train` first")
+    h = hashlib.sha256()
+    for name in LABELER_FILES:
+        top = root / name
+        files = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top] if top.is_file() else []
+        for f in files:
+            h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def read_sidecar(path: str | Path, expected_keys: list[str] | None = None) -> Sidecar:
@@ -82,7 +102,7 @@ def read_sidecar(path: str | Path, expected_keys: list[str] | None = None) -> Si
         raise SidecarError(f"label sidecar missing: {path} (run `fgcmr label infer`)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            sc = Sidecar(**{f: z[f] for f in SIDECAR_FIELDS})
+            sc = Sidecar(**{f: z[f] for f in SIDECAR_FIELDS}, labeler=str(z["labeler"]) if "labeler" in z.files else "")
     except Exception as e:  # zipfile, KeyError, ValueError: all mean the same to the user
         raise SidecarError(f"label sidecar unreadable: {path}: {e}") from None
     n = len(sc.keys)
@@ -94,12 +114,31 @@ def read_sidecar(path: str | Path, expected_keys: list[str] | None = None) -> Si
     return sc
 
 
+def read_sidecar_identity(path: str | Path) -> str:
+    """The identity of the labeler that wrote a sidecar, reading only that entry (empty if unrecorded)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["labeler"]) if "labeler" in z.files else ""
+    except Exception as e:  # zipfile, ValueError: all mean the same to the user
+        raise SidecarError(f"label sidecar unreadable: {path}: {e}") from None
+
+
 def read_head(dataset_dir: str | Path, labeler_name: str) -> tuple[np.ndarray, float]:
+    w, c, _ = read_head_with_identity(dataset_dir, labeler_name)
+    return w, c
+
+
+def read_head_with_identity(dataset_dir: str | Path, labeler_name: str) -> tuple[np.ndarray, float, str]:
+    """(w, c, identity of the labeler it came from; empty for heads written before identities)."""
     path = labels_dir(dataset_dir, labeler_name) / "head.npz"
     if not path.is_file():
         raise SidecarError(f"labeler head missing: {path} (run `fgcmr label infer`)")
-    with np.load(path, allow_pickle=False) as z:
-        return z["w"].astype(np.float32), float(np.asarray(z["c"]).reshape(-1)[0])
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            identity = str(z["labeler"]) if "labeler" in z.files else ""
+            return z["w"].astype(np.float32), float(np.asarray(z["c"]).reshape(-1)[0]), identity
+    except Exception as e:  # zipfile, KeyError, ValueError
+        raise SidecarError(f"labeler head unreadable: {path}: {e}; rerun `fgcmr label infer`") from None
 
 
 def relevance(img_cat: torch.Tensor, txt_cat: torch.Tensor, img_id: torch.Tensor, txt_id: torch.Tensor) -> torch.Tensor:
@@ -141,8 +180,9 @@ def hardness(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(y > 0, 1.0 - p, p)
 
 
-def write_sidecar(path: str | Path, keys: list[str], text_emb: np.ndarray, text_offsets: np.ndarray, desc_emb: np.ndarray) -> str:
-    """Write one sidecar atomically (float16 embeddings); returns its sha256."""
+def write_sidecar(path: str | Path, keys: list[str], text_emb: np.ndarray, text_offsets: np.ndarray, desc_emb: np.ndarray,
+                  labeler: str = "") -> str:
+    """Write one sidecar atomically (float16 embeddings, the labeler's identity); returns its sha256."""
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -150,40 +190,71 @@ def write_sidecar(path: str | Path, keys: list[str], text_emb: np.ndarray, text_
         text_emb=np.asarray(text_emb, dtype=np.float16),
         text_offsets=np.asarray(text_offsets, dtype=np.int64),
         desc_emb=np.asarray(desc_emb, dtype=np.float16),
+        labeler=np.asarray(labeler),
     )
     data = buf.getvalue()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
-def write_head(dataset_dir: str | Path, labeler_name: str, w: np.ndarray, c: float) -> None:
+def write_head(dataset_dir: str | Path, labeler_name: str, w: np.ndarray, c: float, labeler: str = "") -> None:
     buf = io.BytesIO()
-    np.savez(buf, w=np.asarray(w, dtype=np.float32), c=np.asarray([c], dtype=np.float32))
+    np.savez(buf, w=np.asarray(w, dtype=np.float32), c=np.asarray([c], dtype=np.float32), labeler=np.asarray(labeler))
     atomic_write_bytes(labels_dir(dataset_dir, labeler_name) / "head.npz", buf.getvalue())
 
 
-def verify_labels(dataset_dir: str | Path, labeler_name: str, check_keys: bool = False) -> list[str]:
+def verify_labels(dataset_dir: str | Path, labeler_name: str, check_keys: bool = False, identity: str | None = None) -> list[str]:
     """Problems with a labeler's sidecars for every data shard (empty list = all present and intact).
 
-    Checks the manifest exists, every data shard has a sidecar whose sha256 matches the manifest, and
-    each sidecar reads back consistently; ``check_keys`` also compares keys with the data shards.
+    Checks the manifest exists, every data shard has a sidecar whose sha256 matches the manifest and
+    whose sample count matches the shard's, each reads back consistently and was written by the
+    manifest's labeler (and by ``identity`` if given); ``check_keys`` also reads the data shards (checked
+    against their own manifest) and compares keys. A damaged data shard is reported as such.
     """
     ds = open_dataset(dataset_dir)
     manifest_path = labels_dir(dataset_dir, labeler_name) / "manifest.json"
     if not manifest_path.is_file():
         return [f"label manifest missing: {manifest_path}"]
-    recorded = read_json(manifest_path).get("sidecars", {})
+    try:
+        manifest = read_json(manifest_path)
+    except CorruptFileError as e:
+        return [f"label manifest damaged: {e}"]
+    recorded = manifest.get("sidecars", {})
+    wrote = (manifest.get("labeler") or {}).get("identity", "")
     problems = []
+    if identity is not None and wrote != identity:
+        problems.append(f"label sidecars in {manifest_path.parent} were written by another labeler "
+                        f"(identity {wrote[:12] or 'unrecorded'}, this labeler is {identity[:12]}); rerun `fgcmr label infer`")
     for split in ds.split_names:
-        for shard in ds.shards(split):
+        for info, shard in zip(ds.shard_infos(split), ds.shards(split)):
             path = sidecar_path(dataset_dir, labeler_name, shard.name)
             try:
-                keys = [s.key for s in iter_samples(shard)] if check_keys else None
-                read_sidecar(path, keys)
+                keys = [s.key for s in iter_samples(shard, {"json"})] if check_keys else None
+            except ShardError as e:
+                problems.append(str(e))
+                continue
+            try:
+                sc = read_sidecar(path, keys)
             except SidecarError as e:
                 problems.append(str(e))
                 continue
+            if len(sc.keys) != info.items:
+                problems.append(f"label sidecar has {len(sc.keys)} samples, its data shard {shard.name} {info.items}: {path}")
+            if sc.labeler != wrote:
+                problems.append(f"label sidecar written by another labeler than its manifest's: {path}")
             want = recorded.get(path.name, {}).get("sha256")
             if want != sha256_file(path):
                 problems.append(f"label sidecar sha256 differs from the manifest: {path}")
     return problems
+
+
+def sidecars_current(dataset_dir: str | Path, labeler_name: str, labeler_dir: str | Path) -> str | None:
+    """None when ``labels/<labeler_name>/`` holds complete, intact sidecars written by the labeler in
+    ``labeler_dir`` (its weights, config and head as they are now); else the first problem and a count."""
+    try:
+        problems = verify_labels(dataset_dir, labeler_name, identity=labeler_identity(labeler_dir))
+    except (FileNotFoundError, CorruptFileError) as e:
+        return str(e)
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")

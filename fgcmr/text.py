@@ -3,27 +3,92 @@
 Shared by the labeler and the text tower (a library, not a stage). The trained tokenizer uses
 BERT's normalizer and pre-tokenizer, which put spaces around every CJK character, so Chinese text
 becomes one token per character instead of one unknown token per sentence.
+
+The vocabulary is learnt here, not by ``tokenizers``' ``WordPieceTrainer``: that trainer numbers
+its ``##`` pieces in hash-map order, which breaks ties between equally frequent merges differently
+from run to run (huggingface/tokenizers#1794), so two identical runs got different tokenizers.
+``wordpiece_vocab`` runs the same BPE-style merges with every tie broken by the pieces' text: the
+same texts always give a byte-identical ``tokenizer.json``.
 """
 from __future__ import annotations
 
+import heapq
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PREFIX = "##"
+
+
+def wordpiece_vocab(word_counts: Counter, vocab_size: int, min_frequency: int = 0) -> list[str]:
+    """Special tokens, the alphabet (word-initial characters and ``##`` continuations, sorted), then
+    merged pieces in merge order: the most frequent adjacent pair first, ties broken by the pair's text."""
+    words = [[w[0]] + [PREFIX + c for c in w[1:]] for w in sorted(word_counts)]
+    counts = [word_counts[w] for w in sorted(word_counts)]
+    vocab = list(SPECIAL_TOKENS) + sorted({p for w in words for p in w} - set(SPECIAL_TOKENS))
+    known = set(vocab)
+    pairs: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pairs[pair] += counts[i]
+            where[pair].add(i)
+    heap = [(-n, pair) for pair, n in pairs.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pairs.get(pair, 0) != -neg:  # stale entry: the count changed since it was pushed
+            continue
+        if -neg < max(1, min_frequency):
+            break
+        a, b = pair
+        merged = a + b[len(PREFIX):]
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+        touched: set[tuple[str, str]] = set()
+        for i in sorted(where.pop(pair, ())):
+            w, n = words[i], counts[i]
+            for old in zip(w, w[1:]):
+                pairs[old] -= n
+                touched.add(old)
+            j, out = 0, []
+            while j < len(w):
+                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            words[i] = out
+            for new in zip(out, out[1:]):
+                pairs[new] += n
+                where[new].add(i)
+                touched.add(new)
+        pairs.pop(pair, None)
+        for p in sorted(touched):
+            if pairs.get(p, 0) > 0:
+                heapq.heappush(heap, (-pairs[p], p))
+            else:
+                pairs.pop(p, None)
+    return vocab
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2, lowercase: bool = True) -> PreTrainedTokenizerFast:
-    """Fit a BERT-style WordPiece tokenizer on ``texts`` (English and CJK alike)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Fit a BERT-style WordPiece tokenizer on ``texts`` (English and CJK alike), deterministically."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS)
-    tok.train_from_iterator(texts, trainer=trainer)
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter = Counter()
+    for text in texts:
+        word_counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    vocab = wordpiece_vocab(word_counts, vocab_size, min_frequency)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]", continuing_subword_prefix=PREFIX))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

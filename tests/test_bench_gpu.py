@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from torch import nn
 from fgcmr.bench import gpu
 from fgcmr.config import load_config
 from fgcmr.model import build_model
+from waits import run_following
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "bench"
@@ -79,8 +79,7 @@ def test_tiny_cpu_run_reports_both_modes_and_a_table(synthetic_dataset, tmp_path
         f"run(load_config(BenchGpuConfig, {str(CONFIGS / 'gpu_tiny_cpu.yaml')!r}, "
         f"{{'shards': {str(synthetic_dataset)!r}, 'steps': 2, 'micro_batch': 8, 'out': {str(tmp_path)!r}, 'peak_tflops': 0.5}}))"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    res = run_following([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert (tmp_path / "config.yaml").is_file()

@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import pytest
+from waits import run_following
 
 
 def fgcmr(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fgcmr", *args], capture_output=True, text=True, timeout=120, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
+    return run_following([sys.executable, "-m", "fgcmr", *args], env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
 
 
 def test_top_level_help_lists_every_stage():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from fgcmr.distributed import DistEnv, first_slurm_host, resolve_env, slurm_port, tasks_on_node, thread_count
 
 from slurm_cluster import REPO, slurm  # noqa: F401  (session fixture)
+from waits import run_following
 
 # What `srun -N2 -n3` (2 tasks on node a01, 1 on a02) gives its third task, as Slurm 22.05 sets it.
 SRUN_TASK = {
@@ -120,7 +120,8 @@ def _clean_env() -> dict[str, str]:
 def test_all_reduce_under_srun(tmp_path, slurm):  # noqa: F811
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    subprocess.run(["srun", "-N1", "-n2", "--cpus-per-task=1", sys.executable, str(script), str(tmp_path)],
-                   env=_clean_env(), cwd=REPO, check=True, timeout=180)
+    done = run_following(["srun", "-N1", "-n2", "--cpus-per-task=1", sys.executable, str(script), str(tmp_path)],
+                         env=_clean_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
     _check_two_ranks(tmp_path, "slurm")
     assert json.loads((tmp_path / "rank0.json").read_text())["threads"] == 1

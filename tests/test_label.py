@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,8 @@ from fgcmr.label import infer, train
 from fgcmr.label.encode import embed_texts
 from fgcmr.label.model import load_labeler
 from fgcmr.label.texts import TextSet
-from fgcmr.labels import labels_dir, read_head, read_sidecar, sidecar_path, verify_labels
+from fgcmr.labels import SidecarError, labels_dir, read_head, read_sidecar, sidecar_path, verify_labels
+from waits import run_following, wait_procs, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -43,6 +43,19 @@ def infer_cfg(dataset: Path, labeler: Path, **kw) -> infer.LabelInferConfig:
 def torchrun(port: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
             "-m", "fgcmr.cli", "label", "infer", *args]
+
+
+def ranks_of(pid: int) -> list[int]:
+    """The fgcmr processes started below ``pid`` (torchrun's ranks)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                found += [int(p.name)] if b"fgcmr.cli" in (p / "cmdline").read_bytes() else ranks_of(int(p.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 def test_train_writes_a_self_contained_labeler(labeler, synthetic_dataset):
@@ -125,14 +138,27 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
     args = [f"--shards={synthetic_dataset}", f"--labeler={labeler[0]}", "--name=two", "--threads=1"]
     job = subprocess.Popen(torchrun(free_port, *args, "--batch_size=1"), env=ENV, cwd=tmp_path, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(out_two.glob("*.npz")) and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: list(out_two.glob("*.npz")) or job.poll() is not None, [job], [out_two.parent], early_exit_ok=True)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     written = len(list(out_two.glob("*-*.npz")))
     assert 0 < written < len(shards) and not (out_two / "manifest.json").exists(), "the job was not interrupted mid-way"
-    done = subprocess.run(torchrun(free_port + 1, *args), env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    # Killed again, one rank only this time (SIGKILL), once it has written more: torchrun ends the other rank.
+    job = subprocess.Popen(torchrun(free_port + 2, *args, "--batch_size=1"), env=ENV, cwd=tmp_path, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ranks: list[int] = []
+
+    def rank_wrote() -> bool:
+        ranks[:] = ranks_of(job.pid)
+        return (len(ranks) == 2 and len(list(out_two.glob("*-*.npz"))) > written) or job.poll() is not None
+
+    wait_until(rank_wrote, [job], [out_two.parent], early_exit_ok=True)
+    assert len(ranks) == 2, f"the job ended before a rank could be killed ({job.poll()})"
+    os.kill(ranks[1], signal.SIGKILL)
+    assert wait_procs([job], [out_two.parent]) != [0]
+    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    done = run_following(torchrun(free_port + 1, *args), env=ENV, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kept" in done.stderr
     manifest = read_json(out_two / "manifest.json")
@@ -167,8 +193,52 @@ def test_train_on_two_ranks(synthetic_dataset, free_port, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
            "-m", "fgcmr.cli", "label", "train", f"--config={REPO / 'configs/labelers/tiny.yaml'}", f"--shards={synthetic_dataset}",
            f"--out={out}", "--max_steps=6", "--eval_every=3", "--max_eval_texts=100", "--threads=1", "--tensorboard=false"]
-    done = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_following(cmd, env=ENV, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_json(out / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["steps"] == 6 and 0 <= metrics["auc"] <= 1
     load_labeler(out)
+
+
+def test_another_labeler_redoes_sidecars_and_damaged_shards_are_blamed(labeler, synthetic_dataset, tmp_path):
+    """Defect 5: another labeler's infer kept the old sidecars ("0 written, 15 kept") and --verify_only passed.
+    Defect 9: --verify_only on a corrupt shard blamed the sidecars."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fgcmr.labels import labeler_identity, sidecars_current, write_head
+    from fgcmr.train.data import check_sidecars
+    from test_integrity import flip_header
+
+    first = infer.run(infer_cfg(synthetic_dataset, labeler[0], name="ident"))
+    other = tmp_path / "other"
+    shutil.copytree(labeler[0], other)
+    head = load_file(str(other / "head.safetensors"))
+    save_file({k: v + 0.5 for k, v in head.items()}, str(other / "head.safetensors"))
+    assert labeler_identity(other) != labeler_identity(labeler[0]) == first["labeler"]["identity"]
+    assert sidecars_current(synthetic_dataset, "ident", labeler[0]) is None
+    assert "another labeler" in sidecars_current(synthetic_dataset, "ident", other)
+    with pytest.raises(SystemExit, match="problem"):
+        infer.run(infer_cfg(synthetic_dataset, other, name="ident", verify_only=True))
+
+    ds = open_dataset(synthetic_dataset)
+    path = sidecar_path(synthetic_dataset, "ident", ds.shards("train")[0].name)
+    before = path.read_bytes()
+    second = infer.run(infer_cfg(synthetic_dataset, other, name="ident"))
+    assert second["labeler"]["identity"] == labeler_identity(other) and path.read_bytes() != before  # all redone
+    assert sidecars_current(synthetic_dataset, "ident", other) is None
+    check_sidecars(ds, "train", "ident")
+    w, c = read_head(synthetic_dataset, "ident")
+    write_head(synthetic_dataset, "ident", w, c, labeler_identity(labeler[0]))  # a head from the first labeler
+    with pytest.raises(SidecarError, match="written by another labeler than its head.npz"):
+        check_sidecars(ds, "train", "ident")
+
+    copy = tmp_path / "ds"
+    shutil.copytree(synthetic_dataset, copy, ignore=shutil.ignore_patterns(".parts"))
+    write_head(copy, "ident", w, c, labeler_identity(other))
+    infer.run(infer_cfg(copy, other, name="ident", verify_only=True))
+    bad = open_dataset(copy).shards("test")[0]
+    flip_header(bad)
+    with pytest.raises(SystemExit, match=r"1 data shard\(s\) damaged \(not the labels\)"):
+        infer.run(infer_cfg(copy, other, name="ident", verify_only=True))

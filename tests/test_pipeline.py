@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import yaml
 
 from fgcmr.config import ConfigError
 from fgcmr.pipeline import resolve_experiment
+from waits import run_following
 
 REPO = Path(__file__).resolve().parents[1]
 GUARD = 1800  # s: a hang guard for one pipeline run on a loaded machine, not its expected duration
@@ -70,7 +70,7 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
     cfg = _write(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fgcmr.cli", "pipeline", f"--config={cfg}", "--nproc=2", f"--out={out}"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=GUARD)
+    done = run_following(cmd, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "run" / "eval" / "metrics.json").read_text())
     for key in ("map_i2t", "map_t2i", "map_avg", "r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "chance_map"):
@@ -90,7 +90,7 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
         {k: metrics[k] for k in ("map_i2t", "map_t2i", "r1_i2t", "r10_t2i", "medr_i2t")}, abs=1e-5)
 
     (out / "run" / "eval" / "report.png").unlink()  # as if killed between metrics.json and report.png: only eval reruns
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=GUARD)
+    again = run_following(cmd, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [s for s, v in stages.items() if v["status"] == "ran"] == ["eval"]

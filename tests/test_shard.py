@@ -2,8 +2,10 @@
 counts, Slurm-array tasks + merge and kill-and-resume; size limits; clear errors on bad usage."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -14,6 +16,7 @@ import pytest
 from fgcmr.config import ConfigError, load_config
 from fgcmr.dataset import iter_samples, open_dataset
 from fgcmr.shard.job import FAIL_AFTER_ENV, Holdout, ShardConfig, run
+from waits import run_following
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS, PER_SHARD = 150, 16
@@ -192,3 +195,42 @@ def test_holdout_carves_a_stable_validation_split(reference, tmp_path):
     assert keys(tmp_path / "other", "val") != val
     with pytest.raises(ValueError, match="holdout.fraction"):
         ShardConfig(holdout=Holdout(fraction=1.0)).validate()
+
+
+def test_damaged_shard_is_named_and_a_rerun_repairs_it(reference, tmp_path):
+    """The remedy the readers' error names: rerun the same `fgcmr shard` (the final shard is a hard link
+    to its chunk part, so the damage is in both; the part fails its sha256 and is rewritten)."""
+    from fgcmr.dataset import ShardError
+    from test_integrity import flip_header
+
+    out = tmp_path / "synth"
+    shard(out)
+    damaged = out / "train-000001.tar"
+    flip_header(damaged)
+    with pytest.raises(ShardError, match="train-000001.tar holds"):
+        list(iter_samples(damaged))
+    shard(out)
+    assert outputs(out) == outputs(reference)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_process_group_at_several_moments_then_rerun_is_identical(reference, tmp_path):
+    """Fault injection: SIGKILL to `fgcmr shard` and its workers once chunk parts exist, and again while
+    the final shards are being linked; each rerun resumes, and the end result is byte-identical."""
+    from waits import wait_until
+
+    out = tmp_path / "synth"
+    cmd = [sys.executable, "-m", "fgcmr", "shard", "--source=synthetic", f"--out={out}", f"--items={ITEMS}", "--seed=7",
+           f"--data.max_items_per_shard={PER_SHARD}", "--workers=2"]
+    moments = [lambda: len(list((out / ".parts").glob("*-p*.tar"))) >= 3,  # mid-way through the chunks
+               lambda: bool(list(out.glob("*.tar"))) or (out / "manifest.json").exists()]  # while placing the shards
+    for moment in moments:
+        job = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: moment() or job.poll() is not None, [job], [out], early_exit_ok=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert 0 < len(list((out / ".parts").glob("*-p*.tar")))
+    resumed = run_following(cmd, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert outputs(out) == outputs(reference)

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fgcmr.dataset import iter_samples, open_dataset
 from fgcmr.labels import labels_dir, sidecar_path
+from waits import run_following, wait_procs, wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +53,9 @@ def launch(args: list[str], port: int, log_dir: Path, nproc: int = 2) -> list[su
     return procs
 
 
-def wait(procs: list[subprocess.Popen], log_dir: Path, timeout: float = 240) -> list[int]:
-    codes = [p.wait(timeout=timeout) for p in procs]
-    return codes
+def wait(procs: list[subprocess.Popen], log_dir: Path) -> list[int]:
+    """Exit codes, waiting as long as the ranks' logs or the run grow (``waits``: a hang guard only)."""
+    return wait_procs(procs, [log_dir, *log_dir.parent.glob("run*")])
 
 
 def logs(log_dir: Path) -> str:
@@ -94,14 +94,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for(pred, timeout: float, procs: list[subprocess.Popen]) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if any(p.poll() is not None for p in procs):
-            raise AssertionError("a rank exited early")
-        if time.monotonic() > end:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.2)
+def _wait_for(pred, log_dir: Path, procs: list[subprocess.Popen]) -> None:
+    wait_until(pred, procs, [log_dir])
 
 
 def _adam_steps(tag_dir: Path) -> set[int]:
@@ -122,7 +116,7 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
     first = tmp_path / "first"
     first.mkdir()
     procs = launch(args, _port(), first)
-    _wait_for(lambda: "step 5/12" in logs(first), 240, procs)
+    _wait_for(lambda: "step 5/12" in logs(first), first, procs)
     for p in procs:
         p.send_signal(signal.SIGTERM)
     assert wait(procs, first) == [75, 75], logs(first)
@@ -174,7 +168,7 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
     # and it loads in a fresh process that never imports DeepSpeed
     code = (f"import sys, torch; from fgcmr.model import load_export; m, c, i = load_export({str(out)!r}); "
             "print(round(m.encode_image(torch.zeros(1, 3, 64, 64)).norm().item(), 4), 'deepspeed' in sys.modules)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    res = run_following([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.stdout.split()[-2:] == ["1.0", "False"], res.stderr[-2000:]
 
 
@@ -200,3 +194,23 @@ def test_zero0_and_zero3_loss_goes_down(synthetic_dataset: Path, tmp_path: Path)
     model, _, inputs = load_export(export(ExportConfig(run=str(tmp_path / "zero3_fp32"))))  # ZeRO-3 partitions consolidated
     img, txt = embed_probe(model, inputs, synthetic_dataset)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(len(img)))
+
+
+def test_an_error_in_a_rank_ends_the_job(synthetic_dataset: Path, tmp_path: Path):
+    """Defect 6a: a SidecarError raised in a DataLoader worker was printed, then the job hung for good (the
+    workers ignore SIGTERM and the failing rank joined them forever); one process hung too."""
+    write_random_sidecars(synthetic_dataset, "broken")
+    for shard in open_dataset(synthetic_dataset).shards("train"):  # keys no sample has: fails at the first batch
+        path = sidecar_path(synthetic_dataset, "broken", shard.name)
+        with np.load(path) as z:
+            arrays = dict(z)
+        np.savez(path, **{**arrays, "keys": np.array(["x" + k for k in arrays["keys"]])})
+    args = train_args(synthetic_dataset, tmp_path / "run", "--labels=broken", "--loss.name=weighted_pairwise", "--max_steps=4")
+    for nproc in (2, 1):
+        logdir = tmp_path / f"logs{nproc}"
+        logdir.mkdir()
+        procs = launch(args, _port(), logdir, nproc=nproc)
+        wait_until(lambda: "has no entry in its label sidecar" in logs(logdir), procs, [logdir], early_exit_ok=True)
+        codes = wait_procs(procs, [logdir], stall=300)  # no output for 5 minutes after the error: the old hang
+        assert all(c != 0 for c in codes), (codes, logs(logdir))
+        assert "SidecarError: sample" in logs(logdir)

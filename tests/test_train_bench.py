@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from waits import run_following
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _bench(*args: str) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("RANK", None)
-    res = subprocess.run([sys.executable, "-m", "fgcmr", "bench", *args, "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = run_following([sys.executable, "-m", "fgcmr", "bench", *args, "--json"], cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, res.stdout

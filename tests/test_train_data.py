@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.config import ConfigError
+from fgcmr.dataset import ShardError, iter_samples, open_dataset
 from fgcmr.labels import SidecarError, read_sidecar, sidecar_path
 from fgcmr.model import build_inputs, train_wordpiece
 from fgcmr.train.config import load_model_config
@@ -55,9 +57,12 @@ def test_missing_sidecars_and_too_few_shards_are_clear_errors(synthetic_dataset:
     ds = open_dataset(synthetic_dataset)
     with pytest.raises(SidecarError, match="label sidecars missing"):
         check_sidecars(ds, "train", "no-such-labeler")
-    check_shard_split(4, 2, 2)
-    with pytest.raises(ValueError, match="3 shards cannot feed 2 ranks × 2 workers"):
-        check_shard_split(3, 2, 2)
+    n = len(ds.shards("train"))
+    check_shard_split(ds, "train", 1, n, micro_batch=8)
+    with pytest.raises(ConfigError, match=f"{n} train shards do not divide evenly among 2 ranks × {n} workers"):
+        check_shard_split(ds, "train", 2, n, micro_batch=8)
+    with pytest.raises(ConfigError, match="less than one micro-batch of 1000"):  # defect 6b: silently no step before
+        check_shard_split(ds, "train", 1, 1, micro_batch=1000)
 
 
 def test_bad_samples_are_counted_and_skipped(synthetic_dataset: Path, inputs, tmp_path: Path, caplog):
@@ -77,3 +82,19 @@ def test_bad_samples_are_counted_and_skipped(synthetic_dataset: Path, inputs, tm
     skipped = [r for r in caplog.records if "skipped bad sample" in r.getMessage()]
     assert skipped and len(good) >= n - len(skipped)
     assert all(torch.isfinite(b["image"]).all() for b in good)
+
+
+def test_training_reader_fails_on_a_damaged_shard_naming_it_or_skips_it(synthetic_dataset: Path, inputs, tmp_path: Path, caplog):
+    """Defect 4: WebDataset's tar reader took a corrupt header for the end of the shard, silently."""
+    from test_integrity import flip_header
+
+    copy = tmp_path / "ds"
+    shutil.copytree(synthetic_dataset, copy, ignore=shutil.ignore_patterns(".parts", "labels"))
+    shard = open_dataset(copy).shards("train")[0]
+    flip_header(shard)
+    with pytest.raises(ShardError, match=f"{shard.name} holds"):
+        list(build_pipeline([str(shard)], inputs, micro_batch=1, batches_per_worker=100, resampled=False))
+    with caplog.at_level("WARNING"):
+        got = list(build_pipeline([str(shard)], inputs, micro_batch=1, batches_per_worker=30, resampled=False, on_corrupt="skip"))
+    assert len(got) == 30  # the readable 20 samples, then again (an epoch is a number of batches)
+    assert any("skipped the rest" in r.getMessage() and shard.name in r.getMessage() for r in caplog.records)

@@ -4,7 +4,9 @@ Each rank embeds its round-robin share of the split's shards (``fgcmr.dataset.it
 every sample exactly once); rank 0 gathers the per-shard results, restores shard order and writes
 
     <run>/eval/metrics.json     metrics of ``split`` at top level, every split under ``splits``,
-                                classical baselines (optional), data and model provenance
+                                classical baselines (optional), data and model provenance by content
+                                (sha256, names), so identical runs give byte-identical files
+    <run>/eval/run_info.json    where and when: dataset and export paths, embedding time, finish time
     <run>/eval/report.png       PR curves, similarity histograms, top-5 images for a few text queries
     <run>/eval/config.yaml      this job's resolved config
     <run>/eval/tensorboard/     the same numbers as scalars ``eval/<split>/<metric>``
@@ -117,9 +119,12 @@ def run(cfg: EvalConfig) -> dict | None:
     distributed.barrier()
     if not env.is_main:
         return None
-    metrics = summarise(cfg, dataset, export_dir, run_dir, results, env.world_size, time.time() - started)
+    metrics = summarise(cfg, dataset, export_dir, run_dir, results, env.world_size)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    atomic_write_json(out / "run_info.json", {"shards": str(dataset.root), "export": str(export_dir),
+                                              "embed_seconds": round(time.time() - started, 2),
+                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     atomic_write_json(out / "metrics.json", metrics)
     if cfg.tensorboard:
         _log_tensorboard(out / "tensorboard", metrics, _train_steps(run_dir))
@@ -216,8 +221,9 @@ def _concat(parts: list[dict]) -> Embedded:
     )
 
 
-def summarise(cfg: EvalConfig, dataset: DatasetInfo, export_dir: Path, run_dir: Path, results: dict[str, Embedded], world_size: int, seconds: float) -> dict:
-    """metrics.json: the main split's metrics at top level, every split, baselines, provenance."""
+def summarise(cfg: EvalConfig, dataset: DatasetInfo, export_dir: Path, run_dir: Path, results: dict[str, Embedded], world_size: int) -> dict:
+    """metrics.json: the main split's metrics at top level, every split, baselines, provenance by content
+    (no paths or times: those go to run_info.json, so identical runs in two places agree byte for byte)."""
     splits = {}
     for split, emb in results.items():
         if len(emb.keys) == 0:
@@ -232,14 +238,14 @@ def summarise(cfg: EvalConfig, dataset: DatasetInfo, export_dir: Path, run_dir: 
         metrics["baselines"] = baseline_metrics(dataset, cfg, results[cfg.split])
     metrics["splits"] = {s: {k: v for k, v in m.items() if not k.startswith("pr_")} for s, m in splits.items()}
     metrics["data"] = {
-        "shards": str(dataset.root), "name": dataset.name, "manifest_sha256": sha256_file(dataset.root / "manifest.json"),
+        "name": dataset.name, "manifest_sha256": sha256_file(dataset.root / "manifest.json"),
     }
     train_cfg = _train_config(run_dir)
     metrics["model"] = {
-        "export": str(export_dir), "sha256": sha256_file(export_dir / "model.safetensors"),
+        "sha256": sha256_file(export_dir / "model.safetensors"),
         "loss": train_cfg.get("loss"), "seed": train_cfg.get("seed"), "labels": train_cfg.get("labels"),
     }
-    metrics["eval"] = {"world_size": world_size, "embed_seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    metrics["eval"] = {"world_size": world_size}
     return metrics
 
 

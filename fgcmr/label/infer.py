@@ -2,9 +2,11 @@
 
 Each rank takes a round-robin share of the shards of every split. A shard whose sidecar exists and
 matches the shard's keys is kept, so a killed job rerun with the same command finishes the rest and
-ends with exactly the output of an uninterrupted run. Embeddings depend only on the shard (texts are
-batched by length within windows of a shard, read and tokenised on a helper thread while the encoder
-runs: ``fgcmr.label.stream``), so 1 rank and N ranks write the same files. Rank 0 then writes
+ends with exactly the output of an uninterrupted run. Each sidecar carries the labeler's identity
+(``fgcmr.labels.labeler_identity``): one written by another labeler (or before retraining) is redone.
+Embeddings depend only on the shard (texts are batched by length within windows of a shard, read and
+tokenised on a helper thread while the encoder runs: ``fgcmr.label.stream``), so 1 rank and N ranks
+write the same files. Rank 0 then writes
 ``head.npz``, ``manifest.json`` (labeler, metrics, counts, per-sidecar sha256), the resolved config,
 and TensorBoard histograms of ``p`` on relevant vs irrelevant image-text pairs.
 """
@@ -28,8 +30,8 @@ from fgcmr.io import atomic_write_json, atomic_write_text, read_json, sha256_fil
 from fgcmr.label.encode import encode_batch
 from fgcmr.label.model import SiameseLabeler, load_labeler
 from fgcmr.label.stream import ShardEnd, ShardTexts, TextBatch, prefetch, shard_items
-from fgcmr.labels import (SidecarError, labels_dir, pair_scores, read_head, read_sidecar, relevance, sidecar_path,
-                          verify_labels, write_head, write_sidecar)
+from fgcmr.labels import (SidecarError, labeler_identity, labels_dir, pair_scores, read_head, read_sidecar, relevance,
+                          sidecar_path, sidecars_current, verify_labels, write_head, write_sidecar)
 from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 
 log = logging.getLogger("fgcmr.label")
@@ -76,7 +78,7 @@ def embed_shard(data: ShardTexts, pieces: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def finish_shard(end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]], dim: int, seconds: float, waited: float,
-                 cfg: LabelInferConfig, d: DistEnv) -> dict:
+                 cfg: LabelInferConfig, d: DistEnv, identity: str) -> dict:
     """Write an embedded shard's sidecar (unless kept); returns its manifest record, with categories for histograms."""
     data, path = end.data, sidecar_path(cfg.shards, cfg.labeler_name, end.shard.name)
     n_texts = sum(len(t) for t in data.texts)
@@ -84,7 +86,7 @@ def finish_shard(end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]],
     if empty:
         log.warning("label infer: %s: %d samples without text get a zero description", end.shard.name, empty)
     if not end.kept:
-        write_sidecar(path, data.keys, *embed_shard(data, pieces, dim))
+        write_sidecar(path, data.keys, *embed_shard(data, pieces, dim), labeler=identity)
     status = "kept" if end.kept else "written"
     log.info("label infer rank %d/%d: %s %s: %d samples, %d texts, %.1fs (%.1f samples/s; %.1fs waiting for input)",
              d.rank, d.world_size, end.shard.name, status, len(data.keys), n_texts, seconds, len(data.keys) / max(seconds, 1e-9), waited)
@@ -92,28 +94,33 @@ def finish_shard(end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]],
             "sha256": sha256_file(path), "categories": data.categories}
 
 
-def sidecar_check(cfg: LabelInferConfig, shard: Path) -> Callable[[ShardTexts], bool] | None:
-    """None when the shard has no sidecar yet; else a check that keeps it if it matches the shard's keys."""
+def sidecar_check(cfg: LabelInferConfig, shard: Path, identity: str) -> Callable[[ShardTexts], bool] | None:
+    """None when the shard has no sidecar yet; else a check that keeps it if it matches the shard's keys
+    and was written by this labeler."""
     path = sidecar_path(cfg.shards, cfg.labeler_name, shard.name)
     if not path.is_file():
         return None
 
     def matches(data: ShardTexts) -> bool:
         try:
-            read_sidecar(path, data.keys)
-            return True
+            sc = read_sidecar(path, data.keys)
         except SidecarError as e:
             log.warning("label infer: redoing %s", e)
             return False
+        if sc.labeler != identity:
+            log.warning("label infer: redoing %s: written by another labeler (%s, now %s)", path, sc.labeler[:12] or "unrecorded", identity[:12])
+            return False
+        return True
 
     return matches
 
 
 def label_shards(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, max_length: int, shards: list[Path],
-                 cfg: LabelInferConfig, d: DistEnv) -> list[dict]:
+                 cfg: LabelInferConfig, d: DistEnv, identity: str = "") -> list[dict]:
     """Label shards in order while a helper thread reads and tokenises ahead, batch by batch (``fgcmr.label.stream``)."""
     items = (item for shard in shards
-             for item in shard_items(shard, tokenizer, max_length, cfg.batch_size, cfg.window_batches, sidecar_check(cfg, shard)))
+             for item in shard_items(shard, tokenizer, max_length, cfg.batch_size, cfg.window_batches,
+                                     sidecar_check(cfg, shard, identity)))
     records, pieces, waited = [], [], 0.0
     start = t = time.monotonic()
     with contextlib.closing(prefetch(items, cfg.prefetch_batches)) as stream:
@@ -123,7 +130,7 @@ def label_shards(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, max_
                 rows, batch = item.batch
                 pieces.append((rows, encode_batch(model, batch, d.device, cfg.dtype)))
             else:
-                records.append(finish_shard(item, pieces, model.proj.out_features, time.monotonic() - start, waited, cfg, d))
+                records.append(finish_shard(item, pieces, model.proj.out_features, time.monotonic() - start, waited, cfg, d, identity))
                 pieces, waited, start = [], 0.0, time.monotonic()
             t = time.monotonic()
     return records
@@ -134,16 +141,10 @@ EXECUTION_FIELDS = ("verify_only", "batch_size", "tensorboard", "hist_max_images
                     "prefetch_batches")
 
 
-def labeler_identity(labeler: Path) -> str | None:
-    """What the sidecars were made with: hashes of the labeler's weights (a retrained labeler differs even
-    with the same config). Sidecars carrying the labeler's identity themselves plug in here."""
-    files = [labeler / "labeler.json", labeler / "head.safetensors", labeler / "encoder" / "model.safetensors"]
-    hashes = [file_hash(f) for f in files]
-    return None if None in hashes else ":".join(hashes)
-
-
 def infer_fingerprint(cfg: LabelInferConfig) -> Fingerprint:
-    inputs = {"manifest": file_hash(Path(cfg.shards) / "manifest.json"), "labeler": labeler_identity(Path(cfg.labeler))}
+    labeler = Path(cfg.labeler)  # not trained yet when the pipeline asks up front: no identity, so not done
+    identity = labeler_identity(labeler) if (labeler / "labeler.json").is_file() else None
+    inputs = {"manifest": file_hash(Path(cfg.shards) / "manifest.json"), "labeler": identity}
     return fingerprint("infer", cfg, inputs, EXECUTION_FIELDS)
 
 
@@ -156,15 +157,22 @@ def done(cfg: LabelInferConfig) -> Check:
     ds = open_dataset(cfg.shards)
     missing = [s.file for split in (cfg.splits or ds.split_names) for s in ds.shard_infos(split)
                if not sidecar_path(cfg.shards, cfg.labeler_name, s.file).is_file()]
-    return Check(False, f"{len(missing)} sidecars missing (first: {missing[0]})", exists=True) if missing else check
+    if missing:
+        return Check(False, f"{len(missing)} sidecars missing (first: {missing[0]})", exists=True)
+    problem = sidecars_current(cfg.shards, cfg.labeler_name, cfg.labeler)
+    return Check(False, problem, exists=True) if problem else check
 
 
 def run(cfg: LabelInferConfig) -> dict:
     d = init(cfg.threads)
     ds = open_dataset(cfg.shards)
     out = labels_dir(cfg.shards, cfg.labeler_name)
+    identity = labeler_identity(cfg.labeler)
     if cfg.verify_only:
-        return _report(verify_labels(cfg.shards, cfg.labeler_name, check_keys=True), out)
+        from fgcmr.verify import verify_shards
+
+        shard_problems = [r.problem for r in verify_shards(ds) if r.problem]
+        return _report(shard_problems, verify_labels(cfg.shards, cfg.labeler_name, check_keys=not shard_problems, identity=identity), out)
     model, tokenizer, max_length = load_labeler(cfg.labeler)
     model.to(d.device)
     if d.is_main:
@@ -172,15 +180,15 @@ def run(cfg: LabelInferConfig) -> dict:
     splits = cfg.splits or ds.split_names
     mine = [(split, shard) for split in splits for shard in shard_slice(ds.shards(split), d.rank, d.world_size)]
     t0 = time.monotonic()
-    done = label_shards(model, tokenizer, max_length, [shard for _, shard in mine], cfg, d)
+    done = label_shards(model, tokenizer, max_length, [shard for _, shard in mine], cfg, d, identity)
     records = {shard.name: dict(r, split=split) for (split, shard), r in zip(mine, done)}
     mine = sum(r["items"] for r in records.values() if r["status"] == "written")
     log.info("label infer rank %d: %d samples embedded in %.1fs", d.rank, mine, time.monotonic() - t0)
     gathered = {k: v for part in all_gather_objects(records) for k, v in part.items()}
     manifest = None
     if d.is_main:
-        write_head(cfg.shards, cfg.labeler_name, model.w.detach().float().numpy(), float(model.c.detach().float()))
-        manifest = _manifest(cfg, ds, splits, gathered, d)
+        write_head(cfg.shards, cfg.labeler_name, model.w.detach().float().numpy(), float(model.c.detach().float()), identity)
+        manifest = _manifest(cfg, ds, splits, gathered, d, identity)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         atomic_write_json(out / "manifest.json", manifest)
         write_stamp(out, infer_fingerprint(cfg))
@@ -190,11 +198,11 @@ def run(cfg: LabelInferConfig) -> dict:
     return manifest
 
 
-def _manifest(cfg: LabelInferConfig, ds, splits: list[str], records: dict, d: DistEnv) -> dict:
+def _manifest(cfg: LabelInferConfig, ds, splits: list[str], records: dict, d: DistEnv, identity: str) -> dict:
     metrics_path = Path(cfg.labeler) / "metrics.json"
     ordered = [r for split in splits for r in (records[s.name] for s in ds.shards(split))]
     return {
-        "labeler": {"name": cfg.labeler_name, "path": str(Path(cfg.labeler).resolve())},
+        "labeler": {"name": cfg.labeler_name, "path": str(Path(cfg.labeler).resolve()), "identity": identity},
         "metrics": read_json(metrics_path) if metrics_path.is_file() else None,
         "dataset": ds.name,
         "counts": {split: {"sidecars": sum(r["split"] == split for r in ordered),
@@ -254,9 +262,12 @@ def _histograms(cfg: LabelInferConfig, ds, splits: list[str], records: dict) -> 
     return summary
 
 
-def _report(problems: list[str], out: Path) -> dict:
-    for p in problems:
+def _report(shard_problems: list[str], problems: list[str], out: Path) -> dict:
+    for p in shard_problems + problems:
         log.error("%s", p)
+    if shard_problems:
+        raise SystemExit(f"fgcmr: {len(shard_problems)} data shard(s) damaged (not the labels): re-shard with the same "
+                         f"`fgcmr shard` command, then rerun `fgcmr label infer`")
     if problems:
         raise SystemExit(f"fgcmr: {len(problems)} problem(s) with the labels in {out}; rerun `fgcmr label infer` to repair them")
     log.info("label infer: every sidecar in %s is present, intact and aligned with its shard", out)

@@ -1,4 +1,4 @@
-"""The exported model: ``model.safetensors`` + ``model_config.json`` (+ ``tokenizer/``), free of DeepSpeed.
+"""The exported model: ``model.safetensors`` + ``model_config.json`` (+ ``tokenizer/``, ``checksums.json``), free of DeepSpeed.
 
 ``<dir>`` is a symlink to a hidden versioned sibling ``.<dir>.<id>/`` (see ``save_export``).
 The config is rewritten to be self-contained: no pretrained-weight paths (the weights are in the
@@ -16,12 +16,13 @@ from typing import Callable
 import torch
 
 from fgcmr.config import build, to_dict
-from fgcmr.io import atomic_write_json, honour_umask, make_temp_dir
+from fgcmr.io import atomic_write_json, honour_umask, make_temp_dir, sha256_file
 from fgcmr.model.config import ModelConfig
 from fgcmr.model.inputs import Inputs, build_inputs
 from fgcmr.model.two_tower import TwoTower, build_model
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "model_config.json", "tokenizer"
+CHECKSUMS = "checksums.json"  # sha256 of every other file, for `fgcmr verify`
 
 
 def standalone_config(model: TwoTower, cfg: ModelConfig) -> ModelConfig:
@@ -55,6 +56,7 @@ def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig,
         atomic_write_json(tmp / CONFIG, to_dict(standalone_config(model, cfg)))
         if extra is not None:
             extra(tmp)
+        atomic_write_json(tmp / CHECKSUMS, {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()})
         honour_umask(tmp)
         _switch(out_dir, tmp)
     except BaseException:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fgcmr.config import ConfigError, apply_overrides, build, read_yaml
 from fgcmr.losses import LossConfig
@@ -22,6 +22,7 @@ class DataConfig:
     augment: bool = True  # timm's training transform (else its eval transform)
     split: str = "train"
     tokenizer_samples: int = 100_000  # texts read to train a tokenizer when the model has none
+    on_corrupt: Literal["error", "skip"] = "error"  # a shard that differs from the manifest: fail, or skip it (logged)
 
 
 @dataclasses.dataclass

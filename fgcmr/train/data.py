@@ -2,8 +2,11 @@
 
 Resampled shards (default) give every rank and worker an endless, independently seeded stream, so
 ranks always see equal batch counts; without resampling shards are split by node and worker, which
-needs shards ≥ ranks × workers (checked up front, instead of a hang in a collective). An epoch is an
-explicit number of samples. Each image is paired with one of its texts, drawn at random each time.
+needs a shard count that is a multiple of ranks × workers and at least one micro-batch per worker
+(checked up front, instead of a silent spin or a hang in a collective). An epoch is an explicit
+number of samples. Shards are read by ``fgcmr.dataset.iter_records``, which checks each against the
+manifest as it streams (a damaged shard fails naming it, or with ``data.on_corrupt=skip`` is skipped
+with a logged count), not by WebDataset's tar reader, which takes a corrupt header for the end. Each image is paired with one of its texts, drawn at random each time.
 Label sidecars (``fgcmr.labels``) are joined by key inside the workers. Images leave the workers as
 uint8 pixels; the training side normalises each batch on the device (``Inputs.normalize``).
 
@@ -22,10 +25,12 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from fgcmr.dataset import DatasetInfo, sample_from_fields
-from fgcmr.labels import LABEL_FIELDS, SidecarError, join_labels, labels_dir, read_sidecar, sidecar_path
+from fgcmr.config import ConfigError
+from fgcmr.dataset import DatasetInfo, OnCorrupt, iter_records, sample_from_fields
+from fgcmr.labels import (LABEL_FIELDS, SidecarError, join_labels, labels_dir, read_head_with_identity, read_sidecar,
+                          read_sidecar_identity, sidecar_path)
 from fgcmr.model.inputs import Inputs
-from fgcmr.train.signals import ignore_stop_signals
+from fgcmr.train.signals import ignore_stop_signals, kill_workers_at_exit
 
 log = logging.getLogger("fgcmr.train")
 
@@ -36,29 +41,42 @@ def key_id(key: str) -> int:
 
 
 def check_sidecars(dataset: DatasetInfo, split: str, labeler: str) -> None:
-    """Every data shard of the split has its sidecar (keys are checked when each is read)."""
+    """Every data shard of the split has its sidecar, from the labeler of the head (keys are checked when each is read)."""
     missing = [s.name for s in dataset.shards(split) if not sidecar_path(dataset.root, labeler, s.name).is_file()]
     if missing:
         raise SidecarError(
             f"{len(missing)} of {len(dataset.shards(split))} label sidecars missing in {labels_dir(dataset.root, labeler)} "
             f"(first: {missing[0]}); run `fgcmr label infer --shards={dataset.root}` or train with --loss.name=pairwise"
         )
+    join = LabelJoin(dataset.root, labeler)
+    for path in (sidecar_path(dataset.root, labeler, s.name) for s in dataset.shards(split)):
+        join.check(path, read_sidecar_identity(path))
 
 
-def check_shard_split(n_shards: int, world_size: int, workers: int) -> None:
+def check_shard_split(dataset: DatasetInfo, split: str, world_size: int, workers: int, micro_batch: int) -> None:
+    """Without resampling every worker of every rank reads its own shards (``shards[i::ranks × workers]``):
+    their count must be a multiple of ranks × workers, and each worker needs at least one micro-batch."""
+    infos = dataset.shard_infos(split)
     need = world_size * max(1, workers)
-    if n_shards < need:
-        raise ValueError(
-            f"{n_shards} shards cannot feed {world_size} ranks × {max(1, workers)} workers without resampling "
-            f"(a rank would hang in a collective); use data.resampled=true, fewer workers, or reshard into ≥ {need} shards"
-        )
+    fix = "use --data.resampled=true, fewer ranks or workers, or reshard"
+    if len(infos) % need:
+        raise ConfigError(
+            f"{dataset.root}: {len(infos)} {split} shards do not divide evenly among {world_size} ranks × {max(1, workers)} "
+            f"workers without resampling (ranks would see unequal batch counts); {fix} into a multiple of {need} shards")
+    fewest = min(sum(s.items for s in infos[i::need]) for i in range(need))
+    if fewest < micro_batch:
+        raise ConfigError(
+            f"{dataset.root}: a worker's share of the {split} shards holds {fewest} samples, less than one micro-batch of "
+            f"{micro_batch}, so it would never yield a batch; {fix} into fewer, larger shards, or lower --data.micro_batch")
 
 
 class LabelJoin:
-    """key → (text embeddings, description embedding), from the sidecar of the sample's shard."""
+    """key → (text embeddings, description embedding), from the sidecar of the sample's shard, which must
+    come from the same labeler as the head the loss reads (``head.npz``)."""
 
     def __init__(self, dataset_root: Path, labeler: str, cache_shards: int = 4):
         self.root, self.labeler, self.cache_shards = dataset_root, labeler, cache_shards
+        self.identity = read_head_with_identity(dataset_root, labeler)[2]
         self._cache: dict[str, dict] = {}
 
     def __call__(self, shard_url: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -66,10 +84,19 @@ class LabelJoin:
         if table is None:
             if len(self._cache) >= self.cache_shards:
                 self._cache.pop(next(iter(self._cache)))
-            table = self._cache[shard_url] = read_sidecar(sidecar_path(self.root, self.labeler, Path(shard_url).name)).by_key()
+            path = sidecar_path(self.root, self.labeler, Path(shard_url).name)
+            sidecar = read_sidecar(path)
+            self.check(path, sidecar.labeler)
+            table = self._cache[shard_url] = sidecar.by_key()
         if key not in table:
             raise SidecarError(f"sample {key} of {shard_url} has no entry in its label sidecar")
         return table[key]
+
+    def check(self, path: Path, identity: str) -> None:
+        if identity != self.identity:
+            raise SidecarError(f"label sidecar {path} was written by another labeler than its head.npz "
+                               f"({identity[:12] or 'unrecorded'} vs {self.identity[:12] or 'unrecorded'}); "
+                               f"rerun `fgcmr label infer --shards={self.root}` with the labeler you mean")
 
 
 class MakeItem:
@@ -118,15 +145,29 @@ class Collate:
         return batch
 
 
+class ShardRecords:
+    """Pipeline stage: shard urls → raw WebDataset-style records, each shard checked against the manifest."""
+
+    def __init__(self, on_corrupt: OnCorrupt = "error"):
+        self.on_corrupt = on_corrupt
+
+    def __call__(self, urls):
+        for source in urls:
+            url = source["url"]
+            for key, fields in iter_records(url, on_corrupt=self.on_corrupt):
+                yield {"__key__": key, "__url__": url, **fields}
+
+
 def build_pipeline(urls: list[str], inputs: Inputs, micro_batch: int, batches_per_worker: int, *, resampled: bool = True,
-                   shuffle_buffer: int = 500, labels: LabelJoin | None = None, seed: int = 0) -> wds.DataPipeline:
+                   shuffle_buffer: int = 500, labels: LabelJoin | None = None, seed: int = 0,
+                   on_corrupt: OnCorrupt = "error") -> wds.DataPipeline:
     if resampled:
         shards = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         shards = [wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker]
     return wds.DataPipeline(
         *shards,
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        ShardRecords(on_corrupt),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
         wds.map(MakeItem(inputs, labels, seed)),
         wds.batched(micro_batch, collation_fn=Collate(inputs), partial=False),
@@ -134,17 +175,21 @@ def build_pipeline(urls: list[str], inputs: Inputs, micro_batch: int, batches_pe
 
 
 def build_loader(dataset: DatasetInfo, inputs: Inputs, *, split: str, micro_batch: int, workers: int, batches_per_rank: int,
-                 world_size: int, resampled: bool, shuffle_buffer: int, labeler: str | None, seed: int) -> torch.utils.data.DataLoader:
+                 world_size: int, resampled: bool, shuffle_buffer: int, labeler: str | None, seed: int,
+                 on_corrupt: OnCorrupt = "error") -> torch.utils.data.DataLoader:
     """A DataLoader yielding ``batches_per_rank`` micro-batches per pass (rounded up to whole workers)."""
     urls = [str(p) for p in dataset.shards(split)]
     if not resampled:
-        check_shard_split(len(urls), world_size, workers)
+        check_shard_split(dataset, split, world_size, workers, micro_batch)
     labels = None
     if labeler:
         check_sidecars(dataset, split, labeler)
         labels = LabelJoin(dataset.root, labeler)
     per_worker = math.ceil(batches_per_rank / max(1, workers))
-    pipeline = build_pipeline(urls, inputs, micro_batch, per_worker, resampled=resampled, shuffle_buffer=shuffle_buffer, labels=labels, seed=seed)
+    pipeline = build_pipeline(urls, inputs, micro_batch, per_worker, resampled=resampled, shuffle_buffer=shuffle_buffer,
+                              labels=labels, seed=seed, on_corrupt=on_corrupt)
+    if workers > 0:
+        kill_workers_at_exit()
     return torch.utils.data.DataLoader(
         pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available(),

@@ -20,7 +20,7 @@ import torch
 
 from fgcmr.config import dump_yaml, to_dict
 from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
-from fgcmr.distributed import DistEnv, barrier, free_port, init
+from fgcmr.distributed import DistEnv, barrier, collective_timeout, free_port, init
 from fgcmr.io import atomic_write_json, atomic_write_text, clean_leftovers
 from fgcmr.labels import read_head
 from fgcmr.losses import LossConfig, RetrievalLoss
@@ -69,7 +69,7 @@ def init_distributed() -> DistEnv:
         os.environ["MASTER_PORT"] = str(free_port())
     env = init()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend=env.backend)
+    deepspeed.init_distributed(dist_backend=env.backend, timeout=collective_timeout())
     return env
 
 
@@ -93,7 +93,12 @@ def ensure_tokenizer(model_cfg: ModelConfig, dataset: DatasetInfo, run_dir: Path
 
 def forever(loader) -> Iterator[dict]:
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:  # would spin forever without a step or a message
+            raise RuntimeError("the training loader yielded no batch in a whole pass; check the split's shards and micro_batch")
 
 
 def build_model_for(model_cfg: ModelConfig, loss: LossConfig) -> TwoTower:
@@ -166,7 +171,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         dataset, inputs, split=cfg.data.split, micro_batch=cfg.data.micro_batch,
         workers=cfg.data.workers, batches_per_rank=max(1, steps_per_pass) * sched.grad_accum, world_size=env.world_size,
         resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
-        labeler=cfg.labels if cfg.loss.needs_labels else None, seed=cfg.seed + 1_000_003 * step,
+        labeler=cfg.labels if cfg.loss.needs_labels else None, seed=cfg.seed + 1_000_003 * step, on_corrupt=cfg.data.on_corrupt,
     )
     monitor = Monitor(run_dir, env.is_main, sched.total_steps, sched.samples_per_step, cfg.log_every, cfg.hist_every)
     monitor.text("config", dump_yaml(resolved))

@@ -8,11 +8,16 @@ with ``--resume=auto``. torchrun turns a rank's 75 into its own 1, so a rank tha
 also records it in ``$FGCMR_REQUEUE_FILE`` (``fgcmr.run.record_requeue``), which ``launchers/`` and
 ``fgcmr pipeline`` read. A rank whose launcher dies (``kill -9`` of torchrun) notices that its parent
 changed and stops the same way instead of running on unsupervised. DataLoader workers ignore the
-signals; their parent shuts them down.
+signals; their parent shuts them down, and kills them when it exits (``kill_workers_at_exit``:
+multiprocessing's exit hook would SIGTERM them, which they ignore, then wait for them forever: a rank
+that failed would never end).
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -62,6 +67,34 @@ class StopRequest:
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: a worker killed by the job's signal would crash the loop before it saves."""
+    """DataLoader ``worker_init_fn``: a worker killed by the job's SIGTERM would crash the loop before it saves.
+
+    It still dies with its parent (Linux ``PR_SET_PDEATHSIG``), so a killed rank leaves no orphan reading on.
+    """
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
+_kill_registered = False
+
+
+def kill_workers_at_exit() -> None:
+    """Register (once) an exit hook that kills this process's daemonic children: DataLoader workers, which
+    ignore SIGTERM. It runs before multiprocessing's own hook (atexit is last-in, first-out), which would
+    otherwise wait for them forever."""
+    global _kill_registered
+    if _kill_registered:
+        return
+    _kill_registered = True
+
+    def kill() -> None:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+                child.join(timeout=5)
+
+    atexit.register(kill)
