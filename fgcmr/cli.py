@@ -179,6 +179,10 @@ class Bench:
         """fgcmr embed samples/s vs a bare forward of the same towers on the same batches: --export= --shards=."""
         _run("fgcmr.bench.embed:BenchEmbedConfig:run", None, config, options, self.embed)
 
+    def index(self, config: str | None = None, **options: Any) -> None:
+        """The IVF index at --vectors=1000000 synthetic embeddings: recall@10 vs exact, memory, p50 latency per query."""
+        _run("fgcmr.bench.index:BenchIndexConfig:run", None, config, options, self.index)
+
     def gpu(self, config: str | None = None, **options: Any) -> None:
         """Training samples/s, step time, peak memory and MFU of one process: --config=configs/bench/gpu_h200.yaml."""
         _run("fgcmr.bench.gpu:BenchGpuConfig:run", None, config, options, self.gpu)

@@ -94,7 +94,7 @@ def run(cfg: EmbedConfig) -> dict | None:
     log.info("embed rank %d: %d parts, %d kept, %d to embed", env.rank, len(mine), len(mine) - len(todo), len(todo))
     with Progress(sum(p.items for p in todo), f"embed rank{env.rank}", "samples", enabled=env.is_main) as progress:
         for part, data in embed_parts(todo, model, inputs, env.device, cfg.batch_size, cfg.prefetch_batches, progress):
-            _write_part(out, part, data, export_sha, cfg.dtype)
+            write_part(out, part, data, export_sha, cfg.dtype)
     distributed.barrier()
     if not env.is_main:
         return None
@@ -232,7 +232,7 @@ def _empty() -> dict:
     return {"img": [], "txt": [], "samples": [], "n_texts": [], "skipped": 0}
 
 
-def _write_part(out: Path, part: Part, data: dict, export_sha: str, dtype: str) -> None:
+def write_part(out: Path, part: Part, data: dict, export_sha: str, dtype: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
