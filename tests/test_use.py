@@ -23,7 +23,7 @@ from fgcmr.dataset import iter_samples, open_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_export(dataset: Path, out: Path, provenance: dict | None = None) -> Path:
+def make_export(dataset: Path, out: Path, provenance: dict | None = None, seed: int = 0) -> Path:
     """An untrained tiny export with a tokenizer fitted on the dataset's texts."""
     from fgcmr.model import build_model, train_wordpiece
     from fgcmr.train.config import load_model_config
@@ -31,7 +31,7 @@ def make_export(dataset: Path, out: Path, provenance: dict | None = None) -> Pat
     texts = [t for p in open_dataset(dataset).shards("train")[:2] for s in iter_samples(p, {"json"}) for t in s.texts]
     cfg = load_model_config("tiny")
     cfg.text.tokenizer_dir = str(train_wordpiece(texts, out.parent / f"{out.name}-tokenizer", vocab_size=400))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(cfg).eval()
     model.save_pretrained(out, provenance=provenance or {"run": "in-process", "step": 0})
     return out
@@ -172,7 +172,7 @@ def test_embed_two_ranks_resume_index_search_eval_reuse(export: Path, synthetic_
     a = retrieval_metrics(reused.img_emb, reused.txt_emb, reused.img_cat, reused.txt_owner)
     b = retrieval_metrics(fresh.img_emb, fresh.txt_emb, fresh.img_cat, fresh.txt_owner)
     assert a["map_avg"] == pytest.approx(b["map_avg"], abs=1e-4)
-    other = make_export(synthetic_dataset, tmp_path / "other")
+    other = make_export(synthetic_dataset, tmp_path / "other", seed=1)
     from fgcmr.config import ConfigError
 
     with pytest.raises(ConfigError, match="another model"):
