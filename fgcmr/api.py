@@ -5,6 +5,7 @@ batched, preprocessed exactly as at evaluation (``Model.preprocess``, normalisat
 embedded in eval mode without gradients. Results are L2-normalised ``[n, d]`` float32 **numpy** arrays
 (``as_tensor=True``: torch tensors on the model's device), so ``a @ b.T`` is the cosine similarity.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,7 +31,11 @@ class Preprocess:
         data = inputs.cfg.image.preprocess
         self.mean, self.std = tuple(inputs.mean), tuple(inputs.std)
         self.size = tuple(data.get("input_size", ()))[1:]
-        self.interpolation, self.crop_pct, self.crop_mode = data.get("interpolation"), data.get("crop_pct"), data.get("crop_mode")
+        self.interpolation, self.crop_pct, self.crop_mode = (
+            data.get("interpolation"),
+            data.get("crop_pct"),
+            data.get("crop_mode"),
+        )
 
     def __call__(self, image: ImageLike) -> torch.Tensor:
         from PIL import Image
@@ -42,8 +47,10 @@ class Preprocess:
         return self._inputs.normalize(pixels)
 
     def __repr__(self) -> str:
-        return (f"Preprocess(size={self.size}, interpolation={self.interpolation!r}, crop_pct={self.crop_pct}, "
-                f"crop_mode={self.crop_mode!r}, mean={self.mean}, std={self.std})")
+        return (
+            f"Preprocess(size={self.size}, interpolation={self.interpolation!r}, crop_pct={self.crop_pct}, "
+            f"crop_mode={self.crop_mode!r}, mean={self.mean}, std={self.std})"
+        )
 
 
 class Model:
@@ -75,14 +82,14 @@ class Model:
 
     @torch.inference_mode()
     def encode_image(self, images: Iterable[ImageLike] | torch.Tensor, batch_size: int = 64, as_tensor: bool = False):
-        """Unit vectors ``[n, d]`` of PIL images, image paths or encoded bytes (or a preprocessed ``[n, 3, H, W]`` batch)."""
+        """Unit vectors ``[n, d]`` of PIL images, image paths or encoded bytes (or one preprocessed batch tensor)."""
         if isinstance(images, torch.Tensor):
             return self._out(self.net.encode_image(self._inputs.normalize(images.to(self.device))).float(), as_tensor)
         if self.preprocess is None:
             raise ValueError("this model's image tower takes precomputed features: pass them as one tensor")
         images, out = list(images), []
         for i in range(0, len(images), batch_size):
-            batch = torch.stack([self.preprocess(im) for im in images[i: i + batch_size]]).to(self.device)
+            batch = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]]).to(self.device)
             out.append(self.net.encode_image(batch).float())
         return self._out(self._cat(out), as_tensor)
 
@@ -91,7 +98,7 @@ class Model:
         """Unit vectors ``[n, d]`` of strings (a single string gives ``[1, d]``)."""
         texts, out = [texts] if isinstance(texts, str) else list(texts), []
         for i in range(0, len(texts), batch_size):
-            batch = {k: v.to(self.device) for k, v in self.tokenize(texts[i: i + batch_size]).items()}
+            batch = {k: v.to(self.device) for k, v in self.tokenize(texts[i : i + batch_size]).items()}
             out.append(self.net.encode_text(batch).float())
         return self._out(self._cat(out), as_tensor)
 
@@ -112,6 +119,5 @@ class Model:
 
 
 def load(export_dir: str | Path, device: str | torch.device | None = None) -> Model:
-    """The model of an export directory (``fgcmr export`` / ``save_pretrained``), on ``device`` (default: cuda if any)."""
+    """The model of an export dir (``fgcmr export`` / ``save_pretrained``) on ``device`` (default: cuda if any)."""
     return Model(export_dir, device=device)
-

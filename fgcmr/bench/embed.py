@@ -6,6 +6,7 @@ reader thread, normalise, embed, write the parts atomically), the bare side only
 ``encode_image`` + ``encode_text`` on batches prepared (decoded, normalised, collated) beforehand.
 Each side runs ``repeats`` times, alternating; the best counts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,6 +58,7 @@ def run(cfg: BenchEmbedConfig) -> dict:
         _sync(d.device)
 
     with tempfile.TemporaryDirectory() as tmp:
+
         def embed() -> None:
             for part, data in embed_parts(parts, model, inputs, d.device, cfg.batch_size, EmbedConfig.prefetch_batches):
                 write_part(Path(tmp), part, data, export_sha, EmbedConfig.dtype)
@@ -70,18 +72,24 @@ def run(cfg: BenchEmbedConfig) -> dict:
                 fn()
                 times[name].append(time.perf_counter() - t0)
     result = {
-        "samples": samples, "batches": len(prepared), "batch_size": cfg.batch_size, "device": d.device.type,
-        "threads": torch.get_num_threads(), "embed_samples_per_s": samples / min(times["embed"]),
+        "samples": samples,
+        "batches": len(prepared),
+        "batch_size": cfg.batch_size,
+        "device": d.device.type,
+        "threads": torch.get_num_threads(),
+        "embed_samples_per_s": samples / min(times["embed"]),
         "bare_samples_per_s": samples / min(times["bare"]),
     }
     result["ratio"] = result["embed_samples_per_s"] / result["bare_samples_per_s"]
     if cfg.json:
         print(json.dumps(result))
     else:
-        print(f"fgcmr embed : {result['embed_samples_per_s']:10.1f} samples/s\n"
-              f"bare forward: {result['bare_samples_per_s']:10.1f} samples/s\n"
-              f"ratio       : {result['ratio']:10.3f}  ({samples} images + their captions, {len(prepared)} batches of "
-              f"≤{cfg.batch_size}, {d.device.type}, {result['threads']} threads)")
+        print(
+            f"fgcmr embed : {result['embed_samples_per_s']:10.1f} samples/s\n"
+            f"bare forward: {result['bare_samples_per_s']:10.1f} samples/s\n"
+            f"ratio       : {result['ratio']:10.3f}  ({samples} images + their captions, {len(prepared)} batches of "
+            f"≤{cfg.batch_size}, {d.device.type}, {result['threads']} threads)"
+        )
     return result
 
 

@@ -6,6 +6,7 @@ are clustered too; uniform noise would be a worst case no embedding model produc
 ``fgcmr index`` builds it (``build_index``); latency is per single query (batch of one) on ``threads``
 faiss threads, as an interactive search would run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,12 +34,16 @@ class BenchIndexConfig:
     json: bool = False
 
 
-def synthetic(n: int, dim: int, centres: np.ndarray, noise: float, rng: np.random.Generator, chunk: int = 100_000) -> np.ndarray:
+def synthetic(
+    n: int, dim: int, centres: np.ndarray, noise: float, rng: np.random.Generator, chunk: int = 100_000
+) -> np.ndarray:
     out = np.empty((n, dim), np.float32)
     for i in range(0, n, chunk):
         m = min(chunk, n - i)
-        x = centres[rng.integers(len(centres), size=m)] + rng.standard_normal((m, dim), dtype=np.float32) * (noise / np.sqrt(dim))
-        out[i: i + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        x = centres[rng.integers(len(centres), size=m)] + rng.standard_normal((m, dim), dtype=np.float32) * (
+            noise / np.sqrt(dim)
+        )
+        out[i : i + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
@@ -59,18 +64,28 @@ def run(cfg: BenchIndexConfig) -> dict:
         index.search(q[None], cfg.k)
         latencies.append(time.perf_counter() - t0)
     ms = np.array(latencies) * 1000
-    result = {**report, "threads": cfg.threads, "clusters": cfg.clusters, "noise": cfg.noise,
-              "latency_ms_p50": round(float(np.percentile(ms, 50)), 3), "latency_ms_p95": round(float(np.percentile(ms, 95)), 3),
-              "vectors_bytes": int(vectors.nbytes), "peak_rss_bytes": _peak_rss(), "peak_rss_before_index_bytes": rss0}
+    result = {
+        **report,
+        "threads": cfg.threads,
+        "clusters": cfg.clusters,
+        "noise": cfg.noise,
+        "latency_ms_p50": round(float(np.percentile(ms, 50)), 3),
+        "latency_ms_p95": round(float(np.percentile(ms, 95)), 3),
+        "vectors_bytes": int(vectors.nbytes),
+        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_before_index_bytes": rss0,
+    }
     if cfg.json:
         print(json.dumps(result))
     else:
-        print(f"index      : {result['factory']} over {result['vectors']} × {result['dim']} (nprobe {result['nprobe']})\n"
-              f"recall@10  : {result['recall_at_10']:.4f} vs exact on {result['queries']} held-out queries\n"
-              f"latency    : p50 {result['latency_ms_p50']:.2f} ms, p95 {result['latency_ms_p95']:.2f} ms per query "
-              f"({cfg.threads} threads)\n"
-              f"memory     : index {result['bytes'] / 2**20:.0f} MiB; peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB\n"
-              f"build      : {result['build_seconds']:.1f} s (train + add + nprobe tuning)")
+        print(
+            f"index      : {result['factory']} over {result['vectors']} × {result['dim']} (nprobe {result['nprobe']})\n"
+            f"recall@10  : {result['recall_at_10']:.4f} vs exact on {result['queries']} held-out queries\n"
+            f"latency    : p50 {result['latency_ms_p50']:.2f} ms, p95 {result['latency_ms_p95']:.2f} ms per query "
+            f"({cfg.threads} threads)\n"
+            f"memory     : index {result['bytes'] / 2**20:.0f} MiB; peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB\n"
+            f"build      : {result['build_seconds']:.1f} s (train + add + nprobe tuning)"
+        )
     return result
 
 

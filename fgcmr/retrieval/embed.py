@@ -16,6 +16,7 @@ each part whose record matches the shard, the export and the dtype and whose fil
 shapes, and redoes the rest. A producer thread reads, decodes and tokenises the next batches while
 the towers run, so the job keeps up with a bare forward of the same batches (``fgcmr bench embed``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,9 +67,12 @@ class Part:
 
     def name(self, kind: str) -> str:
         return {
-            "img": f"img_emb/img_emb_{self.index:04d}.npy", "text": f"text_emb/text_emb_{self.index:04d}.npy",
-            "meta": f"metadata/metadata_{self.index:04d}.parquet", "caption": f"captions/caption_emb_{self.index:04d}.npy",
-            "captions": f"captions/captions_{self.index:04d}.parquet", "record": f"parts/part_{self.index:04d}.json",
+            "img": f"img_emb/img_emb_{self.index:04d}.npy",
+            "text": f"text_emb/text_emb_{self.index:04d}.npy",
+            "meta": f"metadata/metadata_{self.index:04d}.parquet",
+            "caption": f"captions/caption_emb_{self.index:04d}.npy",
+            "captions": f"captions/captions_{self.index:04d}.parquet",
+            "record": f"parts/part_{self.index:04d}.json",
         }[kind]
 
 
@@ -99,13 +103,20 @@ def run(cfg: EmbedConfig) -> dict | None:
     if not env.is_main:
         return None
     manifest = {
-        "format": "fgcmr-embeddings", "dtype": cfg.dtype, "dim": model_cfg.embed_dim,
-        "export": str(Path(cfg.export).resolve()), "export_sha256": export_sha,
-        "dataset": {"root": str(dataset.root.resolve()), "name": dataset.name,
-                    "manifest_sha256": sha256_file(dataset.root / "manifest.json")},
+        "format": "fgcmr-embeddings",
+        "dtype": cfg.dtype,
+        "dim": model_cfg.embed_dim,
+        "export": str(Path(cfg.export).resolve()),
+        "export_sha256": export_sha,
+        "dataset": {
+            "root": str(dataset.root.resolve()),
+            "name": dataset.name,
+            "manifest_sha256": sha256_file(dataset.root / "manifest.json"),
+        },
         "splits": sorted({p.split for p in parts}, key=[p.split for p in parts].index),
         "parts": [read_json(out / p.name("record")) for p in parts],
-        "world_size": env.world_size, "seconds": round(time.time() - started, 2),
+        "world_size": env.world_size,
+        "seconds": round(time.time() - started, 2),
     }
     manifest["images"] = sum(r["images"] for r in manifest["parts"])
     manifest["texts"] = sum(r["texts"] for r in manifest["parts"])
@@ -121,16 +132,26 @@ def _kept(out: Path, part: Part, export_sha: str, dtype: str) -> bool:
         return False
     try:
         rec = read_json(path)
-        ok = (rec["shard"] == part.shard.name and rec["shard_sha256"] == part.sha256 and rec["export_sha256"] == export_sha
-              and rec["dtype"] == dtype)
+        ok = (
+            rec["shard"] == part.shard.name
+            and rec["shard_sha256"] == part.sha256
+            and rec["export_sha256"] == export_sha
+            and rec["dtype"] == dtype
+        )
         shapes = [np.load(out / part.name(k), mmap_mode="r").shape[0] for k in ("img", "text", "caption")]
-        ok = ok and shapes == [rec["images"], rec["images"], rec["texts"]] and _rows(out / part.name("meta")) == rec["images"]
+        ok = (
+            ok
+            and shapes == [rec["images"], rec["images"], rec["texts"]]
+            and _rows(out / part.name("meta")) == rec["images"]
+        )
         ok = ok and _rows(out / part.name("captions")) == rec["texts"]
     except (OSError, ValueError, KeyError) as e:
         log.warning("part %04d: record or files unreadable (%s); embedding it again", part.index, e)
         return False
     if not ok:
-        log.warning("part %04d: written for another shard, export or dtype, or incomplete; embedding it again", part.index)
+        log.warning(
+            "part %04d: written for another shard, export or dtype, or incomplete; embedding it again", part.index
+        )
     return ok
 
 
@@ -161,7 +182,9 @@ def read_batches(parts: list[Part], inputs, batch_size: int) -> Iterator[Batch |
         items, skipped = [], 0
         for sample in iter_samples(part.shard):
             try:
-                items.append((sample, inputs.pixels(sample), [inputs.text(sample, k) for k in range(num_texts(sample, inputs))]))
+                items.append(
+                    (sample, inputs.pixels(sample), [inputs.text(sample, k) for k in range(num_texts(sample, inputs))])
+                )
             except Exception as e:  # a bad sample is counted and logged, never fatal
                 log.warning("skipping sample %s in %s: %s", sample.key, part.shard.name, e)
                 skipped += 1
@@ -176,7 +199,9 @@ def read_batches(parts: list[Part], inputs, batch_size: int) -> Iterator[Batch |
 
 def _batch(part: Part, items: list) -> Batch:
     texts = [t for _, _, ts in items for t in ts]
-    return Batch(part, [s for s, _, _ in items], torch.stack([p for _, p, _ in items]), texts, [len(ts) for _, _, ts in items])
+    return Batch(
+        part, [s for s, _, _ in items], torch.stack([p for _, p, _ in items]), texts, [len(ts) for _, _, ts in items]
+    )
 
 
 def prefetch(it: Iterator, depth: int) -> Iterator:
@@ -203,14 +228,18 @@ def prefetch(it: Iterator, depth: int) -> Iterator:
 def forward(batch: Batch, model, inputs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Image and caption embeddings of one batch (fp32, on the device)."""
     text_batch = inputs.collate_texts(batch.texts)
-    text_batch = {k: v.to(device, non_blocking=True) for k, v in text_batch.items()} if isinstance(text_batch, dict) \
+    text_batch = (
+        {k: v.to(device, non_blocking=True) for k, v in text_batch.items()}
+        if isinstance(text_batch, dict)
         else text_batch.to(device, non_blocking=True)
+    )
     images = inputs.normalize(batch.images.to(device, non_blocking=True))
     return model.encode_image(images).float(), model.encode_text(text_batch).float()
 
 
-def embed_parts(parts: list[Part], model, inputs, device, batch_size: int, depth: int,
-                progress: Progress | None = None) -> Iterator[tuple[Part, dict]]:
+def embed_parts(
+    parts: list[Part], model, inputs, device, batch_size: int, depth: int, progress: Progress | None = None
+) -> Iterator[tuple[Part, dict]]:
     """``(part, data)`` for each part: its embeddings (fp32 numpy), samples and skip count."""
     data = _empty()
     for item in prefetch(read_batches(parts, inputs, batch_size), depth):
@@ -241,30 +270,50 @@ def write_part(out: Path, part: Part, data: dict, export_sha: str, dtype: str) -
     img = np.concatenate(data["img"]).astype(dtype) if samples else np.zeros((0, dim), dtype)
     txt = np.concatenate(data["txt"]).astype(dtype) if samples else np.zeros((0, dim), dtype)
     first = np.concatenate([[0], np.cumsum(n_texts)[:-1]]).astype(np.int64) if samples else np.zeros(0, np.int64)
-    meta = pa.table({
-        "key": [s.key for s in samples], "caption": [s.texts[0] if s.texts else "" for s in samples],
-        "url": [s.meta.get("source") for s in samples], "split": [s.meta.get("split", part.split) for s in samples],
-        "category": pa.array([s.category for s in samples], pa.int64()),
-        "category_name": [s.meta.get("category_name") for s in samples],
-        "shard": [part.shard.name] * len(samples), "n_texts": n_texts,
-    })
+    meta = pa.table(
+        {
+            "key": [s.key for s in samples],
+            "caption": [s.texts[0] if s.texts else "" for s in samples],
+            "url": [s.meta.get("source") for s in samples],
+            "split": [s.meta.get("split", part.split) for s in samples],
+            "category": pa.array([s.category for s in samples], pa.int64()),
+            "category_name": [s.meta.get("category_name") for s in samples],
+            "shard": [part.shard.name] * len(samples),
+            "n_texts": n_texts,
+        }
+    )
     owner = np.repeat(np.arange(len(samples)), n_texts)
-    captions = pa.table({
-        "key": [samples[i].key for i in owner], "image_row": owner,
-        "text_index": (np.arange(len(owner)) - np.repeat(first, n_texts)).astype(np.int64),
-        "caption": [_caption(samples[i], k) for i, k in zip(owner, np.arange(len(owner)) - np.repeat(first, n_texts))],
-    })
+    captions = pa.table(
+        {
+            "key": [samples[i].key for i in owner],
+            "image_row": owner,
+            "text_index": (np.arange(len(owner)) - np.repeat(first, n_texts)).astype(np.int64),
+            "caption": [
+                _caption(samples[i], k) for i, k in zip(owner, np.arange(len(owner)) - np.repeat(first, n_texts))
+            ],
+        }
+    )
     for kind, array in (("img", img), ("text", txt[first] if samples else txt), ("caption", txt)):
         with atomic_open(out / part.name(kind)) as f:
             np.save(f, array, allow_pickle=False)
     for kind, table in (("meta", meta), ("captions", captions)):
         with atomic_open(out / part.name(kind)) as f:
             pq.write_table(table, f)
-    atomic_write_json(out / part.name("record"), {
-        "part": part.index, "split": part.split, "shard": part.shard.name, "shard_sha256": part.sha256,
-        "export_sha256": export_sha, "dtype": dtype, "images": len(samples), "texts": int(n_texts.sum()),
-        "skipped": data["skipped"], "files": {k: part.name(k) for k in ("img", "text", "meta", "caption", "captions")},
-    })
+    atomic_write_json(
+        out / part.name("record"),
+        {
+            "part": part.index,
+            "split": part.split,
+            "shard": part.shard.name,
+            "shard_sha256": part.sha256,
+            "export_sha256": export_sha,
+            "dtype": dtype,
+            "images": len(samples),
+            "texts": int(n_texts.sum()),
+            "skipped": data["skipped"],
+            "files": {k: part.name(k) for k in ("img", "text", "meta", "caption", "captions")},
+        },
+    )
 
 
 def _caption(sample: Sample, k: int) -> str:
@@ -305,20 +354,28 @@ def read_embeddings(root: str | Path, splits: list[str] | None = None) -> Embedd
     records = [r for r in manifest["parts"] if not splits or r["split"] in splits]
     missing = sorted(set(splits or ()) - {r["split"] for r in manifest["parts"]})
     if missing:
-        raise FileNotFoundError(f"{root}: no embeddings of split {missing[0]!r}; embedded: {', '.join(manifest['splits'])}")
+        raise FileNotFoundError(
+            f"{root}: no embeddings of split {missing[0]!r}; embedded: {', '.join(manifest['splits'])}"
+        )
     img, cap, meta, caps, offset = [], [], [], [], 0
     for r in records:
         img.append(np.load(root / r["files"]["img"]).astype(np.float32))
         cap.append(np.load(root / r["files"]["caption"]).astype(np.float32))
         meta.append(pq.read_table(root / r["files"]["meta"]))
         t = pq.read_table(root / r["files"]["captions"])
-        caps.append(t.set_column(t.schema.get_field_index("image_row"), "image_row",
-                                 pa.array(t.column("image_row").to_numpy() + offset, pa.int64())))
+        caps.append(
+            t.set_column(
+                t.schema.get_field_index("image_row"),
+                "image_row",
+                pa.array(t.column("image_row").to_numpy() + offset, pa.int64()),
+            )
+        )
         offset += r["images"]
     dim = int(manifest["dim"])
     return Embeddings(
         manifest=manifest,
         img=np.concatenate(img) if img else np.zeros((0, dim), np.float32),
         captions=np.concatenate(cap) if cap else np.zeros((0, dim), np.float32),
-        meta=pa.concat_tables(meta) if meta else None, caption_meta=pa.concat_tables(caps) if caps else None,
+        meta=pa.concat_tables(meta) if meta else None,
+        caption_meta=pa.concat_tables(caps) if caps else None,
     )

@@ -10,6 +10,7 @@ a sample of ``train_per_list × nlist`` vectors, and ``nprobe`` doubled until re
 search reaches ``target_recall`` on held-out queries (the other modality's embeddings) — the figure
 ``index.json`` reports, with the index's bytes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,9 +71,22 @@ def build_index(vectors: np.ndarray, queries: np.ndarray, params: IndexConfig):
         index.add(vectors)
         trained = time.perf_counter() - t0
         nprobe, recall = tune_nprobe(index, vectors, queries, nlist, params.target_recall)
-        report = {"kind": "ivf", "factory": f"IVF{nlist},Flat", "nlist": nlist, "nprobe": nprobe, "recall_at_10": recall,
-                  "train_vectors": len(sample), "build_seconds_before_tuning": round(trained, 2)}
-    report.update(vectors=n, dim=dim, queries=len(queries), bytes=index_bytes(index), build_seconds=round(time.perf_counter() - t0, 2))
+        report = {
+            "kind": "ivf",
+            "factory": f"IVF{nlist},Flat",
+            "nlist": nlist,
+            "nprobe": nprobe,
+            "recall_at_10": recall,
+            "train_vectors": len(sample),
+            "build_seconds_before_tuning": round(trained, 2),
+        }
+    report.update(
+        vectors=n,
+        dim=dim,
+        queries=len(queries),
+        bytes=index_bytes(index),
+        build_seconds=round(time.perf_counter() - t0, 2),
+    )
     return index, report
 
 
@@ -127,23 +141,38 @@ def run(cfg: IndexConfig) -> dict:
         raise FileNotFoundError(f"{cfg.embeddings}: no embedded images in splits {cfg.splits or 'all'}")
     out = Path(cfg.out)
     reports = {}
-    for name, vectors, queries, table in (("images", emb.img, emb.captions, emb.meta),
-                                          ("captions", emb.captions, emb.img, emb.caption_meta)):
+    for name, vectors, queries, table in (
+        ("images", emb.img, emb.captions, emb.meta),
+        ("captions", emb.captions, emb.img, emb.caption_meta),
+    ):
         index, report = build_index(vectors, held_out(queries, cfg.queries, cfg.seed), cfg)
         with atomic_open(out / f"{name}.faiss") as f:
             f.write(faiss.serialize_index(index).tobytes())
         with atomic_open(out / f"{name}.parquet") as f:
             pq.write_table(table, f)
         reports[name] = report
-        log.info("%s: %s over %d vectors (dim %d), recall@10 %.4f vs exact, %.1f MiB", name, report["factory"],
-                 report["vectors"], report["dim"], report["recall_at_10"], report["bytes"] / 2**20)
+        log.info(
+            "%s: %s over %d vectors (dim %d), recall@10 %.4f vs exact, %.1f MiB",
+            name,
+            report["factory"],
+            report["vectors"],
+            report["dim"],
+            report["recall_at_10"],
+            report["bytes"] / 2**20,
+        )
     info = {
-        "format": "fgcmr-index", "embeddings": str(Path(cfg.embeddings).resolve()), "export": emb.manifest["export"],
-        "export_sha256": emb.manifest["export_sha256"], "dataset": emb.manifest["dataset"],
-        "splits": cfg.splits or emb.manifest["splits"], "indexes": reports,
+        "format": "fgcmr-index",
+        "embeddings": str(Path(cfg.embeddings).resolve()),
+        "export": emb.manifest["export"],
+        "export_sha256": emb.manifest["export_sha256"],
+        "dataset": emb.manifest["dataset"],
+        "splits": cfg.splits or emb.manifest["splits"],
+        "indexes": reports,
     }
     atomic_write_json(out / "index.json", info)
     for name, r in reports.items():
-        print(f"{name:9} {r['factory']:>14}  {r['vectors']:>9} vectors  recall@10 {r['recall_at_10']:.4f}  "
-              f"{r['bytes'] / 2**20:8.1f} MiB  {r['build_seconds']:.1f}s")
+        print(
+            f"{name:9} {r['factory']:>14}  {r['vectors']:>9} vectors  recall@10 {r['recall_at_10']:.4f}  "
+            f"{r['bytes'] / 2**20:8.1f} MiB  {r['build_seconds']:.1f}s"
+        )
     return info

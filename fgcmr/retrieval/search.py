@@ -4,6 +4,7 @@
 embeds the query with the index's export (``fgcmr.load``) and returns result dicts: ``key``, ``score``
 (cosine similarity) and the row's metadata (caption, url, split, category, shard…).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,16 +66,27 @@ class Searcher:
     def _search(self, name: str, query: np.ndarray, k: int) -> list[dict]:
         scores, ids = self.indexes[name].search(np.ascontiguousarray(query, dtype=np.float32), k)
         rows = self.rows[name]
-        return [{"key": rows[i]["key"], "score": round(float(s), 6), **{c: v for c, v in rows[i].items() if c != "key"}}
-                for s, i in zip(scores[0], ids[0]) if i >= 0]
+        return [
+            {"key": rows[i]["key"], "score": round(float(s), 6), **{c: v for c, v in rows[i].items() if c != "key"}}
+            for s, i in zip(scores[0], ids[0])
+            if i >= 0
+        ]
 
 
 def run(cfg: SearchConfig) -> list[dict]:
     searcher = Searcher(cfg.index, cfg.export, cfg.device)
-    results = searcher.text_to_images(cfg.text, cfg.k) if cfg.text is not None else searcher.image_to_texts(cfg.image, cfg.k)
+    results = (
+        searcher.text_to_images(cfg.text, cfg.k) if cfg.text is not None else searcher.image_to_texts(cfg.image, cfg.k)
+    )
     if cfg.json:
-        print(json.dumps({"query": {"text": cfg.text, "image": cfg.image, "k": cfg.k}, "results": results}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"query": {"text": cfg.text, "image": cfg.image, "k": cfg.k}, "results": results}, ensure_ascii=False
+            )
+        )
     else:
         for rank, r in enumerate(results, 1):
-            print(f"{rank:3d}  {r['score']:.4f}  {r['key']:<20}  {r['caption']}  [{r.get('url') or r.get('shard') or ''}]")
+            print(
+                f"{rank:3d}  {r['score']:.4f}  {r['key']:<20}  {r['caption']}  [{r.get('url') or r.get('shard') or ''}]"
+            )
     return results

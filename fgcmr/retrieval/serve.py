@@ -7,6 +7,7 @@
 
 Binds 127.0.0.1 by default: the page is for the user of this machine, not the network.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,11 @@ class Thumbnails:
         with self.lock:
             if shard not in self.offsets:
                 with tarfile.open(self.root / shard) as tar:
-                    self.offsets[shard] = {m.name.partition(".")[0]: (m.offset_data, m.size) for m in tar
-                                           if m.isfile() and m.name.partition(".")[2] in IMAGE_EXTS}
+                    self.offsets[shard] = {
+                        m.name.partition(".")[0]: (m.offset_data, m.size)
+                        for m in tar
+                        if m.isfile() and m.name.partition(".")[2] in IMAGE_EXTS
+                    }
         where = self.offsets[shard].get(key)
         if where is None:
             return None
@@ -96,7 +100,7 @@ def make_handler(searcher: Searcher, thumbs: Thumbnails, default_k: int) -> type
                     results = searcher.text_to_images(text, self._k(query))
                 self._json(200, {"query": {"text": text}, "results": results})
             elif url.path.startswith("/thumb/"):
-                data = thumbs.thumbnail(unquote(url.path[len("/thumb/"):]))
+                data = thumbs.thumbnail(unquote(url.path[len("/thumb/") :]))
                 if data is None:
                     return self._json(404, {"error": "no such image"})
                 self._send(200, data, "image/jpeg")
