@@ -13,6 +13,8 @@ every sample exactly once); rank 0 gathers the per-shard results, restores shard
     <run>/eval/fgcmr-stage.json its fingerprint (config, exported weights, dataset), written last: ``done``
 
 The dataset comes from the run's ``config.yaml`` (``train.shards``) unless ``--shards`` is given.
+``--embeddings=<fgcmr embed output>`` scores embeddings already computed by ``fgcmr embed`` with the
+same export on the same dataset (checked by hash) instead of embedding the splits again.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from fgcmr.evaluate.metrics import RECALL_KS, retrieval_metrics
 from fgcmr.io import atomic_write_json, atomic_write_text, clean_leftovers, sha256_file
 from fgcmr.progress import Progress
 from fgcmr.run import STAMP, Check, Fingerprint, check_stamp, file_hash, fingerprint, write_stamp
+from fgcmr.retrieval.embed import num_texts
 
 log = logging.getLogger("fgcmr.eval")
 
@@ -44,6 +47,7 @@ class EvalConfig:
     split: str = "test"  # the split whose metrics are metrics.json's top level
     extra_splits: list[str] = dataclasses.field(default_factory=list)  # also evaluated, e.g. [val]
     batch_size: int = 64  # images per forward (texts: all their captions)
+    embeddings: str | None = None  # an `fgcmr embed` output of this export and dataset: reused, not recomputed
     baselines: bool = False  # CCA and semantic matching on img.npy features (or the frozen pretrained tower) and texts
     baseline_train_split: str = "train"
     baseline_hellinger: bool = False  # square-root the image features first (histograms such as SIFT BoW)
@@ -57,6 +61,8 @@ class EvalConfig:
             raise ValueError("--run=<run dir> is required")
         if self.batch_size < 1:
             raise ValueError("batch_size must be ≥ 1")
+        if self.embeddings and self.baselines:
+            raise ValueError("baselines need the raw img.npy/txt.npy features, which --embeddings does not hold; drop one")
 
 
 @dataclasses.dataclass
@@ -109,11 +115,14 @@ def run(cfg: EvalConfig) -> dict | None:
     if env.is_main:
         (out / STAMP).unlink(missing_ok=True)  # the old results stop counting as done from here on
         clean_leftovers(out)
-    model, _, inputs = load_export(export_dir, device=env.device)
+    model, _, inputs = (None, None, None) if cfg.embeddings else load_export(export_dir, device=env.device)
     started = time.time()
     results = {}
     for split in [cfg.split, *[s for s in cfg.extra_splits if s != cfg.split]]:
-        emb = embed_split(dataset, split, model, inputs, env, cfg.batch_size, keep_features=cfg.baselines)
+        if cfg.embeddings:
+            emb = reuse_embeddings(cfg.embeddings, split, export_dir, dataset) if env.is_main else None
+        else:
+            emb = embed_split(dataset, split, model, inputs, env, cfg.batch_size, keep_features=cfg.baselines)
         if env.is_main:
             results[split] = emb
     distributed.barrier()
@@ -161,13 +170,31 @@ def embed_split(dataset: DatasetInfo, split: str, model, inputs, env, batch_size
     return _concat([part for _, part in sorted(gathered, key=lambda p: p[0])])
 
 
+def reuse_embeddings(root: str, split: str, export_dir: Path, dataset: DatasetInfo) -> Embedded:
+    """One split of an ``fgcmr embed`` output as ``Embedded``, refused unless made by this export on this dataset."""
+    from fgcmr.config import ConfigError
+    from fgcmr.retrieval.embed import read_embeddings
+
+    emb = read_embeddings(root, [split])
+    if emb.manifest["export_sha256"] != sha256_file(export_dir / "model.safetensors"):
+        raise ConfigError(f"{root} was embedded with another model than {export_dir}; run `fgcmr embed` with it or drop --embeddings")
+    if emb.manifest["dataset"]["manifest_sha256"] != sha256_file(dataset.root / "manifest.json"):
+        raise ConfigError(f"{root} was embedded from another dataset than {dataset.root}; drop --embeddings or pass its --shards")
+    return Embedded(
+        keys=emb.meta.column("key").to_pylist(), img_emb=emb.img, txt_emb=emb.captions,
+        img_cat=np.array([-1 if c is None else c for c in emb.meta.column("category").to_pylist()], dtype=np.int64),
+        txt_owner=emb.caption_owner.astype(np.int64), texts=emb.caption_meta.column("caption").to_pylist(),
+        img_feat=None, txt_feat=None, skipped=sum(r["skipped"] for r in emb.manifest["parts"] if r["split"] == split),
+    )
+
+
 def _embed_shard(path: Path, model, inputs, device, batch_size: int, keep_features: bool, progress: Progress) -> dict:
     part = {"keys": [], "img": [], "txt": [], "cat": [], "n_texts": [], "texts": [], "img_feat": [], "txt_feat": [], "skipped": 0}
     batch: list[tuple[Sample, torch.Tensor, list[torch.Tensor]]] = []
     for sample in iter_samples(path):
         progress.update()
         try:
-            item = (sample, inputs.image(sample), [inputs.text(sample, k) for k in range(_num_texts(sample, inputs))])
+            item = (sample, inputs.image(sample), [inputs.text(sample, k) for k in range(num_texts(sample, inputs))])
         except Exception as e:  # a bad sample is counted and logged, never fatal
             log.warning("skipping sample %s in %s: %s", sample.key, path.name, e)
             part["skipped"] += 1
@@ -178,12 +205,6 @@ def _embed_shard(path: Path, model, inputs, device, batch_size: int, keep_featur
     if batch:
         _flush(batch, part, model, inputs, device, keep_features)
     return part
-
-
-def _num_texts(sample: Sample, inputs) -> int:
-    if inputs.tokenizer is None and sample.text_feature is not None:
-        return 1 if sample.text_feature.ndim == 1 else len(sample.text_feature)
-    return len(sample.texts)
 
 
 def _flush(batch: list, part: dict, model, inputs, device, keep_features: bool) -> None:

@@ -33,6 +33,9 @@ class ImageTowerConfig:
     feature_sqrt: bool = False  # feature kind: square-root the input first (Hellinger map of histograms, e.g. SIFT BoW)
     dropout: float = 0.0  # feature kind: dropout after the MLP's hidden layer
     grad_checkpointing: bool = False
+    # timm's data config (input_size, interpolation, mean, std, crop_pct, crop_mode); empty: timm's for ``name``.
+    # An export stores it, so its preprocessing never depends on what timm's registry says later.
+    preprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         if self.kind == "feature" and self.feature_dim <= 0:

@@ -2,7 +2,11 @@
 
 ``<dir>`` is a symlink to a hidden versioned sibling ``.<dir>.<id>/`` (see ``save_export``).
 The config is rewritten to be self-contained: no pretrained-weight paths (the weights are in the
-safetensors file), the text encoder's full architecture inline, the tokenizer copied beside it.
+safetensors file), the text encoder's full architecture inline, the image preprocessing constants
+(size, interpolation, crop, mean, std) inline, the tokenizer copied beside it. ``model_config.json``
+is the ``ModelConfig`` plus one ``"fgcmr"`` block (version, embedding dim, max text length, tokenizer
+dir, training provenance: run, checkpoint tag, step, data manifest sha256); the safetensors header
+carries the same JSON, so the weights file alone still says what it is.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Callable
 
 import torch
 
+import fgcmr
 from fgcmr.config import build, to_dict
 from fgcmr.io import atomic_write_json, honour_umask, make_temp_dir, sha256_file
 from fgcmr.model.config import ModelConfig
@@ -23,11 +28,16 @@ from fgcmr.model.two_tower import TwoTower, build_model
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "model_config.json", "tokenizer"
 CHECKSUMS = "checksums.json"  # sha256 of every other file, for `fgcmr verify`
+INFO = "fgcmr"  # model_config.json's block that is not part of ModelConfig
 
 
 def standalone_config(model: TwoTower, cfg: ModelConfig) -> ModelConfig:
     """``cfg`` with every external reference replaced by what the export directory holds."""
     image = dataclasses.replace(cfg.image, pretrained=False, checkpoint=None)
+    if image.kind == "timm":
+        from fgcmr.model.inputs import image_data_config
+
+        image.preprocess = {k: list(v) if isinstance(v, tuple) else v for k, v in image_data_config(cfg).items()}
     text = cfg.text
     if text.kind == "transformers":
         arch = model.text_tower.encoder.config.to_dict()
@@ -36,10 +46,20 @@ def standalone_config(model: TwoTower, cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, image=image, text=text)
 
 
-def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig,
-                state_dict: dict[str, torch.Tensor] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+def export_config(model: TwoTower, cfg: ModelConfig, provenance: dict | None = None) -> dict:
+    """``model_config.json``'s content: the standalone ``ModelConfig`` and the ``"fgcmr"`` info block."""
+    info = {
+        "version": fgcmr.__version__, "embed_dim": cfg.embed_dim, "max_text_length": cfg.max_text_length,
+        "tokenizer": TOKENIZER if cfg.text.kind == "transformers" else None, "provenance": provenance or {},
+    }
+    return {**to_dict(standalone_config(model, cfg)), INFO: info}
+
+
+def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None,
+                provenance: dict | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write the export atomically: a fresh hidden sibling directory ``.<name>.<id>``, then ``<name>`` (a
     relative symlink) switched to it in one rename, so there is never a moment without a whole export.
+    ``provenance``: where the weights come from (``run``, ``tag``, ``step``, ``data_manifest_sha256``…);
     ``extra(dir)`` adds files (e.g. a stamp) before the switch. Files get the umask's permissions."""
     from safetensors.torch import save_file
 
@@ -50,10 +70,12 @@ def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig,
     state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
     tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
     try:
-        save_file(state, str(tmp / WEIGHTS))
+        config = export_config(model, cfg, provenance)
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "fgcmr_version": fgcmr.__version__,
+                                                        "model_config": json.dumps(config)})
         if cfg.text.kind == "transformers":
             shutil.copytree(cfg.tokenizer_dir, tmp / TOKENIZER)
-        atomic_write_json(tmp / CONFIG, to_dict(standalone_config(model, cfg)))
+        atomic_write_json(tmp / CONFIG, config)
         if extra is not None:
             extra(tmp)
         atomic_write_json(tmp / CHECKSUMS, {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()})
@@ -91,11 +113,19 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> t
     from safetensors.torch import load_file
 
     export_dir = Path(export_dir)
-    if not (export_dir / CONFIG).is_file():
-        raise FileNotFoundError(f"{export_dir} is not an fgcmr export (no {CONFIG}); run `fgcmr export`")
-    cfg = build(ModelConfig, json.loads((export_dir / CONFIG).read_text()))
+    data = read_export_config(export_dir)
+    data.pop(INFO, None)
+    cfg = build(ModelConfig, data)
     if cfg.text.tokenizer_dir and not Path(cfg.text.tokenizer_dir).is_absolute():
         cfg.text.tokenizer_dir = str(export_dir / cfg.text.tokenizer_dir)
     model = build_model(cfg)
     model.load_state_dict(load_file(str(export_dir / WEIGHTS)), strict=True)
     return model.to(device).eval(), cfg, build_inputs(cfg, train=False)
+
+
+def read_export_config(export_dir: str | Path) -> dict:
+    """``model_config.json`` as written (the ``"fgcmr"`` block included; absent in exports before 0.1)."""
+    path = Path(export_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{export_dir} is not an fgcmr export (no {CONFIG}); run `fgcmr export`")
+    return json.loads(path.read_text())

@@ -19,7 +19,11 @@ from fgcmr.text import load_tokenizer
 
 
 def image_data_config(cfg: ModelConfig) -> dict:
-    """timm's data config (input size, interpolation, mean/std, crop) for the image tower's model."""
+    """timm's data config (input size, interpolation, mean/std, crop) for the image tower's model: the one
+    stored in the config (an export's), else timm's for the model name."""
+    if cfg.image.preprocess:
+        data = dict(cfg.image.preprocess)
+        return {**data, **{k: tuple(data[k]) for k in ("input_size", "mean", "std") if k in data}}
     import timm
     from timm.data import resolve_data_config
 

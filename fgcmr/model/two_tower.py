@@ -1,6 +1,8 @@
 """The two-tower retrieval model: towers → linear projections → L2-normalised joint space."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,7 @@ class TwoTower(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.config = cfg
         self.image_tower = build_image_tower(cfg.image)
         self.text_tower = build_text_tower(cfg.text)
         self.image_proj = _projection(self.image_tower.out_dim, cfg)
@@ -33,6 +36,19 @@ class TwoTower(nn.Module):
         """``(image_emb, text_emb, logit_scale)``; the scale is returned (as a new tensor) so that a loss
         outside the module sees it even when ZeRO-3 has partitioned the parameter away again."""
         return self.encode_image(images), self.encode_text(text), self.logit_scale * 1.0
+
+    def save_pretrained(self, out_dir: str | Path, provenance: dict | None = None) -> Path:
+        """HF-style: write this model as an export directory (``fgcmr.model.export.save_export``)."""
+        from fgcmr.model.export import save_export
+
+        return save_export(out_dir, self, self.config, provenance=provenance)
+
+    @classmethod
+    def from_pretrained(cls, export_dir: str | Path, device: str | torch.device = "cpu") -> "TwoTower":
+        """HF-style: the model of an export directory, in eval mode (its ``config`` attached)."""
+        from fgcmr.model.export import load_export
+
+        return load_export(export_dir, device=device)[0]
 
     def tower_parameters(self) -> set[int]:
         """Ids of the backbone parameters (the part that may be pretrained), for a separate learning rate."""

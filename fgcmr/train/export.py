@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from fgcmr.config import build, read_yaml
+from fgcmr.io import sha256_file
 from fgcmr.model import ModelConfig, build_model, save_export
 from fgcmr.progress import setup_logging
 from fgcmr.run import Check, Fingerprint, check_stamp, fingerprint, read_stamp, write_stamp
@@ -61,7 +62,8 @@ def run(cfg: ExportConfig) -> Path:
     run_dir = Path(cfg.run)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run (no config.yaml); run `fgcmr train` first")
-    model_cfg = build(ModelConfig, read_yaml(run_dir / "config.yaml")["model"], "model")
+    run_cfg = read_yaml(run_dir / "config.yaml")
+    model_cfg = build(ModelConfig, run_cfg["model"], "model")
     ckpt_dir = run_dir / "checkpoints"
     fp = export_fingerprint(cfg)
     tag = fp.inputs["checkpoint"]
@@ -73,6 +75,20 @@ def run(cfg: ExportConfig) -> Path:
     state = consolidated_state_dict(ckpt_dir, tag)
     model = build_model(model_cfg)
     model.load_state_dict(state, strict=True)
-    out = save_export(export_dir(cfg), model, model_cfg, extra=lambda d: write_stamp(d, fp))
+    out = save_export(export_dir(cfg), model, model_cfg, provenance=provenance(run_dir, run_cfg, tag),
+                      extra=lambda d: write_stamp(d, fp))
     log.info("exported %s (%s, %d tensors) → %s", run_dir, tag, len(state), out)
     return out
+
+
+def provenance(run_dir: Path, run_cfg: dict, tag: str) -> dict:
+    """Where an export's weights come from: run, checkpoint tag and step, training data and its manifest hash."""
+    train = run_cfg.get("train") or {}
+    shards = train.get("shards")
+    manifest = Path(shards) / "manifest.json" if shards else None
+    step = tag.rpartition("_")[2]
+    return {
+        "run": str(run_dir.resolve()), "tag": tag, "step": int(step) if step.isdigit() else None,
+        "data": shards, "data_manifest_sha256": sha256_file(manifest) if manifest and manifest.is_file() else None,
+        "loss": (train.get("loss") or {}).get("name"), "seed": train.get("seed"),
+    }

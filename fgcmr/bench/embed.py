@@ -1,0 +1,104 @@
+"""``fgcmr bench embed``: ``fgcmr embed`` samples/s against a bare forward of the same towers, in one run.
+
+Both sides embed the same images and captions of the same shards in the same batches with the same
+export: the embed side runs the job's code path (read the tar, decode, transform and tokenise on the
+reader thread, normalise, embed, write the parts atomically), the bare side only calls
+``encode_image`` + ``encode_text`` on batches prepared (decoded, normalised, collated) beforehand.
+Each side runs ``repeats`` times, alternating; the best counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fgcmr.dataset import open_dataset
+from fgcmr.distributed import init
+from fgcmr.io import sha256_file
+from fgcmr.retrieval.embed import Batch, EmbedConfig, write_part, embed_parts, plan, read_batches
+
+
+@dataclasses.dataclass
+class BenchEmbedConfig:
+    export: str = ""
+    shards: str = ""
+    split: str = "test"
+    max_shards: int = 2
+    batch_size: int = 64
+    repeats: int = 3
+    json: bool = False
+    threads: int | None = None  # torch CPU threads (default: all cores)
+
+    def validate(self) -> None:
+        if not self.export or not self.shards:
+            raise ValueError("--export=<export dir> and --shards=<dataset dir> are required")
+
+
+def run(cfg: BenchEmbedConfig) -> dict:
+    d = init(cfg.threads)
+    from fgcmr.model import load_export
+
+    model, _, inputs = load_export(cfg.export, device=d.device)
+    parts = plan(open_dataset(cfg.shards), [cfg.split])[: cfg.max_shards]
+    export_sha = sha256_file(Path(cfg.export) / "model.safetensors")
+    batches = [b for b in read_batches(parts, inputs, cfg.batch_size) if isinstance(b, Batch)]
+    samples = sum(len(b.samples) for b in batches)
+    prepared = [_on_device(b, inputs, d.device) for b in batches]
+
+    @torch.inference_mode()
+    def bare() -> None:
+        for images, texts in prepared:
+            model.encode_image(images).float().cpu()
+            model.encode_text(texts).float().cpu()
+        _sync(d.device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def embed() -> None:
+            for part, data in embed_parts(parts, model, inputs, d.device, cfg.batch_size, EmbedConfig.prefetch_batches):
+                write_part(Path(tmp), part, data, export_sha, EmbedConfig.dtype)
+            _sync(d.device)
+
+        bare()  # warm-up: allocator, kernels, thread pool
+        times = {"embed": [], "bare": []}
+        for _ in range(cfg.repeats):
+            for name, fn in (("bare", bare), ("embed", embed)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    result = {
+        "samples": samples,
+        "batches": len(prepared),
+        "batch_size": cfg.batch_size,
+        "device": d.device.type,
+        "threads": torch.get_num_threads(),
+        "embed_samples_per_s": samples / min(times["embed"]),
+        "bare_samples_per_s": samples / min(times["bare"]),
+    }
+    result["ratio"] = result["embed_samples_per_s"] / result["bare_samples_per_s"]
+    if cfg.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"fgcmr embed : {result['embed_samples_per_s']:10.1f} samples/s\n"
+            f"bare forward: {result['bare_samples_per_s']:10.1f} samples/s\n"
+            f"ratio       : {result['ratio']:10.3f}  ({samples} images + their captions, {len(prepared)} batches of "
+            f"≤{cfg.batch_size}, {d.device.type}, {result['threads']} threads)"
+        )
+    return result
+
+
+def _on_device(batch: Batch, inputs, device: torch.device) -> tuple[torch.Tensor, object]:
+    texts = inputs.collate_texts(batch.texts)
+    texts = {k: v.to(device) for k, v in texts.items()} if isinstance(texts, dict) else texts.to(device)
+    return inputs.normalize(batch.images.to(device)), texts
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

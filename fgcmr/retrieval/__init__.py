@@ -1,0 +1,1 @@
+"""Use a trained model: embed a corpus (``embed``), index it (``index``), search it (``search``, ``serve``)."""
