@@ -31,10 +31,12 @@ from typing import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from fgcmr.config import ConfigError
 from fgcmr.progress import setup_logging
 
 log = logging.getLogger("fgcmr.distributed")
 SCRATCH_ENV = "FGCMR_SCRATCH"  # set by the CLI's --scratch, by `fgcmr submit` (slurm.scratch), or by hand
+UNIX_PATH_MAX = 107  # bytes of a Unix socket path (sun_path, less its NUL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +211,11 @@ def use_scratch(rank: int) -> Path | None:
     current = os.environ.get("TMPDIR", "")
     if Path(current).parent == Path(root) and Path(current).name.startswith(f"fgcmr-rank{rank}-"):
         return Path(current)  # init() ran before in this process
+    absolute = str(Path(root).absolute())
+    extra = len(f"/fgcmr-rank{rank}-12345678/pymp-12345678/listener-12345678")
+    if len(absolute) + extra > UNIX_PATH_MAX:  # multiprocessing (DataLoader workers) makes its Unix sockets in TMPDIR
+        raise ConfigError(f"--scratch={root} is too long for the Unix sockets DataLoader workers make under it; "
+                          f"use a path of at most {UNIX_PATH_MAX - extra} characters")
     Path(root).mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"fgcmr-rank{rank}-", dir=root))
     os.environ["TMPDIR"] = str(path)
