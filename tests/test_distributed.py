@@ -147,7 +147,7 @@ def _check_two_ranks(out: Path, launcher: str) -> None:
 
 def _clean_env() -> dict[str, str]:
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
-    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    return {k: v for k, v in os.environ.items() if k not in drop and (not k.startswith("SLURM_") or k == "SLURM_CONF")}
 
 
 @pytest.mark.slow
