@@ -3,12 +3,15 @@
 Every stage command takes ``--config=<yaml>`` (a stage file, or an experiment file whose matching
 section is used) plus any option of the stage's config as ``--name=value`` or ``--a.b=value``.
 Modules are imported only when their command runs, so ``fgcmr --help`` is instant.
+Every stage also takes ``--scratch=<dir>``: node-local disk for the ranks' temporary files
+(``fgcmr.distributed.use_scratch``; default: none, the system's temp dir).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import inspect
+import os
 import sys
 import typing
 from typing import Any
@@ -29,6 +32,7 @@ def _run(target: str, section: str | None, config: str | None, overrides: dict[s
     if overrides.keys() & {"help", "h"}:
         print(_options_help(cls, inspect.getdoc(command) or ""))
         return None
+    _scratch(overrides)
     cfg = load_config(cls, config, overrides, section=section)
     return getattr(module, fn_name)(cfg)
 
@@ -41,6 +45,7 @@ def _stage(name: str, config: str | None, overrides: dict[str, Any], command: An
     if overrides.keys() & {"help", "h"}:
         print(_options_help(s.config_class, inspect.getdoc(command) or ""))
         return None
+    _scratch(overrides)
     return s.run(s.load(config, _aliases(name, overrides)))
 
 
@@ -49,6 +54,15 @@ def _aliases(stage: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if stage in ("export", "eval") and "run_dir" in overrides:
         overrides = {("run" if k == "run_dir" else k): v for k, v in overrides.items()}
     return overrides
+
+
+def _scratch(options: dict[str, Any]) -> None:
+    """``--scratch=<dir>`` is not a stage option: it goes to every rank (and pipeline stage) via the environment."""
+    scratch = options.pop("scratch", None)
+    if scratch:
+        from fgcmr.distributed import SCRATCH_ENV
+
+        os.environ[SCRATCH_ENV] = str(scratch)
 
 
 def _options_help(cls: type, doc: str) -> str:
@@ -162,6 +176,7 @@ def pipeline(config: str | None = None, nproc: int = 1, out: str | None = None, 
         return
     from fgcmr.pipeline import run_pipeline
 
+    _scratch(options)
     run_pipeline(config, nproc=nproc, out=out, overrides=options, force=force)
 
 

@@ -7,6 +7,11 @@ Supported, in order of precedence: torchrun / the deepspeed launcher (``RANK``, 
 MPI is never needed. NCCL is chosen on CUDA and gloo on CPU; each rank is pinned to its local GPU
 and given its share of the node's cores as threads. Every stage calls ``init()`` once and passes
 the resulting ``DistEnv`` down.
+
+Across nodes, every rank's data split and random streams follow its global ``rank``; ``local_rank``
+only picks the GPU and the thread share. Shared outputs (checkpoints, sidecars, exports, metrics)
+are written once, by the rank that owns them, to the output directories. ``--scratch`` (any stage;
+``$FGCMR_SCRATCH``) puts each rank's temporary files on node-local disk instead (``use_scratch``).
 """
 from __future__ import annotations
 
@@ -16,18 +21,24 @@ import datetime
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
+from fgcmr.config import ConfigError
 from fgcmr.progress import setup_logging
 
 log = logging.getLogger("fgcmr.distributed")
 TIMEOUT_ENV = "FGCMR_COLLECTIVE_TIMEOUT"  # seconds a collective may wait for the other ranks (default 900)
+SCRATCH_ENV = "FGCMR_SCRATCH"  # set by the CLI's --scratch, by `fgcmr submit` (slurm.scratch), or by hand
+UNIX_PATH_MAX = 107  # bytes of a Unix socket path (sun_path, less its NUL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +190,7 @@ def init(threads: int | None = None) -> DistEnv:
     d = resolve_env()
     export_env(d)
     setup_logging(d.rank)  # the CLI set up rank 0's format before the rank was known
+    use_scratch(d.rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(d.device)
     threads = threads or thread_count(d)
@@ -193,6 +205,36 @@ def init(threads: int | None = None) -> DistEnv:
             d.launcher, d.world_size, d.local_world_size, d.master_addr, d.master_port, d.backend, d.device.type, threads,
         )
     return d
+
+
+def use_scratch(rank: int) -> Path | None:
+    """Put this rank's temporary files under ``$FGCMR_SCRATCH`` (node-local disk), removed at exit.
+
+    A fresh ``<scratch>/fgcmr-rank<r>-*`` becomes ``TMPDIR`` (Python's ``tempfile``, DataLoader and
+    library temp files), and ``<scratch>/cache`` holds compiler caches (TorchInductor, Triton: by default
+    in ``$HOME``, which a cluster shares between nodes) unless they are set already. Unset: nothing
+    changes. Outputs never go there: they are written to the shared output directories.
+    """
+    root = os.environ.get(SCRATCH_ENV)
+    if not root:
+        return None
+    current = os.environ.get("TMPDIR", "")
+    if Path(current).parent == Path(root) and Path(current).name.startswith(f"fgcmr-rank{rank}-"):
+        return Path(current)  # init() ran before in this process
+    absolute = str(Path(root).absolute())
+    extra = len(f"/fgcmr-rank{rank}-12345678/pymp-12345678/listener-12345678")
+    if len(absolute) + extra > UNIX_PATH_MAX:  # multiprocessing (DataLoader workers) makes its Unix sockets in TMPDIR
+        raise ConfigError(f"--scratch={root} is too long for the Unix sockets DataLoader workers make under it; "
+                          f"use a path of at most {UNIX_PATH_MAX - extra} characters")
+    Path(root).mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"fgcmr-rank{rank}-", dir=root))
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = None  # re-read TMPDIR on next use
+    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        os.environ.setdefault(var, str(Path(root) / "cache" / sub))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    log.info("rank %d: temporary files in %s", rank, path)
+    return path
 
 
 def _leave_process_group() -> None:

@@ -8,7 +8,15 @@
 # launcher starts one process unless given --num_gpus and does not limit threads, so both are set
 # here (OMP_NUM_THREADS = cores / NPROC unless already set). It appends --local_rank to the
 # program's arguments unless told not to; fgcmr reads LOCAL_RANK from the environment instead.
-# MASTER_PORT defaults to a free port. Several nodes: use a hostfile with deepspeed directly, or Slurm.
+# MASTER_PORT defaults to a free port.
+#
+# Several nodes: a DeepSpeed hostfile (one line per node, `<host> slots=<ranks>`; NPROC caps the
+# slots used per node), and MASTER_ADDR = the first host. Run this on every node with its NODE_RANK
+# (0 = the hostfile's first line; no ssh needed, like torchrun's multi-node form):
+#   HOSTFILE=hosts NODE_RANK=<i> MASTER_ADDR=<node0> launchers/deepspeed.sh -n 8 train --config=exp.yaml
+# Without NODE_RANK, DeepSpeed itself starts every node's ranks over passwordless ssh (pdsh) from
+# this one. MASTER_PORT then defaults to 29500 (every node must use the same). Under Slurm, use
+# `fgcmr submit` (srun starts the ranks) instead.
 set -euo pipefail
 here=$(dirname "$0")
 . "$here/common.sh"
@@ -16,5 +24,14 @@ parse_args "$@"
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 [[ ${TARGET[0]} == -m ]] && TARGET=(--module "${TARGET[1]}")
-run_keeping_requeue "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "${MASTER_PORT:-$(free_port)}" \
+if [[ -n ${HOSTFILE:-} ]]; then
+    [[ -f $HOSTFILE ]] || { echo "deepspeed.sh: HOSTFILE=$HOSTFILE not found" >&2; exit 2; }
+    nodes=(--hostfile "$HOSTFILE" --master_addr "${MASTER_ADDR:?set MASTER_ADDR to the first host of $HOSTFILE}")
+    [[ -n ${NODE_RANK:-} ]] && nodes+=(--no_ssh --node_rank "$NODE_RANK")
+    port=${MASTER_PORT:-29500}
+else
+    nodes=()
+    port=${MASTER_PORT:-$(free_port)}
+fi
+run_keeping_requeue "$PYTHON" -m deepspeed.launcher.runner "${nodes[@]}" --num_gpus "$NPROC" --master_port "$port" \
     --no_local_rank "${TARGET[@]}" "${ARGS[@]}"

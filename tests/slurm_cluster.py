@@ -1,8 +1,9 @@
-"""A real single-node Slurm cluster for the tests that submit jobs (session fixture ``slurm``).
+"""A real 2-node Slurm cluster on this machine for the tests that submit jobs (session fixture ``slurm``).
 
-Uses the cluster ``.ci/run`` started, or starts one with ``.ci/slurm-up.sh`` (installing Debian's
-slurm-wlm if needed) and stops it at the end of the session. Skipped, loudly, only when slurm-wlm
-cannot be installed (not root, no package source); any other start failure fails the tests.
+Uses the cluster ``.ci/run`` started (or the one ``$SLURM_CONF`` names), or starts one with
+``.ci/slurm-up.sh`` (installing Debian's slurm-wlm if needed) and stops it at the end of the session.
+Skipped, loudly, only when slurm-wlm cannot be installed (not root, no package source); any other
+start failure fails the tests. Tests that need two nodes ask ``two_nodes()``.
 """
 from __future__ import annotations
 
@@ -39,6 +40,27 @@ def slurm():
     yield
     if started:
         subprocess.run(["bash", str(REPO / ".ci/slurm-down.sh")], timeout=60)
+
+
+def nodes() -> list[str]:
+    """The cluster's node names (``sinfo -N``)."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=True, timeout=30).stdout
+    return sorted(set(out.split()))
+
+
+def two_nodes() -> list[str]:
+    """The first two nodes; fails with what to do when the running cluster has only one (an older slurm-up.sh)."""
+    names = nodes()
+    if len(names) < 2:
+        pytest.fail(f"the running Slurm cluster has {len(names)} node(s) ({', '.join(names)}); the multi-node tests need 2: "
+                    "restart it with `bash .ci/slurm-down.sh && bash .ci/slurm-up.sh` (or point $SLURM_CONF at a 2-node one)")
+    return names[:2]
+
+
+def nodes_completing() -> bool:
+    """Any node still cleaning up a job (state ``comp``)."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=30).stdout
+    return any(state.startswith("comp") for state in out.split())
 
 
 def job_field(job_id: str, field: str) -> str:

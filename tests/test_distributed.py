@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fgcmr.distributed import DistEnv, first_slurm_host, resolve_env, slurm_port, tasks_on_node, thread_count
+from fgcmr.config import ConfigError
+from fgcmr.distributed import DistEnv, first_slurm_host, resolve_env, slurm_port, tasks_on_node, thread_count, use_scratch
 
-from slurm_cluster import REPO, slurm  # noqa: F401  (session fixture)
+from slurm_cluster import REPO, slurm, two_nodes  # noqa: F401  (session fixture)
 from waits import run_following
 
 # What `srun -N2 -n3` (2 tasks on node a01, 1 on a02) gives its third task, as Slurm 22.05 sets it.
@@ -89,6 +90,40 @@ def test_thread_counts():
     assert thread_count(DistEnv(local_world_size=10 * cores), {}) == 1
 
 
+def test_scratch_holds_each_ranks_temporary_files(monkeypatch):
+    import shutil
+    import tempfile
+
+    monkeypatch.delenv("FGCMR_SCRATCH", raising=False)
+    assert use_scratch(3) is None  # no --scratch: nothing changes
+    for var in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    local = Path(tempfile.mkdtemp(prefix="fgcmr-scratch-")) / "local"  # short: Unix sockets live under it
+    monkeypatch.setenv("FGCMR_SCRATCH", str(local))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    path = use_scratch(3)
+    try:
+        assert path.parent == local and path.name.startswith("fgcmr-rank3-") and path.is_dir()
+        assert Path(tempfile.gettempdir()) == path and os.environ["TMPDIR"] == str(path)
+        assert os.environ["TRITON_CACHE_DIR"] == str(local / "cache" / "triton")
+        assert use_scratch(3) == path  # a second init() in the process keeps it
+        monkeypatch.setenv("FGCMR_SCRATCH", "/tmp/" + "x" * 80)
+        with pytest.raises(ConfigError, match="too long for the Unix sockets"):
+            use_scratch(3)
+    finally:
+        tempfile.tempdir = None
+        shutil.rmtree(local.parent)
+
+
+def test_cli_scratch_option_reaches_the_environment(tmp_path, monkeypatch):
+    from fgcmr import cli
+
+    monkeypatch.delenv("FGCMR_SCRATCH", raising=False)
+    options = {"scratch": str(tmp_path), "out": "x"}
+    cli._scratch(options)
+    assert options == {"out": "x"} and os.environ["FGCMR_SCRATCH"] == str(tmp_path)
+
+
 WORKER = """
 import json, sys, torch, torch.distributed as dist
 from fgcmr.distributed import init
@@ -112,7 +147,7 @@ def _check_two_ranks(out: Path, launcher: str) -> None:
 
 def _clean_env() -> dict[str, str]:
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
-    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    return {k: v for k, v in os.environ.items() if k not in drop and (not k.startswith("SLURM_") or k == "SLURM_CONF")}
 
 
 @pytest.mark.slow
@@ -125,3 +160,19 @@ def test_all_reduce_under_srun(tmp_path, slurm):  # noqa: F811
     assert done.returncode == 0, done.stderr[-3000:]
     _check_two_ranks(tmp_path, "slurm")
     assert json.loads((tmp_path / "rank0.json").read_text())["threads"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_all_reduce_across_two_slurm_nodes(tmp_path, slurm):  # noqa: F811
+    """srun -N2 -n4: two real Slurm nodes, 2 tasks each; the master is the first node by name (resolved)."""
+    n1, n2 = two_nodes()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    done = subprocess.run(["srun", "-N2", "-n4", f"--nodelist={n1},{n2}", "--cpus-per-task=1", sys.executable, str(script), str(tmp_path)],
+                          env=_clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
+    assert [(r["rank"], r["local_rank"], r["local_world"], r["world"], r["sum"]) for r in results] == [
+        (0, 0, 2, 4, 10.0), (1, 1, 2, 4, 10.0), (2, 0, 2, 4, 10.0), (3, 1, 2, 4, 10.0)]
+    assert f"master={n1}:" in done.stderr

@@ -62,6 +62,14 @@ def test_dry_run_renders_every_stage_from_the_slurm_section(tmp_path, capsys):
         subprocess.run(["bash", "-n"], input=body, text=True, check=True)
 
 
+def test_scratch_is_exported_to_every_job(tmp_path, capsys):
+    path = write_experiment(tmp_path, shard={"source": "synthetic"}, train={}, slurm={"scratch": "/local/$SLURM_JOB_ID"})
+    scripts = scripts_from_dry_run(capsys, path, tmp_path / "out")
+    assert all('export FGCMR_SCRATCH="/local/$SLURM_JOB_ID"' in script for script in scripts.values())
+    path = write_experiment(tmp_path, shard={"source": "synthetic"})
+    assert "FGCMR_SCRATCH=" not in "".join(scripts_from_dry_run(capsys, path, tmp_path / "out2").values())
+
+
 def test_requeue_code_matches_the_trainer():
     from fgcmr.train.signals import EXIT_REQUEUE as trainer_code
 

@@ -1,10 +1,13 @@
-"""The whole chain on a real Slurm cluster, preempted on the way.
+"""The whole chain on a real 2-node Slurm cluster, preempted on the way.
 
-``fgcmr submit pipeline configs/experiments/synthetic-tiny.yaml``: shard (array of 2) → merge →
-label → infer → train → eval (export + eval). While training runs, ``scancel --signal=USR1
---batch`` signals its job script, as Slurm's ``--signal=B:USR1@<s>`` does before a time limit: the
-ranks checkpoint and exit 75, the script requeues the job, the rerun resumes from the checkpoint and
-runs every step exactly once, and the chain goes on. Every job ends COMPLETED; outputs are verified.
+``fgcmr submit pipeline configs/experiments/synthetic-tiny.yaml --slurm.nodes=2
+--slurm.tasks_per_node=1``: shard (array of 2) → merge → label → infer → train → eval (export +
+eval), every multi-rank job with one rank on each of the nodes n1 and n2 (2 ranks, as on one node
+before: the same cost). While training runs, ``scancel --signal=USR1 --batch`` signals its job
+script, as Slurm's ``--signal=B:USR1@<s>`` does before a time limit: the script forwards it to the
+ranks of both nodes, they checkpoint and exit 75, the script requeues the 2-node job, the rerun
+resumes from the checkpoint and runs every step exactly once, and the chain goes on. Every job ends
+COMPLETED; outputs are verified.
 
 Slurm holds a requeued job for two minutes (its BeginTime); the test releases it at once with
 ``scontrol update StartTime=now``, as an operator might.
@@ -13,8 +16,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,9 +27,10 @@ import pytest
 
 from fgcmr.slurm import chain_status, submit_pipeline
 
-from slurm_cluster import REPO, cancel_after, job_field, slurm, wait_state  # noqa: F401  (fixtures)
+from slurm_cluster import REPO, cancel_after, job_field, nodes_completing, slurm, two_nodes, wait_state  # noqa: F401  (fixtures)
 
 STEPS = 40  # long enough (a few seconds) to be signalled mid-run
+HANG = 1200  # hang guard of one wait (a loaded 2-core machine runs the chain several times slower than a quiet one)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 
 
@@ -53,7 +59,7 @@ def preempt_and_release(job_id: str, log: Path) -> int:
         time.sleep(0.3)
     # Release it only once the first run is cleaned up: slurmd rejects a credential issued in the same
     # second the old one was revoked ("Job credential revoked"), and the restart would fail.
-    while subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip().startswith("comp"):
+    while nodes_completing():
         time.sleep(0.3)
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)
@@ -63,20 +69,23 @@ def preempt_and_release(job_id: str, log: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_submit_pipeline_runs_every_job_to_completion_through_a_preemption(tmp_path, capsys, slurm, cancel_after):  # noqa: F811
+    n1, n2 = two_nodes()
     out = tmp_path / "exp"
+    scratch = Path(tempfile.mkdtemp(prefix="fgcmr-scratch-"))  # short: Unix sockets live under TMPDIR
     t0 = time.monotonic()
     jobs = {j["name"]: j for j in submit_pipeline(
         str(REPO / "configs/experiments/synthetic-tiny.yaml"), out=str(out),
-        overrides={"train.max_steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 1000})}
+        overrides={"train.max_steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 1000,
+                   "slurm.nodes": 2, "slurm.tasks_per_node": 1, "slurm.scratch": str(scratch)})}
     for j in jobs.values():
         cancel_after(j["job_id"])
     assert list(jobs) == ["shard", "merge", "label", "infer", "train", "eval"]
 
     train_id, train_log = jobs["train"]["job_id"], Path(jobs["train"]["log"])
-    wait_for_log(train_id, train_log, rf"step 3/{STEPS} loss", timeout=400)
+    wait_for_log(train_id, train_log, rf"step 3/{STEPS} loss", timeout=HANG)
     stopped_at = preempt_and_release(train_id, train_log)
     assert 3 <= stopped_at < STEPS
-    wait_state(jobs["eval"]["job_id"], ENDED, timeout=400)
+    wait_state(jobs["eval"]["job_id"], ENDED, timeout=HANG)
     wall = time.monotonic() - t0
 
     capsys.readouterr()
@@ -99,6 +108,14 @@ def test_submit_pipeline_runs_every_job_to_completion_through_a_preemption(tmp_p
     assert (out / "data" / "labeler" / "metrics.json").is_file()
     sidecars = data / "labels" / "labeler"
     assert sorted(p.stem for p in sidecars.glob("*-*.npz")) == sorted(Path(f).name.split(".")[0] for f in shard_files)
+    # Every multi-rank job ran one rank on each node.
+    for name in ("label", "infer", "train", "eval"):
+        hosts = subprocess.run(["scontrol", "show", "hostnames", job_field(jobs[name]["job_id"], "NodeList")],
+                               capture_output=True, text=True, check=True).stdout.split()
+        assert hosts == [n1, n2], name
+        assert "world=2 local_world=1" in Path(jobs[name]["log"]).read_text(), name
+    assert not list(scratch.glob("fgcmr-rank*"))  # slurm.scratch: the ranks' temp dirs were made there and removed at exit
+    shutil.rmtree(scratch)
     # Train: preempted once, resumed, every step exactly once.
     text = train_log.read_text()
     assert "restart 1" in text and f"from step {stopped_at}" in text

@@ -90,6 +90,8 @@ def render(job: Job, cfg: SlurmConfig, name: str, config: Path, workdir: Path, l
         "workdir": shlex.quote(str(workdir)),
         "fgcmr": f"{shlex.quote(cfg.python)} -m fgcmr.cli",
         "setup": "\n".join(cfg.setup),
+        # double quotes: the value may name the node's own variables ($TMPDIR, $SLURM_JOB_ID), expanded on the node
+        "scratch": f'export FGCMR_SCRATCH="{cfg.scratch}"' if cfg.scratch else "# no slurm.scratch: the default temp dir",
     }
     values = {**common, **job.values}
     values["prologue"] = fill((TEMPLATES / "prologue.sh").read_text(), values, "prologue.sh").rstrip("\n")

@@ -64,6 +64,7 @@ class SlurmConfig:
     setup: list[str] = dataclasses.field(default_factory=list)  # shell lines before each job (module load, venv)
     python: str = sys.executable  # interpreter on the compute nodes; default: the one running `fgcmr submit`
     logs: str | None = None  # log directory; default: <out>/slurm/logs
+    scratch: str | None = None  # node-local dir (on every node) for the ranks' temp files (fgcmr --scratch)
     shard: JobResources = dataclasses.field(default_factory=JobResources)
     merge: JobResources = dataclasses.field(default_factory=JobResources)
     label: JobResources = dataclasses.field(default_factory=JobResources)
