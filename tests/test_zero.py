@@ -138,3 +138,11 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_expected_bytes_per_param_follow_the_zero_paper():
+    from fgcmr.bench.memory import expected_bytes_per_param as b
+
+    assert [b(s, True, 1) for s in range(4)] == [16, 16, 16, 16]
+    assert [b(s, True, 4) for s in range(4)] == [16, 7, 5.5, 4]  # 2+2+12/4, 2+14/4, 16/4
+    assert [b(s, False, 2) for s in range(4)] == [16, 12, 10, 8]
