@@ -242,6 +242,10 @@ class Bench:
         """The IVF index at --vectors=1000000 synthetic embeddings: recall@10 vs exact, memory, p50 latency per query."""
         _run("fgcmr.bench.index:BenchIndexConfig:run", None, config, options, self.index)
 
+    def memory(self, config: str | None = None, **options: Any) -> None:
+        """Per-rank peak memory of a few steps, model state vs activations, vs ZeRO's bytes/param: --model= --deepspeed= --nproc=."""
+        _run("fgcmr.bench.memory:BenchMemoryConfig:run", None, config, options, self.memory)
+
     def gpu(self, config: str | None = None, **options: Any) -> None:
         """Training samples/s, step time, peak memory and MFU of one process: --config=configs/bench/gpu_h200.yaml."""
         _run("fgcmr.bench.gpu:BenchGpuConfig:run", None, config, options, self.gpu)

@@ -64,7 +64,7 @@ class Variant:
         return cls(name, float(alpha), weighting=kind)
 
     def overrides(self) -> list[str]:
-        return [f"--train.loss.name=weighted_pairwise", f"--train.loss.alpha={self.alpha}",
+        return ["--train.loss.name=weighted_pairwise", f"--train.loss.alpha={self.alpha}",
                 f"--train.loss.weighting={self.weighting}", f"--train.loss.direction={self.direction}",
                 f"--train.loss.shuffle_hardness={str(self.shuffle).lower()}"]
 

@@ -92,3 +92,16 @@ def test_tiny_cpu_run_reports_both_modes_and_a_table(synthetic_dataset, tmp_path
     assert 0 < shards <= synthetic  # shard texts are padded to the batch's longest, synthetic ones to max_length
     lines = res.stdout.strip().splitlines()
     assert lines[-3].split()[:2] == ["mode", "samples/s"] and lines[-1].startswith("shards")
+
+
+def test_h200_config_measures_the_large_model_under_zero3_bf16_too():
+    cfg = load_config(gpu.BenchGpuConfig, str(CONFIGS / "gpu_h200.yaml"), {})
+    cfg.validate()
+    [case] = cfg.cases
+    large = gpu.case_config(cfg, case)
+    assert case["name"] == "large-zero3-bf16" and large.deepspeed == "zero3_bf16" and not large.cases
+    assert large.model.image.name == "vit_large_patch14_clip_224" and large.model.text.config["hidden_size"] == 1024
+    assert large.model.image.grad_checkpointing and large.model.text.grad_checkpointing
+    assert large.micro_batch == 128 and cfg.micro_batch == 128 and cfg.model.text.config["hidden_size"] == 768
+    with pytest.raises(ValueError, match="needs a name"):
+        load_config(gpu.BenchGpuConfig, str(CONFIGS / "gpu_h200.yaml"), {"cases": [{"deepspeed": "zero3_bf16"}]}).validate()

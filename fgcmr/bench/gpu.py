@@ -63,14 +63,34 @@ class BenchGpuConfig:
     peak_tflops: float | None = None  # overrides the table (e.g. for a GPU it does not know)
     out: str | None = None  # writes bench_gpu.json + config.yaml there
     json: bool = False
+    # Further cases measured after this one, each {name, and fields of this config to change}; a case's
+    # ``model`` may name a configs/models/<name>.yaml (e.g. the large model under ZeRO-3 + bf16).
+    cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
+        for case in self.cases:
+            if "name" not in case:
+                raise ValueError(f"every bench case needs a name; got {case}")
+            case_config(self, case).validate()
         if set(self.modes) - {"synthetic", "shards"} or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of synthetic, shards; got {self.modes}")
         if min(self.micro_batch, self.steps) < 1 or self.warmup < 0:
             raise ValueError("micro_batch and steps must be ≥ 1, warmup ≥ 0")
         if self.model.image.kind != "timm" or self.model.text.kind != "transformers":
             raise ValueError("the GPU benchmark needs a timm image tower and a transformers text tower")
+
+
+def case_config(cfg: BenchGpuConfig, case: dict[str, Any]) -> BenchGpuConfig:
+    """``cfg`` with a case's fields changed (its ``model`` a config name or a mapping)."""
+    from fgcmr.config import build
+    from fgcmr.train.config import load_model_config
+
+    fields = {k: v for k, v in case.items() if k != "name"}
+    if isinstance(fields.get("model"), str):
+        fields["model"] = load_model_config(fields["model"])
+    elif "model" in fields:
+        fields["model"] = build(ModelConfig, fields["model"], "model")
+    return dataclasses.replace(cfg, cases=[], **fields)
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -225,10 +245,20 @@ def table(result: dict[str, Any]) -> str:
 def run(cfg: BenchGpuConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fgcmr-bench-gpu-") as tmp:
         result = measure(cfg, Path(tmp))
+        cases = {}
+        for case in cfg.cases:  # the shards made for the first case serve the others (same image size)
+            made = Path(tmp) / "shards"
+            case = {"shards": str(made), **case} if made.is_dir() and not cfg.shards else case
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            cases[case["name"]] = measure(case_config(cfg, case), Path(tmp) / case["name"])
+    if cases:
+        result["cases"] = cases
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "bench_gpu.json", result)
         atomic_write_text(out / "config.yaml", dump_yaml(to_dict(cfg)))
-    print(json.dumps(result) if cfg.json else table(result), flush=True)
+    tables = [table(result)] + [f"case {name}:\n{table(r)}" for name, r in cases.items()]
+    print(json.dumps(result) if cfg.json else "\n\n".join(tables), flush=True)
     return result

@@ -6,12 +6,15 @@ Text: any transformers encoder, pooled (mean over tokens or CLS), or an MLP over
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fgcmr.config import ConfigError
 from fgcmr.model.config import ImageTowerConfig, TextTowerConfig, resolve_path
+from fgcmr.model.partitioned import constructing_partitioned, load_into, open_weights
 
 log = logging.getLogger("fgcmr.model")
 
@@ -40,6 +43,9 @@ class TimmTower(nn.Module):
         super().__init__()
         import timm
 
+        if cfg.pretrained and constructing_partitioned():
+            raise ConfigError(f"image.pretrained: timm's own weights cannot load into a ZeRO-3-partitioned {cfg.name}; "
+                              "set image.checkpoint to a local weights file instead (it loads partition by partition)")
         self.backbone = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0, **cfg.model_kwargs)
         if cfg.checkpoint:
             load_weights_in_order(self.backbone, resolve_path(cfg.checkpoint))
@@ -73,8 +79,8 @@ class HFTextTower(nn.Module):
         hidden = self.encoder(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
-        mask = text["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        mask = text["attention_mask"].unsqueeze(-1).float()  # the mean in fp32, back to the tower's dtype
+        return ((hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)).to(hidden.dtype)
 
 
 def _feature_mlp(cfg: ImageTowerConfig | TextTowerConfig) -> FeatureMLP:
@@ -89,43 +95,38 @@ def build_text_tower(cfg: TextTowerConfig) -> nn.Module:
     return _feature_mlp(cfg) if cfg.kind == "feature" else HFTextTower(cfg)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image tower checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
 def load_weights_in_order(module: nn.Module, path: str | Path) -> None:
-    """Load a state dict by name when the names match, else tensor by tensor in order (shapes must agree).
+    """Load a weights file by name when the names match, else tensor by tensor in order (shapes must agree).
 
     Checkpoints from other code bases name layers differently but store them in the same order
     (e.g. the ``efficientnet-lite0`` weights onto timm's ``tf_efficientnet_lite0``); BatchNorm's
     ``num_batches_tracked`` counters are skipped, and the classifier is dropped when the tower has none.
+    The file is read lazily and copied module by module (``load_into``), also into a ZeRO-3-partitioned tower.
     """
-    source = {k: v for k, v in read_state_dict(path).items() if not k.endswith("num_batches_tracked")}
-    target = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
-    if set(target) <= set(source):
-        mapped = {k: source[k] for k in target}
+    source = open_weights(path)
+    source_keys = [k for k in source if not k.endswith("num_batches_tracked")]
+    target = [k for k in module.state_dict(keep_vars=True) if not k.endswith("num_batches_tracked")]
+    if set(target) <= set(source_keys):
+        names = {k: k for k in target}
     else:
-        src = list(source.items())[: len(target)]
-        if len(src) < len(target):
-            raise ValueError(f"{path}: {len(source)} tensors, the model needs {len(target)}")
-        mapped = {}
-        for (tk, tv), (sk, sv) in zip(target.items(), src):
-            if tuple(tv.shape) != tuple(sv.shape):
-                raise ValueError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
-            mapped[tk] = sv
-    missing, _ = module.load_state_dict(mapped, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing:
-        raise ValueError(f"{path}: no weights for {missing[:3]}…")
-    log.info("loaded %d tensors from %s", len(mapped), path)
+        if len(source_keys) < len(target):
+            raise ValueError(f"{path}: {len(source_keys)} tensors, the model needs {len(target)}")
+        names = dict(zip(target, source_keys))
+    mapped = _Renamed(source, names)
+    log.info("loaded %d tensors from %s", load_into(module, mapped, path), path)
+
+
+class _Renamed(Mapping):
+    """``source`` under the target's names (lazy: a tensor is read when looked up)."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], names: dict[str, str]):
+        self.source, self.names = source, names
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.source[self.names[key]]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

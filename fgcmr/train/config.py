@@ -45,6 +45,7 @@ class TrainConfig:
     model: str = "tiny"  # a configs/models/<name>.yaml or a path to one
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. --model_overrides.embed_dim=128
     deepspeed: str = "zero0_fp32"  # a configs/deepspeed/<name>.json or a path to one
+    init_from: str | None = None  # an fgcmr export dir whose weights start the model (loaded partitioned under ZeRO-3)
     labels: str | None = None  # labeler name: sidecars under <shards>/labels/<name>/
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from fgcmr.config import ConfigError
+from fgcmr.model.partitioned import full_shape
 from fgcmr.model.two_tower import TwoTower
 from fgcmr.train.config import OptimConfig, named_config_path
 
@@ -24,6 +26,8 @@ def deepspeed_config(name: str, micro_batch: int, optim: OptimConfig) -> dict[st
         gradient_accumulation_steps=optim.grad_accum,
         gradient_clipping=optim.grad_clip,
         zero_allow_untested_optimizer=True,
+        # torch's AdamW on offloaded (host) partitions on a CPU-only machine; on GPUs DeepSpeedCPUAdam (build_optimizer)
+        zero_force_ds_cpu_optimizer=False,
         steps_per_print=1 << 30,  # fgcmr logs itself
     )
     return cfg
@@ -42,7 +46,7 @@ def param_groups(model: TwoTower, optim: OptimConfig) -> list[dict[str, Any]]:
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            groups.setdefault((id(p) in towers, p.ndim >= 2), []).append(p)
+            groups.setdefault((id(p) in towers, len(full_shape(p)) >= 2), []).append(p)
     return [
         {"params": ps, "lr": optim.lr * (optim.tower_lr_mult if tower else 1.0), "weight_decay": optim.weight_decay if decay else 0.0}
         for (tower, decay), ps in sorted(groups.items())
@@ -59,10 +63,39 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
     return factor
 
 
+def check_supported(ds_cfg: dict[str, Any]) -> None:
+    """Refuse, with a way out, what DeepSpeed's accelerator here cannot run (fp16 on most CPUs)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if compute_dtype(ds_cfg) == torch.float16 and not accel.is_fp16_supported():
+        raise ConfigError(f"fp16 is not supported by DeepSpeed on this {accel.device_name()} device: "
+                          "use a *_bf16 or *_fp32 DeepSpeed config")
+
+
+def offloads_optimizer(ds_cfg: dict[str, Any]) -> bool:
+    device = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def build_optimizer(model: TwoTower, ds_cfg: dict[str, Any], optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``. With an offloaded optimizer (ZeRO-Offload) on an accelerator it is
+    DeepSpeed's ``DeepSpeedCPUAdam`` (SIMD Adam on the host, a C++ op compiled once at first use), as
+    DeepSpeed requires; on a CPU-only machine ``torch.optim.AdamW`` (offloading to the host changes
+    nothing there, and it needs no compiled op)."""
+    kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if offloads_optimizer(ds_cfg) and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups(model, optim), adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(param_groups(model, optim), **kwargs)
+
+
 def build_engine(model: TwoTower, ds_cfg: dict[str, Any], optim: OptimConfig, total_steps: int):
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    check_supported(ds_cfg)
+    optimizer = build_optimizer(model, ds_cfg, optim)
     factor = warmup_cosine(total_steps, optim.warmup_steps, optim.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_cfg,

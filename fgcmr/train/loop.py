@@ -25,6 +25,8 @@ from fgcmr.io import atomic_write_json, atomic_write_text, clean_leftovers
 from fgcmr.labels import read_head
 from fgcmr.losses import LossConfig, RetrievalLoss
 from fgcmr.model import ModelConfig, TwoTower, build_inputs, build_model, train_wordpiece
+from fgcmr.model.export import WEIGHTS
+from fgcmr.model.partitioned import load_into, open_weights, partitioned_construction
 from fgcmr.run import record_requeue
 from fgcmr.train import checkpoint, state
 from fgcmr.train.config import TrainConfig, load_model_config
@@ -101,12 +103,26 @@ def forever(loader) -> Iterator[dict]:
             raise RuntimeError("the training loader yielded no batch in a whole pass; check the split's shards and micro_batch")
 
 
-def build_model_for(model_cfg: ModelConfig, loss: LossConfig) -> TwoTower:
+def build_model_for(model_cfg: ModelConfig, loss: LossConfig, ds_cfg: dict[str, Any] | None = None,
+                    init_from: str | None = None) -> TwoTower:
     """The model with the temperature frozen unless the loss uses it (an unused trainable parameter
-    gets no gradient, which DDP-style reducers reject)."""
-    model = build_model(model_cfg)
+    gets no gradient, which DDP-style reducers reject). Under ZeRO-3 (``ds_cfg``) it is built
+    partitioned (``partitioned_construction``); ``init_from`` (an fgcmr export) loads its weights."""
+    with partitioned_construction(ds_cfg):
+        model = build_model(model_cfg)
+    if init_from:
+        path = Path(init_from) / WEIGHTS
+        log.info("initialising from %s (%d tensors)", path, load_into(model, open_weights(path), path))
     model.logit_scale.requires_grad_(loss.name == "clip")
     return model
+
+
+def shutdown_workers(loader) -> None:
+    """Stop a DataLoader's (persistent) workers now. They ignore SIGTERM (``ignore_stop_signals``), so after
+    an error the interpreter's exit would SIGTERM them and then wait for them forever: the run hung."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
 
 
 class Trainer:
@@ -149,7 +165,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.data.micro_batch, cfg.optim)
-    engine, _ = build_engine(build_model_for(model_cfg, cfg.loss), ds_cfg, cfg.optim, sched.total_steps)
+    engine, _ = build_engine(build_model_for(model_cfg, cfg.loss, ds_cfg, cfg.init_from), ds_cfg, cfg.optim, sched.total_steps)
     head = None
     if cfg.loss.needs_labels:
         w, c = read_head(dataset.root, cfg.labels)
@@ -214,6 +230,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 sys.exit(EXIT_REQUEUE)
         save()
     finally:
+        shutdown_workers(loader)
         stop.restore()
         monitor.close()
     summary = {"step": step, "samples_seen": samples_seen, "world_size": env.world_size, **monitor.last_values}
