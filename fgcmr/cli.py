@@ -6,6 +6,7 @@ Modules are imported only when their command runs, so ``fgcmr --help`` is instan
 Every stage also takes ``--scratch=<dir>``: node-local disk for the ranks' temporary files
 (``fgcmr.distributed.use_scratch``; default: none, the system's temp dir).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,7 +67,11 @@ def _scratch(options: dict[str, Any]) -> None:
 
 
 def _options_help(cls: type, doc: str) -> str:
-    lines = [doc, "", "Options (--name=value; nested as --section.name=value; or from --config=<yaml>):"] if doc else ["Options:"]
+    lines = (
+        [doc, "", "Options (--name=value; nested as --section.name=value; or from --config=<yaml>):"]
+        if doc
+        else ["Options:"]
+    )
 
     def walk(c: type, prefix: str) -> None:
         hints = typing.get_type_hints(c)
@@ -75,8 +80,16 @@ def _options_help(cls: type, doc: str) -> str:
             if dataclasses.is_dataclass(tp):
                 walk(tp, f"{prefix}{f.name}.")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-            kind = " | ".join(map(repr, typing.get_args(tp))) if typing.get_origin(tp) is typing.Literal else getattr(tp, "__name__", str(tp))
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            )
+            kind = (
+                " | ".join(map(repr, typing.get_args(tp)))
+                if typing.get_origin(tp) is typing.Literal
+                else getattr(tp, "__name__", str(tp))
+            )
             lines.append(f"  --{prefix}{f.name}  [{kind}]  default: {default!r}")
 
     walk(cls, "")
@@ -160,8 +173,9 @@ def serve(config: str | None = None, **options: Any) -> None:
     _run("fgcmr.retrieval.serve:ServeConfig:run", "serve", config, options, serve)
 
 
-def pipeline(config: str | None = None, nproc: int = 1, out: str | None = None, force: bool = False,
-             **options: Any) -> None:
+def pipeline(
+    config: str | None = None, nproc: int = 1, out: str | None = None, force: bool = False, **options: Any
+) -> None:
     """shard → label (train + infer) → train → export → eval from one experiment config, on N local processes.
 
     fgcmr pipeline --config=<experiment.yaml> [--nproc=N] [--out=<dir>] [--force] [--<section>.<option>=value ...]

@@ -5,6 +5,7 @@ defaults, a YAML file (or one section of an experiment file), and ``--a.b=value`
 builds the typed object recursively and validates it once. Errors name the offending field and,
 for ``Literal`` fields, the allowed values, so a typo fails before any work starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,7 +70,11 @@ def build(cls: type[T], data: dict | None, where: str = "") -> T:
     for f in dataclasses.fields(cls):
         if f.name in data:
             kwargs[f.name] = _coerce(hints[f.name], data[f.name], _join(where, f.name))
-        elif dataclasses.is_dataclass(hints[f.name]) and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        elif (
+            dataclasses.is_dataclass(hints[f.name])
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             kwargs[f.name] = build(hints[f.name], {}, _join(where, f.name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config field {_join(where, f.name)!r}")
@@ -138,7 +143,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, float) and not value.is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, str))
+            or (isinstance(value, float) and not value.is_integer())
+        ):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         try:
             return int(value)

@@ -19,6 +19,7 @@ header in the middle of an archive for its end, so without the count a damaged s
 lose its tail. A mismatch raises ``ShardError`` naming the shard, or with ``on_corrupt="skip"`` is
 logged and counted (the rest of that shard is skipped).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -110,8 +111,10 @@ def open_dataset(root: str | Path) -> DatasetInfo:
         if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
             raise CorruptFileError(f"{path} has no 'splits' table")
     except CorruptFileError as e:
-        raise CorruptFileError(f"dataset manifest damaged: {e}; rerun `fgcmr shard` with the same --out "
-                               "(completed chunks are kept, so it only rewrites the manifest)") from None
+        raise CorruptFileError(
+            f"dataset manifest damaged: {e}; rerun `fgcmr shard` with the same --out "
+            "(completed chunks are kept, so it only rewrites the manifest)"
+        ) from None
     return DatasetInfo(root=root, manifest=manifest)
 
 
@@ -135,13 +138,16 @@ def shard_record(shard: str | Path) -> ShardInfo | None:
 
 
 def _shard_problem(shard: Path, what: str) -> str:
-    return (f"data shard {shard} {what}: it is damaged or was changed after `fgcmr shard`; "
-            f"check with `fgcmr verify {shard.parent}` and rerun `fgcmr shard` with the same --out to rewrite it "
-            "(or train with --data.on_corrupt=skip)")
+    return (
+        f"data shard {shard} {what}: it is damaged or was changed after `fgcmr shard`; "
+        f"check with `fgcmr verify {shard.parent}` and rerun `fgcmr shard` with the same --out to rewrite it "
+        "(or train with --data.on_corrupt=skip)"
+    )
 
 
-def iter_records(shard: str | Path, fields: Collection[str] | None = None, on_corrupt: OnCorrupt = "error",
-                 checked: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_records(
+    shard: str | Path, fields: Collection[str] | None = None, on_corrupt: OnCorrupt = "error", checked: bool = True
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) of one tar shard in stored order, checked against its manifest entry as it streams.
 
     Only ``fields`` (e.g. ``{"json"}``) are read if given. A shard not listed in a manifest (or with
@@ -187,7 +193,9 @@ def iter_records(shard: str | Path, fields: Collection[str] | None = None, on_co
         fail(f"holds {count} samples, the manifest says {expect.items}")
 
 
-def iter_samples(shard: str | Path, fields: Collection[str] | None = None, on_corrupt: OnCorrupt = "error") -> Iterator[Sample]:
+def iter_samples(
+    shard: str | Path, fields: Collection[str] | None = None, on_corrupt: OnCorrupt = "error"
+) -> Iterator[Sample]:
     """Samples of one tar shard, in stored order, grouped by key and checked (``iter_records``)."""
     for key, record in iter_records(shard, fields, on_corrupt):
         try:

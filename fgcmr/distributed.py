@@ -13,6 +13,7 @@ only picks the GPU and the thread share. Shared outputs (checkpoints, sidecars, 
 are written once, by the rank that owns them, to the output directories. ``--scratch`` (any stage;
 ``$FGCMR_SCRATCH``) puts each rank's temporary files on node-local disk instead (``use_scratch``).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -75,7 +76,9 @@ class DistEnv:
 def first_slurm_host(nodelist: str) -> str:
     """First hostname of a Slurm node list (``node[01-04]`` → ``node01``), via ``scontrol`` when present."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+        )
         hosts = out.stdout.split()
         if hosts:
             return hosts[0]
@@ -132,7 +135,9 @@ def resolve_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
         job_id = int(env.get("SLURM_JOB_ID") or 0)
         step_id = int(env.get("SLURM_STEP_ID") or 0)
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        nodelist = (
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        )
         per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),
@@ -145,7 +150,9 @@ def resolve_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             cpus=_int(env.get("SLURM_CPUS_PER_TASK")),
         )
     if int(env.get("SLURM_NTASKS") or 1) > 1:
-        log.warning("SLURM_NTASKS=%s but this process was not started by srun: running as a single process", env["SLURM_NTASKS"])
+        log.warning(
+            "SLURM_NTASKS=%s but this process was not started by srun: running as a single process", env["SLURM_NTASKS"]
+        )
     return DistEnv(cpus=_int(env.get("SLURM_CPUS_PER_TASK")))
 
 
@@ -202,7 +209,14 @@ def init(threads: int | None = None) -> DistEnv:
     if d.is_main:
         log.info(
             "topology: launcher=%s world=%d local_world=%d master=%s:%d backend=%s device=%s threads=%d",
-            d.launcher, d.world_size, d.local_world_size, d.master_addr, d.master_port, d.backend, d.device.type, threads,
+            d.launcher,
+            d.world_size,
+            d.local_world_size,
+            d.master_addr,
+            d.master_port,
+            d.backend,
+            d.device.type,
+            threads,
         )
     return d
 
@@ -224,8 +238,10 @@ def use_scratch(rank: int) -> Path | None:
     absolute = str(Path(root).absolute())
     extra = len(f"/fgcmr-rank{rank}-12345678/pymp-12345678/listener-12345678")
     if len(absolute) + extra > UNIX_PATH_MAX:  # multiprocessing (DataLoader workers) makes its Unix sockets in TMPDIR
-        raise ConfigError(f"--scratch={root} is too long for the Unix sockets DataLoader workers make under it; "
-                          f"use a path of at most {UNIX_PATH_MAX - extra} characters")
+        raise ConfigError(
+            f"--scratch={root} is too long for the Unix sockets DataLoader workers make under it; "
+            f"use a path of at most {UNIX_PATH_MAX - extra} characters"
+        )
     Path(root).mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"fgcmr-rank{rank}-", dir=root))
     os.environ["TMPDIR"] = str(path)

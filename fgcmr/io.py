@@ -3,6 +3,7 @@
 Every job in fgcmr may be killed at any moment and rerun; a reader must never see half a file.
 So every writer goes through here: write to a temporary name in the same directory, fsync, rename.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,8 +95,10 @@ def read_json(path: str | Path) -> Any:
         try:
             return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptFileError(f"{path} is not valid JSON ({e}); it was truncated or edited: "
-                                   "rerun the stage that wrote it, or restore it") from None
+            raise CorruptFileError(
+                f"{path} is not valid JSON ({e}); it was truncated or edited: "
+                "rerun the stage that wrote it, or restore it"
+            ) from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -36,6 +36,7 @@ is no other text: ``d_i`` is the caption itself, which describes image i for its
 same-category positives of other images), and the matched pair gets no hardness (``p = 1``, ``h = 0``,
 ``ω = 1``; ``label_scores``). The sidecar keeps the plain mean of all texts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -107,10 +108,16 @@ def read_sidecar(path: str | Path, expected_keys: list[str] | None = None) -> Si
         raise SidecarError(f"label sidecar unreadable: {path}: {e}") from None
     n = len(sc.keys)
     if len(sc.text_offsets) != n + 1 or len(sc.desc_emb) != n or sc.text_offsets[-1] != len(sc.text_emb):
-        raise SidecarError(f"label sidecar inconsistent: {path}: {n} keys, {len(sc.desc_emb)} descriptions, offsets end {sc.text_offsets[-1]} vs {len(sc.text_emb)} texts")
+        raise SidecarError(
+            f"label sidecar inconsistent: {path}: {n} keys, {len(sc.desc_emb)} descriptions, offsets end {sc.text_offsets[-1]} vs {len(sc.text_emb)} texts"
+        )
     if expected_keys is not None and [str(k) for k in sc.keys] != list(expected_keys):
-        mismatch = next((i for i, (a, b) in enumerate(zip(sc.keys, expected_keys)) if str(a) != b), min(n, len(expected_keys)))
-        raise SidecarError(f"label sidecar keys do not match the data shard: {path}: first difference at position {mismatch} ({n} vs {len(expected_keys)} keys)")
+        mismatch = next(
+            (i for i, (a, b) in enumerate(zip(sc.keys, expected_keys)) if str(a) != b), min(n, len(expected_keys))
+        )
+        raise SidecarError(
+            f"label sidecar keys do not match the data shard: {path}: first difference at position {mismatch} ({n} vs {len(expected_keys)} keys)"
+        )
     return sc
 
 
@@ -149,7 +156,9 @@ def relevance(img_cat: torch.Tensor, txt_cat: torch.Tensor, img_id: torch.Tensor
     return torch.where(has_cat, same_cat, same_img).float()
 
 
-def pair_scores(desc_emb: torch.Tensor, text_emb: torch.Tensor, w: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+def pair_scores(
+    desc_emb: torch.Tensor, text_emb: torch.Tensor, w: torch.Tensor, c: float | torch.Tensor
+) -> torch.Tensor:
     """``p[i, j] = sigmoid(w · (desc_i ⊙ text_j) + c)`` as one matrix product."""
     return torch.sigmoid((desc_emb.float() * w.float()) @ text_emb.float().T + c)
 
@@ -166,8 +175,14 @@ def join_labels(texts: np.ndarray, k: int) -> dict[str, np.ndarray]:
     return {"label_text_emb": t[k], "desc_emb": desc, "has_desc": np.float32(n > 1)}
 
 
-def label_scores(desc_emb: torch.Tensor, text_emb: torch.Tensor, has_desc: torch.Tensor, image_id: torch.Tensor,
-                 w: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+def label_scores(
+    desc_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    has_desc: torch.Tensor,
+    image_id: torch.Tensor,
+    w: torch.Tensor,
+    c: float | torch.Tensor,
+) -> torch.Tensor:
     """``p`` of every (image, text) pair of a batch; 1 on an image's own text when it has no other text to be
     described by (``has_desc`` 0), so that pair carries no hardness."""
     p = pair_scores(desc_emb, text_emb, w, c)
@@ -180,8 +195,14 @@ def hardness(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(y > 0, 1.0 - p, p)
 
 
-def write_sidecar(path: str | Path, keys: list[str], text_emb: np.ndarray, text_offsets: np.ndarray, desc_emb: np.ndarray,
-                  labeler: str = "") -> str:
+def write_sidecar(
+    path: str | Path,
+    keys: list[str],
+    text_emb: np.ndarray,
+    text_offsets: np.ndarray,
+    desc_emb: np.ndarray,
+    labeler: str = "",
+) -> str:
     """Write one sidecar atomically (float16 embeddings, the labeler's identity); returns its sha256."""
     buf = io.BytesIO()
     np.savez(
@@ -203,7 +224,9 @@ def write_head(dataset_dir: str | Path, labeler_name: str, w: np.ndarray, c: flo
     atomic_write_bytes(labels_dir(dataset_dir, labeler_name) / "head.npz", buf.getvalue())
 
 
-def verify_labels(dataset_dir: str | Path, labeler_name: str, check_keys: bool = False, identity: str | None = None) -> list[str]:
+def verify_labels(
+    dataset_dir: str | Path, labeler_name: str, check_keys: bool = False, identity: str | None = None
+) -> list[str]:
     """Problems with a labeler's sidecars for every data shard (empty list = all present and intact).
 
     Checks the manifest exists, every data shard has a sidecar whose sha256 matches the manifest and
@@ -223,8 +246,10 @@ def verify_labels(dataset_dir: str | Path, labeler_name: str, check_keys: bool =
     wrote = (manifest.get("labeler") or {}).get("identity", "")
     problems = []
     if identity is not None and wrote != identity:
-        problems.append(f"label sidecars in {manifest_path.parent} were written by another labeler "
-                        f"(identity {wrote[:12] or 'unrecorded'}, this labeler is {identity[:12]}); rerun `fgcmr label infer`")
+        problems.append(
+            f"label sidecars in {manifest_path.parent} were written by another labeler "
+            f"(identity {wrote[:12] or 'unrecorded'}, this labeler is {identity[:12]}); rerun `fgcmr label infer`"
+        )
     for split in ds.split_names:
         for info, shard in zip(ds.shard_infos(split), ds.shards(split)):
             path = sidecar_path(dataset_dir, labeler_name, shard.name)
@@ -239,7 +264,9 @@ def verify_labels(dataset_dir: str | Path, labeler_name: str, check_keys: bool =
                 problems.append(str(e))
                 continue
             if len(sc.keys) != info.items:
-                problems.append(f"label sidecar has {len(sc.keys)} samples, its data shard {shard.name} {info.items}: {path}")
+                problems.append(
+                    f"label sidecar has {len(sc.keys)} samples, its data shard {shard.name} {info.items}: {path}"
+                )
             if sc.labeler != wrote:
                 problems.append(f"label sidecar written by another labeler than its manifest's: {path}")
             want = recorded.get(path.name, {}).get("sha256")

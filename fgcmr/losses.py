@@ -29,6 +29,7 @@ Every rank computes the loss of the whole gathered batch. The gradient-carrying 
 each rank the sum over ranks of the gradients of its own slice, i.e. ``world × ∂L/∂x``; DeepSpeed's
 (and DDP's) gradient averaging divides by ``world``, so parameters get exactly ``∂L/∂θ``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,9 @@ class LossConfig:
         if self.alpha < 0:
             raise ValueError(f"loss.alpha must be ≥ 0, got {self.alpha}")
         if self.weighting == "graded" and self.alpha > 1:
-            raise ValueError(f"loss.weighting=graded mixes 0/1 and graded labels: alpha must be in [0, 1], got {self.alpha}")
+            raise ValueError(
+                f"loss.weighting=graded mixes 0/1 and graded labels: alpha must be in [0, 1], got {self.alpha}"
+            )
 
     @property
     def needs_labels(self) -> bool:
@@ -99,8 +102,14 @@ def _moments(s: torch.Tensor, w: torch.Tensor, weighting: str) -> tuple[torch.Te
     return mu, (w * (s - mu) ** 2).sum() / total
 
 
-def pairwise_loss(s: torch.Tensor, w_pos: torch.Tensor, w_neg: torch.Tensor, lam: float = 0.35, margin: float = 0.8,
-                  weighting: str = "normalised") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pairwise_loss(
+    s: torch.Tensor,
+    w_pos: torch.Tensor,
+    w_neg: torch.Tensor,
+    lam: float = 0.35,
+    margin: float = 0.8,
+    weighting: str = "normalised",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``σ²₊ + σ²₋ + λ·max(0, m − (μ₊ − μ₋))`` with moments over each pair's positive / negative mass."""
     mu_pos, var_pos = _moments(s, w_pos, weighting)
     mu_neg, var_neg = _moments(s, w_neg, weighting)
@@ -147,7 +156,9 @@ def _multi_positive_nll(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor
     return (-(logp * pos).sum(1)[rows] / count[rows]).mean()
 
 
-def clip_loss(s: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def clip_loss(
+    s: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     scale = logit_scale.clamp(max=LOG_MAX_SCALE).exp()
     logits = scale * s
     pos = (y > 0).to(s.dtype)
@@ -181,7 +192,13 @@ class RetrievalLoss:
         # Same seed and same call sequence on every rank: each rank shuffles the gathered batch alike.
         self.generator = torch.Generator().manual_seed(cfg.shuffle_seed)
 
-    def __call__(self, image_emb: torch.Tensor, text_emb: torch.Tensor, batch: dict[str, torch.Tensor], logit_scale: torch.Tensor | None = None) -> LossOutput:
+    def __call__(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        logit_scale: torch.Tensor | None = None,
+    ) -> LossOutput:
         img = all_gather_with_grad(image_emb.float())
         txt = all_gather_with_grad(text_emb.float())
         cat = all_gather_with_grad(batch["category"])
@@ -201,10 +218,18 @@ class RetrievalLoss:
             loss, parts = vse_loss(s, y, self.cfg.vse_margin)
         return LossOutput(loss, {k: v.detach() for k, v in parts.items()}, s.detach(), y, omega, h)
 
-    def _hardness(self, batch: dict[str, torch.Tensor], y: torch.Tensor, cat: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _hardness(
+        self, batch: dict[str, torch.Tensor], y: torch.Tensor, cat: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
         w, c = self.head
-        p = label_scores(all_gather_with_grad(batch["desc_emb"]), all_gather_with_grad(batch["label_text_emb"]),
-                         all_gather_with_grad(batch["has_desc"]), ids, w.to(y.device), c)
+        p = label_scores(
+            all_gather_with_grad(batch["desc_emb"]),
+            all_gather_with_grad(batch["label_text_emb"]),
+            all_gather_with_grad(batch["has_desc"]),
+            ids,
+            w.to(y.device),
+            c,
+        )
         h = hardness(p, y)
         if self.cfg.shuffle_hardness:
             groups = (y > 0).long() * (int(cat.max()) + 2) + (cat[:, None] + 1)  # relevance class × image category

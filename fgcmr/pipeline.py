@@ -27,6 +27,7 @@ another config. The tokenizer and label stages run only when their section is pr
 status and wall time go to ``<out>/pipeline.json``. A training stage stopped by a signal (Ctrl-C,
 SIGTERM to this process) checkpoints and the pipeline exits 75; rerun the same command to continue.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,7 +52,9 @@ DEFAULT_DATA_ROOT = "../shared/data"
 __all__ = ["LABELER", "Layout", "plan", "resolve_experiment", "run_pipeline", "stage_configs"]
 
 
-def resolve_experiment(config_path: str | Path, out: str | None, overrides: dict[str, Any] | None) -> tuple[dict, Layout]:
+def resolve_experiment(
+    config_path: str | Path, out: str | None, overrides: dict[str, Any] | None
+) -> tuple[dict, Layout]:
     """Read the experiment, apply overrides and ``${data_root}``, and wire every stage's paths."""
     raw = apply_overrides(read_experiment(config_path), {k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(raw) - set(SECTIONS) - {"name", "data_root", "data_dir", "description", "slurm"})
@@ -73,7 +76,12 @@ def resolve_experiment(config_path: str | Path, out: str | None, overrides: dict
         exp["label"] = {**(exp["label"] or {}), "shards": str(layout.shards), "out": str(layout.labeler)}
         if "tokenizer" in exp:
             exp["label"]["tokenizer"] = str(layout.tokenizer)
-        exp["infer"] = {**(exp.get("infer") or {}), "shards": str(layout.shards), "labeler": str(layout.labeler), "name": LABELER}
+        exp["infer"] = {
+            **(exp.get("infer") or {}),
+            "shards": str(layout.shards),
+            "labeler": str(layout.labeler),
+            "name": LABELER,
+        }
         exp["train"]["labels"] = LABELER
     exp["train"].update(shards=str(layout.shards), out=str(layout.run))
     exp["export"]["run"] = str(layout.run)
@@ -107,6 +115,7 @@ def _substitute(node: Any, table: dict[str, str]) -> Any:
 
 
 # ---- which stages to run ---------------------------------------------------------------------
+
 
 def stages_of(exp: dict) -> list[Stage]:
     return [s for s in STAGES if not s.optional or s.name in exp]
@@ -151,6 +160,7 @@ def plan(exp: dict, layout: Layout, configs: dict[str, Any], force: bool = False
 
 # ---- running ------------------------------------------------------------------------------------
 
+
 def stage_command(stage: Stage, experiment: Path, nproc: int) -> list[str]:
     """The subprocess for one stage: ``python -m fgcmr.cli …`` or the same under torchrun."""
     args = ["-m", "fgcmr.cli", *stage.words, f"--config={experiment}", *stage.rerun_args]
@@ -158,7 +168,14 @@ def stage_command(stage: Stage, experiment: Path, nproc: int) -> list[str]:
         return [sys.executable, *args]
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-    return [*launcher, "--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
+    return [
+        *launcher,
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *args,
+    ]
 
 
 def run_stage(cmd: list[str], env: dict[str, str], requeue_file: Path) -> tuple[int, bool]:
@@ -187,8 +204,13 @@ def run_stage(cmd: list[str], env: dict[str, str], requeue_file: Path) -> tuple[
     return rc, interrupted
 
 
-def run_pipeline(config_path: str, nproc: int = 1, out: str | None = None, overrides: dict[str, Any] | None = None,
-                 force: bool = False) -> dict:
+def run_pipeline(
+    config_path: str,
+    nproc: int = 1,
+    out: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    force: bool = False,
+) -> dict:
     """Run every stage that is not done; print the final metrics table. Returns the metrics."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be ≥ 1, got {nproc}")
@@ -210,8 +232,12 @@ def run_pipeline(config_path: str, nproc: int = 1, out: str | None = None, overr
         if why and not (force and stage.forceable):
             raise ConfigError(why)
         if why:
-            log.warning("pipeline: %s: %s; --force: deleting %s and redoing it", stage.name, c.reason,
-                        getattr(layout, stage.output))
+            log.warning(
+                "pipeline: %s: %s; --force: deleting %s and redoing it",
+                stage.name,
+                c.reason,
+                getattr(layout, stage.output),
+            )
             shutil.rmtree(getattr(layout, stage.output))
         elif c.exists:
             log.warning("pipeline: %s: %s, %s", stage.name, c.reason, "resuming" if stage.rerun_args else "redoing")
@@ -222,16 +248,23 @@ def run_pipeline(config_path: str, nproc: int = 1, out: str | None = None, overr
         status[stage.name] = {"status": "ran", "seconds": round(time.monotonic() - t0, 1), "returncode": rc}
         _write_status(layout, config_path, nproc, overrides, status, started)
         if rc == EXIT_REQUEUE:
-            print(f"fgcmr pipeline: {stage.name} stopped by a signal after checkpointing; "
-                  "rerun the same command to continue", file=sys.stderr)
+            print(
+                f"fgcmr pipeline: {stage.name} stopped by a signal after checkpointing; "
+                "rerun the same command to continue",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_REQUEUE)
         if interrupted:
-            print(f"fgcmr pipeline: interrupted during {stage.name}; rerun the same command to continue",
-                  file=sys.stderr)
+            print(
+                f"fgcmr pipeline: interrupted during {stage.name}; rerun the same command to continue", file=sys.stderr
+            )
             sys.exit(130)
         if rc != 0:
-            print(f"fgcmr pipeline: stage {stage.name!r} failed (exit {rc}); "
-                  "fix it and rerun the same command to continue", file=sys.stderr)
+            print(
+                f"fgcmr pipeline: stage {stage.name!r} failed (exit {rc}); "
+                "fix it and rerun the same command to continue",
+                file=sys.stderr,
+            )
             sys.exit(rc if 0 < rc < 128 else 1)
         c = check(stage, configs[stage.name])
         if not c.done:
@@ -241,7 +274,11 @@ def run_pipeline(config_path: str, nproc: int = 1, out: str | None = None, overr
     from fgcmr.evaluate.job import format_table
 
     print(f"\n{exp['name']}: {layout.eval / 'metrics.json'}{format_table(metrics)}")
-    logdir = f"--logdir {layout.out}" if _inside(layout.data_dir, layout.out) else f"--logdir_spec run:{layout.out},data:{layout.data_dir}"
+    logdir = (
+        f"--logdir {layout.out}"
+        if _inside(layout.data_dir, layout.out)
+        else f"--logdir_spec run:{layout.out},data:{layout.data_dir}"
+    )
     print(f"\nTensorBoard: tensorboard {logdir}")
     print(f"Report: {layout.eval / 'report.png'}")
     return metrics
@@ -251,9 +288,18 @@ def _inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-def _write_status(layout: Layout, config_path: str, nproc: int, overrides: dict | None, status: dict, started: float) -> None:
-    atomic_write_json(layout.out / "pipeline.json", {
-        "experiment": str(Path(config_path).absolute()), "nproc": nproc, "overrides": overrides or {}, "stages": status,
-        "seconds": round(time.monotonic() - started, 1), "python": sys.executable,
-        "torchrun": shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun")),
-    })
+def _write_status(
+    layout: Layout, config_path: str, nproc: int, overrides: dict | None, status: dict, started: float
+) -> None:
+    atomic_write_json(
+        layout.out / "pipeline.json",
+        {
+            "experiment": str(Path(config_path).absolute()),
+            "nproc": nproc,
+            "overrides": overrides or {},
+            "stages": status,
+            "seconds": round(time.monotonic() - started, 1),
+            "python": sys.executable,
+            "torchrun": shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun")),
+        },
+    )

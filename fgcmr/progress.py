@@ -1,4 +1,5 @@
 """Progress for long jobs: tqdm on a terminal, a periodic log line otherwise (Slurm logs, CI)."""
+
 from __future__ import annotations
 
 import logging
@@ -48,7 +49,11 @@ class Progress:
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.n / elapsed
-        text = f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit} ({rate:.1f} {self.unit}/s"
+        text = (
+            f"{self.desc}: {self.n}"
+            + (f"/{self.total}" if self.total else "")
+            + f" {self.unit} ({rate:.1f} {self.unit}/s"
+        )
         if self.total and rate > 0:
             text += f", eta {(self.total - self.n) / rate:.0f}s"
         return text + ")"

@@ -10,6 +10,7 @@ from run to run (huggingface/tokenizers#1794), so two identical runs got differe
 ``wordpiece_vocab`` runs the same BPE-style merges with every tie broken by the pieces' text: the
 same texts always give a byte-identical ``tokenizer.json``.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -45,7 +46,7 @@ def wordpiece_vocab(word_counts: Counter, vocab_size: int, min_frequency: int = 
         if -neg < max(1, min_frequency):
             break
         a, b = pair
-        merged = a + b[len(PREFIX):]
+        merged = a + b[len(PREFIX) :]
         if merged not in known:
             vocab.append(merged)
             known.add(merged)
@@ -77,24 +78,35 @@ def wordpiece_vocab(word_counts: Counter, vocab_size: int, min_frequency: int = 
     return vocab
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2, lowercase: bool = True) -> PreTrainedTokenizerFast:
+def train_wordpiece(
+    texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2, lowercase: bool = True
+) -> PreTrainedTokenizerFast:
     """Fit a BERT-style WordPiece tokenizer on ``texts`` (English and CJK alike), deterministically."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     word_counts: Counter = Counter()
     for text in texts:
         word_counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     vocab = wordpiece_vocab(word_counts, vocab_size, min_frequency)
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]", continuing_subword_prefix=PREFIX))
+    tok = Tokenizer(
+        models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]", continuing_subword_prefix=PREFIX)
+    )
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
 
 

@@ -10,6 +10,7 @@
 Any directory below the given one holding these (a ``fgcmr pipeline --out`` folder) is checked too.
 Prints one line per file or problem; the command exits 1 when anything is wrong.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +22,7 @@ from fgcmr.dataset import DatasetInfo, iter_records, open_dataset
 from fgcmr.io import CorruptFileError, read_json, sha256_file
 from fgcmr.labels import verify_labels
 from fgcmr.model.export import CHECKSUMS, CONFIG, WEIGHTS
+
 SKIP_DIRS = {"checkpoints", "tensorboard", "labels", "tokenizer", "encoder", "slurm"}
 
 
@@ -51,8 +53,10 @@ def _shard_problem(path: Path, info) -> str | None:
         return f"{size} bytes, the manifest says {info.bytes}; re-shard (rerun `fgcmr shard` with the same --out)"
     if sha256_file(path) != info.sha256:
         count = sum(1 for _ in iter_records(path, fields=(), on_corrupt="skip", checked=False))
-        return (f"sha256 differs from the manifest (damaged or changed; {count} of {info.items} samples readable); "
-                "re-shard (rerun `fgcmr shard` with the same --out)")
+        return (
+            f"sha256 differs from the manifest (damaged or changed; {count} of {info.items} samples readable); "
+            "re-shard (rerun `fgcmr shard` with the same --out)"
+        )
     return None
 
 
@@ -129,7 +133,9 @@ def find_targets(root: Path, depth: int = 3) -> list[tuple[str, Path]]:
     if depth == 0:
         return []
     found = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SKIP_DIRS):
+    for sub in sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SKIP_DIRS
+    ):
         found += find_targets(sub, depth - 1)
     return found
 
@@ -140,6 +146,8 @@ def verify(path: str | Path) -> list[FileReport]:
         raise FileNotFoundError(f"{root} is not a directory")
     targets = find_targets(root)
     if not targets:
-        raise FileNotFoundError(f"nothing fgcmr wrote under {root} (no dataset manifest.json, label manifest or export)")
+        raise FileNotFoundError(
+            f"nothing fgcmr wrote under {root} (no dataset manifest.json, label manifest or export)"
+        )
     check = {"dataset": verify_dataset, "labels": verify_label_dir, "export": verify_export}
     return [r for kind, d in targets for r in check[kind](d)]

@@ -18,6 +18,7 @@ control. A gain is claimed only when the interval against ``alpha0`` excludes 0 
 against the control does too. Finished runs are kept (the pipeline skips done stages), so a rerun
 continues where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,16 @@ sys.path.insert(0, str(REPO))
 
 from fgcmr.io import atomic_write_json, atomic_write_text  # noqa: E402
 
-DEFAULT_VARIANTS = ("alpha0", "normalised-a1", "normalised-a4", "unnormalised-a1", "hinge_only-a1", "graded-a0.5",
-                    "down-a1", "shuffled-a1")
+DEFAULT_VARIANTS = (
+    "alpha0",
+    "normalised-a1",
+    "normalised-a4",
+    "unnormalised-a1",
+    "hinge_only-a1",
+    "graded-a0.5",
+    "down-a1",
+    "shuffled-a1",
+)
 CONTROL = "shuffled-a1"
 BASELINE = "alpha0"
 
@@ -64,9 +73,13 @@ class Variant:
         return cls(name, float(alpha), weighting=kind)
 
     def overrides(self) -> list[str]:
-        return ["--train.loss.name=weighted_pairwise", f"--train.loss.alpha={self.alpha}",
-                f"--train.loss.weighting={self.weighting}", f"--train.loss.direction={self.direction}",
-                f"--train.loss.shuffle_hardness={str(self.shuffle).lower()}"]
+        return [
+            "--train.loss.name=weighted_pairwise",
+            f"--train.loss.alpha={self.alpha}",
+            f"--train.loss.weighting={self.weighting}",
+            f"--train.loss.direction={self.direction}",
+            f"--train.loss.shuffle_hardness={str(self.shuffle).lower()}",
+        ]
 
 
 def run_dir(out: Path, variant: Variant, seed: int) -> Path:
@@ -74,9 +87,18 @@ def run_dir(out: Path, variant: Variant, seed: int) -> Path:
 
 
 def command(args: argparse.Namespace, variant: Variant, seed: int) -> list[str]:
-    return [sys.executable, "-m", "fgcmr.cli", "pipeline", f"--config={args.experiment}", f"--nproc={args.nproc}",
-            f"--out={run_dir(args.out, variant, seed)}", f"--data_dir={args.out / 'data'}", f"--train.seed={seed}",
-            *variant.overrides()]
+    return [
+        sys.executable,
+        "-m",
+        "fgcmr.cli",
+        "pipeline",
+        f"--config={args.experiment}",
+        f"--nproc={args.nproc}",
+        f"--out={run_dir(args.out, variant, seed)}",
+        f"--data_dir={args.out / 'data'}",
+        f"--train.seed={seed}",
+        *variant.overrides(),
+    ]
 
 
 def t_interval(deltas: list[float]) -> tuple[float, float, float]:
@@ -97,8 +119,14 @@ def paired(scores: dict[str, dict[int, float]], variant: str, against: str) -> d
         return None
     deltas = [scores[variant][s] - scores[against][s] for s in seeds]
     mean, lo, hi = t_interval(deltas)
-    return {"seeds": seeds, "deltas": deltas, "mean": mean, "ci95": [lo, hi],
-            "wins": sum(d > 0 for d in deltas), "losses": sum(d < 0 for d in deltas)}
+    return {
+        "seeds": seeds,
+        "deltas": deltas,
+        "mean": mean,
+        "ci95": [lo, hi],
+        "wins": sum(d > 0 for d in deltas),
+        "losses": sum(d < 0 for d in deltas),
+    }
 
 
 def summarise(scores: dict[str, dict[int, float]], variants: list[str]) -> dict:
@@ -111,8 +139,13 @@ def summarise(scores: dict[str, dict[int, float]], variants: list[str]) -> dict:
         gain = bool(vs_base and vs_base["ci95"][0] > 0 and vs_control and vs_control["ci95"][0] > 0)
         loss = bool(vs_base and vs_base["ci95"][1] < 0)
         verdict = "gain" if gain else "loss" if loss else "no effect shown" if vs_base else "reference"
-        rows[name] = {"map_avg": statistics.fmean(scores[name].values()), "runs": len(scores[name]),
-                      "vs_alpha0": vs_base, "vs_control": vs_control, "verdict": verdict}
+        rows[name] = {
+            "map_avg": statistics.fmean(scores[name].values()),
+            "runs": len(scores[name]),
+            "vs_alpha0": vs_base,
+            "vs_control": vs_control,
+            "verdict": verdict,
+        }
     return rows
 
 
@@ -123,10 +156,16 @@ def markdown(rows: dict, experiment: str, metric: str) -> str:
         lo, hi = p["ci95"]
         return f"{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({p['wins']}+/{p['losses']}−)"
 
-    lines = [f"Ablation of the fine-grained weighting on `{experiment}` ({metric}, paired seeds, 95 % t-interval, sign count)", "",
-             f"| variant | {metric} | Δ vs {BASELINE} | Δ vs {CONTROL} (control) | verdict |", "|---|---|---|---|---|"]
+    lines = [
+        f"Ablation of the fine-grained weighting on `{experiment}` ({metric}, paired seeds, 95 % t-interval, sign count)",
+        "",
+        f"| variant | {metric} | Δ vs {BASELINE} | Δ vs {CONTROL} (control) | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['map_avg']:.4f} (n={r['runs']}) | {cell(r['vs_alpha0'])} | {cell(r['vs_control'])} | {r['verdict']} |")
+        lines.append(
+            f"| {name} | {r['map_avg']:.4f} (n={r['runs']}) | {cell(r['vs_alpha0'])} | {cell(r['vs_control'])} | {r['verdict']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -161,13 +200,19 @@ def main(argv: list[str] | None = None) -> int:
             if read_score(run_dir(args.out, v, seed), args.metric) is None:
                 rc = subprocess.run(cmd).returncode
                 if rc != 0:
-                    print(f"ablate: {v.name} seed {seed} failed (exit {rc}); rerun the same command to continue", file=sys.stderr)
+                    print(
+                        f"ablate: {v.name} seed {seed} failed (exit {rc}); rerun the same command to continue",
+                        file=sys.stderr,
+                    )
                     return rc
             scores.setdefault(v.name, {})[seed] = read_score(run_dir(args.out, v, seed), args.metric)
     if args.dry_run:
         return 0
     rows = summarise(scores, names)
-    atomic_write_json(args.out / "ablation.json", {"experiment": args.experiment, "metric": args.metric, "scores": scores, "rows": rows})
+    atomic_write_json(
+        args.out / "ablation.json",
+        {"experiment": args.experiment, "metric": args.metric, "scores": scores, "rows": rows},
+    )
     table = markdown(rows, args.experiment, args.metric)
     atomic_write_text(args.out / "ablation.md", table)
     print(table)

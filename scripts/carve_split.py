@@ -9,6 +9,7 @@ split: the chosen pairs are stratified by category, the new ``trainset``/``tests
 under ``--out``, and ``texts/``, ``images/`` and ``categories.list`` are symbolic links to the original
 (nothing is copied). ``fgcmr shard --source=wikipedia --root=<out>`` then reads it like the original.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     root, out = Path(args.root).resolve(), Path(args.out)
-    lines = [ln for ln in (root / f"{args.split}set_txt_img_cat.list").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [
+        ln for ln in (root / f"{args.split}set_txt_img_cat.list").read_text(encoding="utf-8").splitlines() if ln.strip()
+    ]
     by_cat: dict[str, list[str]] = defaultdict(list)
     for ln in lines:
         by_cat[ln.split("\t")[2]].append(ln)

@@ -8,6 +8,7 @@ Writes ``<out>/urls.parquet`` (every caption row of the first ``--images`` image
 venv made by ``make setup``) on it into ``<out>/i2d``: what a user downloading a LAION-style URL list
 would have. ``fgcmr pipeline --config=configs/experiments/flickr8k-img2dataset.yaml`` then starts there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with serve_directory(flickr / "images") as base:
         truth = flickr8k_url_list(flickr, base, out / "urls.parquet", images=args.images, seed=args.seed)
-        run_img2dataset(out / "urls.parquet", out / "i2d", extra_columns=["split"], image_size=320, samples_per_shard=1000)
+        run_img2dataset(
+            out / "urls.parquet", out / "i2d", extra_columns=["split"], image_size=320, samples_per_shard=1000
+        )
     print(json.dumps({"rows": truth["rows"], "images": len(truth["images"]), "img2dataset_output": str(out / "i2d")}))
 
 

@@ -9,6 +9,7 @@ seeds of MAP@all (image→text, text→image, average) and Recall@1/5/10 both di
 the runs' own evals; and the exact commands that produced each run. Runs under ``--selection`` are the
 model-selection candidates scored on a validation carve of the train split; they get their own table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,16 @@ def load_runs(runs: Path) -> list[dict]:
             continue
         exp = yaml.safe_load((out / "experiment.yaml").read_text())
         status = json.loads(status_path.read_text())
-        found.append({
-            "out": out, "name": exp["name"], "seed": exp["train"].get("seed", 0), "exp": exp,
-            "status": status, "metrics": json.loads(metrics_path.read_text()),
-        })
+        found.append(
+            {
+                "out": out,
+                "name": exp["name"],
+                "seed": exp["train"].get("seed", 0),
+                "exp": exp,
+                "status": status,
+                "metrics": json.loads(metrics_path.read_text()),
+            }
+        )
     return found
 
 
@@ -78,17 +85,26 @@ def tables(runs: list[dict]) -> str:
         parts.append(f"## {dataset}\n")
         any_m = next(iter(groups.values()))[0]["metrics"]
         relevance = "same category" if any_m.get("category_relevance", True) else "same image (no categories)"
-        parts.append(f"Test split: {any_m['images']} images, {any_m['texts']} texts; MAP@all relevance = {relevance}; "
-                     f"chance MAP@all {any_m['chance_map']:.4f} (i→t {any_m['chance_map_i2t']:.4f}, t→i {any_m['chance_map_t2i']:.4f}).\n")
-        parts.append("| experiment | seeds | loss (α) | MAP@all i→t | MAP@all t→i | MAP@all avg | "
-                     + " | ".join(f"R@{k} {d}" for d in ("i→t", "t→i") for k in RECALL_K) + " |")
+        parts.append(
+            f"Test split: {any_m['images']} images, {any_m['texts']} texts; MAP@all relevance = {relevance}; "
+            f"chance MAP@all {any_m['chance_map']:.4f} (i→t {any_m['chance_map_i2t']:.4f}, t→i {any_m['chance_map_t2i']:.4f}).\n"
+        )
+        parts.append(
+            "| experiment | seeds | loss (α) | MAP@all i→t | MAP@all t→i | MAP@all avg | "
+            + " | ".join(f"R@{k} {d}" for d in ("i→t", "t→i") for k in RECALL_K)
+            + " |"
+        )
         parts.append("|---" * (6 + 2 * len(RECALL_K)) + "|")
         for name, rs in sorted(groups.items(), key=lambda kv: -statistics.mean(r["metrics"]["map_avg"] for r in kv[1])):
             rs = sorted(rs, key=lambda r: r["seed"])
             loss = rs[0]["exp"]["train"].get("loss", {})
-            loss_txt = loss.get("name", "?") + (f" ({loss['alpha']})" if loss.get("name") == "weighted_pairwise" and "alpha" in loss else "")
+            loss_txt = loss.get("name", "?") + (
+                f" ({loss['alpha']})" if loss.get("name") == "weighted_pairwise" and "alpha" in loss else ""
+            )
             cols = [mean_std([r["metrics"][k] for r in rs]) for k in ("map_i2t", "map_t2i", "map_avg", *RECALL_KEYS)]
-            parts.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {loss_txt} | " + " | ".join(cols) + " |")
+            parts.append(
+                f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {loss_txt} | " + " | ".join(cols) + " |"
+            )
         baselines = {}
         for rs in groups.values():
             for r in rs:
@@ -96,12 +112,16 @@ def tables(runs: list[dict]) -> str:
                     if isinstance(b, dict) and "map_avg" in b:
                         baselines.setdefault(bname, b)
         if baselines:
-            parts.append("\nClassical baselines, computed by `fgcmr eval --baselines=true` on the same test samples "
-                         "(fitted on the train split; regularisation by cross-validation on train):\n")
+            parts.append(
+                "\nClassical baselines, computed by `fgcmr eval --baselines=true` on the same test samples "
+                "(fitted on the train split; regularisation by cross-validation on train):\n"
+            )
             parts.append("| baseline | inputs | MAP@all i→t | MAP@all t→i | MAP@all avg |")
             parts.append("|---|---|---|---|---|")
             for bname, b in sorted(baselines.items()):
-                parts.append(f"| {bname} | image features + {b.get('text_input')} | {b['map_i2t']:.4f} | {b['map_t2i']:.4f} | {b['map_avg']:.4f} |")
+                parts.append(
+                    f"| {bname} | image features + {b.get('text_input')} | {b['map_i2t']:.4f} | {b['map_t2i']:.4f} | {b['map_avg']:.4f} |"
+                )
         parts.append("\nCommands (wall time of the stages that ran):\n")
         parts.append("```")
         for rs in groups.values():
@@ -120,11 +140,16 @@ def selection_table(runs: list[dict]) -> str:
     for r in runs:
         changes = tuple((k, v) for k, v in (r["status"].get("overrides") or {}).items() if k != "train.seed")
         candidates[changes].append(r)
-    parts = [f"## Model selection ({runs[0]['name']}, scored on split `{split}`)\n",
-             f"Each candidate is one pipeline run per seed that changes the options shown; `{split}` is carved from the train "
-             "split (`shard.holdout`), so the test split plays no part in the choice. Best mean first.\n",
-             "| changes | seeds | MAP@all i→t | MAP@all t→i | MAP@all avg |", "|---|---|---|---|---|"]
-    for changes, rs in sorted(candidates.items(), key=lambda kv: -statistics.mean(r["metrics"]["map_avg"] for r in kv[1])):
+    parts = [
+        f"## Model selection ({runs[0]['name']}, scored on split `{split}`)\n",
+        f"Each candidate is one pipeline run per seed that changes the options shown; `{split}` is carved from the train "
+        "split (`shard.holdout`), so the test split plays no part in the choice. Best mean first.\n",
+        "| changes | seeds | MAP@all i→t | MAP@all t→i | MAP@all avg |",
+        "|---|---|---|---|---|",
+    ]
+    for changes, rs in sorted(
+        candidates.items(), key=lambda kv: -statistics.mean(r["metrics"]["map_avg"] for r in kv[1])
+    ):
         rs = sorted(rs, key=lambda r: r["seed"])
         cols = [mean_std([r["metrics"][k] for r in rs]) for k in ("map_i2t", "map_t2i", "map_avg")]
         text = ", ".join(f"`{k}={v}`" for k, v in changes) or "(the experiment file as is)"
@@ -136,19 +161,32 @@ def selection_table(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(REPO / "runs"))
-    parser.add_argument("--selection", default=str(REPO / "runs" / "val"), help="model-selection runs (validation carve)")
+    parser.add_argument(
+        "--selection", default=str(REPO / "runs" / "val"), help="model-selection runs (validation carve)"
+    )
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
-    parser.add_argument("--notes", default=str(REPO / "docs" / "results_notes.md"), help="hand-written analysis appended verbatim, if present")
+    parser.add_argument(
+        "--notes",
+        default=str(REPO / "docs" / "results_notes.md"),
+        help="hand-written analysis appended verbatim, if present",
+    )
     args = parser.parse_args()
     runs = load_runs(Path(args.runs))
     if not runs:
         sys.exit(f"no finished runs under {args.runs}")
-    header = ("# Results\n\nGenerated by `python scripts/make_results.py` from the run directories; do not edit by hand "
-              "(analysis lives in `docs/results_notes.md` and is appended). MAP@all uses relevance = same category "
-              "(Wikipedia/TVGraz protocol) where the data has categories, else same image; Recall@K uses relevance = same image (an image query is a hit when any of its "
-              "texts is in the top K). Mean ± sample standard deviation over seeds.\n\n")
+    header = (
+        "# Results\n\nGenerated by `python scripts/make_results.py` from the run directories; do not edit by hand "
+        "(analysis lives in `docs/results_notes.md` and is appended). MAP@all uses relevance = same category "
+        "(Wikipedia/TVGraz protocol) where the data has categories, else same image; Recall@K uses relevance = same image (an image query is a hit when any of its "
+        "texts is in the top K). Mean ± sample standard deviation over seeds.\n\n"
+    )
     notes = Path(args.notes)
-    body = header + tables(runs) + selection_table(load_runs(Path(args.selection))) + ("\n" + notes.read_text() if notes.is_file() else "")
+    body = (
+        header
+        + tables(runs)
+        + selection_table(load_runs(Path(args.selection)))
+        + ("\n" + notes.read_text() if notes.is_file() else "")
+    )
     atomic_write_text(args.out, body)
     print(f"wrote {args.out} from {len(runs)} runs")
 

@@ -10,6 +10,7 @@ text side (the true category as a one-hot vector): the last rows bound what any 
 side is that classifier can reach. Hyperparameters by 3-fold cross-validation on the train split
 only; scored on the official test split with ``fgcmr.evaluate.metrics``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,15 @@ def load(root: Path) -> dict:
     mat = loadmat(root / "raw_features.mat")
     data = {}
     for split, key in (("train", "tr"), ("test", "te")):
-        rows = [line.split("\t") for line in (root / f"{split}set_txt_img_cat.list").read_text().splitlines() if line.strip()]
-        texts = [re.search(r"<text>(.*)</text>", (root / "texts" / f"{r[0]}.xml").read_text(encoding="utf-8"), re.S).group(1) for r in rows]
+        rows = [
+            line.split("\t")
+            for line in (root / f"{split}set_txt_img_cat.list").read_text().splitlines()
+            if line.strip()
+        ]
+        texts = [
+            re.search(r"<text>(.*)</text>", (root / "texts" / f"{r[0]}.xml").read_text(encoding="utf-8"), re.S).group(1)
+            for r in rows
+        ]
         data[split] = {"image": mat[f"I_{key}"], "text": texts, "y": np.array([int(r[2]) - 1 for r in rows])}
     return data
 
@@ -80,24 +88,40 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikipedia_rasiwasia2010"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*probability.*deprecated", category=FutureWarning)  # SVC(probability=True), sklearn ≥ 1.9
+    warnings.filterwarnings(
+        "ignore", message=".*probability.*deprecated", category=FutureWarning
+    )  # SVC(probability=True), sklearn ≥ 1.9
     data = load(Path(args.data))
     tr, te = data["train"], data["test"]
     p_txt, txt_cv = text_probabilities(tr["text"], te["text"], tr["y"])
     perfect = np.eye(10)[te["y"]] * 0.99 + 0.001
     rows = []
     for image_name, (p_img, img_cv) in image_classifiers(tr["image"], te["image"], tr["y"]).items():
-        for text_name, p, cv in (("TF-IDF logistic regression", p_txt, txt_cv), ("perfect (true category)", perfect, 1.0)):
+        for text_name, p, cv in (
+            ("TF-IDF logistic regression", p_txt, txt_cv),
+            ("perfect (true category)", perfect, 1.0),
+        ):
             m = semantic_matching(p_img, p, te["y"])
-            rows.append({"image": image_name, "image_cv_acc": round(img_cv, 4), "text": text_name, "text_cv_acc": round(cv, 4),
-                         "map_i2t": round(m["map_i2t"], 4), "map_t2i": round(m["map_t2i"], 4), "map_avg": round(m["map_avg"], 4)})
+            rows.append(
+                {
+                    "image": image_name,
+                    "image_cv_acc": round(img_cv, 4),
+                    "text": text_name,
+                    "text_cv_acc": round(cv, 4),
+                    "map_i2t": round(m["map_i2t"], 4),
+                    "map_t2i": round(m["map_t2i"], 4),
+                    "map_avg": round(m["map_avg"], 4),
+                }
+            )
     if args.json:
         print(json.dumps(rows))
         return
     print("| image classifier (train CV acc) | text side (train CV acc) | MAP@all i→t | t→i | avg |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['image']} ({r['image_cv_acc']:.3f}) | {r['text']} ({r['text_cv_acc']:.3f}) | {r['map_i2t']:.4f} | {r['map_t2i']:.4f} | {r['map_avg']:.4f} |")
+        print(
+            f"| {r['image']} ({r['image_cv_acc']:.3f}) | {r['text']} ({r['text_cv_acc']:.3f}) | {r['map_i2t']:.4f} | {r['map_t2i']:.4f} | {r['map_avg']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared fixtures: the real-data root, free ports, and one synthetic dataset per session."""
+
 from __future__ import annotations
 
 import os

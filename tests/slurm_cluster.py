@@ -5,6 +5,7 @@ Uses the cluster ``.ci/run`` started (or the one ``$SLURM_CONF`` names), or star
 Skipped, loudly, only when slurm-wlm cannot be installed (not root, no package source); any other
 start failure fails the tests. Tests that need two nodes ask ``two_nodes()``.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -44,7 +45,9 @@ def slurm():
 
 def nodes() -> list[str]:
     """The cluster's node names (``sinfo -N``)."""
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=True, timeout=30).stdout
+    out = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
     return sorted(set(out.split()))
 
 
@@ -52,8 +55,10 @@ def two_nodes() -> list[str]:
     """The first two nodes; fails with what to do when the running cluster has only one (an older slurm-up.sh)."""
     names = nodes()
     if len(names) < 2:
-        pytest.fail(f"the running Slurm cluster has {len(names)} node(s) ({', '.join(names)}); the multi-node tests need 2: "
-                    "restart it with `bash .ci/slurm-down.sh && bash .ci/slurm-up.sh` (or point $SLURM_CONF at a 2-node one)")
+        pytest.fail(
+            f"the running Slurm cluster has {len(names)} node(s) ({', '.join(names)}); the multi-node tests need 2: "
+            "restart it with `bash .ci/slurm-down.sh && bash .ci/slurm-up.sh` (or point $SLURM_CONF at a 2-node one)"
+        )
     return names[:2]
 
 
@@ -65,7 +70,9 @@ def nodes_completing() -> bool:
 
 def job_field(job_id: str, field: str) -> str:
     """One field of ``scontrol show job`` (first record; array tasks share most fields)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, check=True
+    ).stdout
     for token in out.split():
         key, _, value = token.partition("=")
         if key == field:

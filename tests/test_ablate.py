@@ -1,4 +1,5 @@
 """scripts/ablate_weighting.py: variant parsing, the commands it runs, and the paired statistics of its verdict."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,7 +33,7 @@ def test_paired_interval_and_verdicts():
     mean, lo, hi = ablate.t_interval(deltas)
     sd = stats.tstd(deltas)
     assert mean == pytest.approx(0.01)
-    assert hi - mean == pytest.approx(stats.t.ppf(0.975, 4) * sd / 5 ** 0.5)
+    assert hi - mean == pytest.approx(stats.t.ppf(0.975, 4) * sd / 5**0.5)
     base = {s: 0.30 + 0.001 * s for s in range(5)}
     scores = {
         "alpha0": base,
@@ -55,8 +56,18 @@ def test_paired_interval_and_verdicts():
 
 
 def test_dry_run_prints_paired_commands(tmp_path, capsys):
-    assert ablate.main(["--experiment=configs/experiments/synthetic-tiny.yaml", "--seeds=2", f"--out={tmp_path}",
-                        "--variants=alpha0,shuffled-a1", "--dry_run"]) == 0
+    assert (
+        ablate.main(
+            [
+                "--experiment=configs/experiments/synthetic-tiny.yaml",
+                "--seeds=2",
+                f"--out={tmp_path}",
+                "--variants=alpha0,shuffled-a1",
+                "--dry_run",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4
     assert all(f"--data_dir={tmp_path / 'data'}" in line for line in lines)  # one set of shards and sidecars

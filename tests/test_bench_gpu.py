@@ -1,4 +1,5 @@
 """The GPU benchmark: its FLOP count, its peak table, its configs, and a short CPU run of the whole thing."""
+
 from __future__ import annotations
 
 import json
@@ -46,10 +47,16 @@ def test_flop_count_leaves_no_gradients():
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name, dtype, peak", [
-    ("NVIDIA H200", torch.bfloat16, 989.4), ("NVIDIA H200 NVL", torch.bfloat16, 835.5),
-    ("NVIDIA H100 PCIe", torch.bfloat16, 756.0), ("NVIDIA A100-SXM4-80GB", torch.float32, 156.0), ("Tesla T4", torch.bfloat16, None),
-])
+@pytest.mark.parametrize(
+    "name, dtype, peak",
+    [
+        ("NVIDIA H200", torch.bfloat16, 989.4),
+        ("NVIDIA H200 NVL", torch.bfloat16, 835.5),
+        ("NVIDIA H100 PCIe", torch.bfloat16, 756.0),
+        ("NVIDIA A100-SXM4-80GB", torch.float32, 156.0),
+        ("Tesla T4", torch.bfloat16, None),
+    ],
+)
 def test_peak_table_matches_device_names(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert gpu.peak_tflops(torch.device("cuda", 0), dtype) == peak
@@ -79,16 +86,23 @@ def test_tiny_cpu_run_reports_both_modes_and_a_table(synthetic_dataset, tmp_path
         f"run(load_config(BenchGpuConfig, {str(CONFIGS / 'gpu_tiny_cpu.yaml')!r}, "
         f"{{'shards': {str(synthetic_dataset)!r}, 'steps': 2, 'micro_batch': 8, 'out': {str(tmp_path)!r}, 'peak_tflops': 0.5}}))"
     )
-    res = run_following([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    res = run_following(
+        [sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert (tmp_path / "config.yaml").is_file()
-    assert list(result["modes"]) == ["synthetic", "shards"] and result["device"] == "cpu" and result["dtype"] == "float32"
+    assert (
+        list(result["modes"]) == ["synthetic", "shards"] and result["device"] == "cpu" and result["dtype"] == "float32"
+    )
     for r in result["modes"].values():
         assert r["samples_per_s"] > 0 and r["step_time_s"] > 0 and 0 <= r["data_wait_frac"] < 1
         assert r["peak_memory_mb"] > 100  # process RSS: torch alone is more
         assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)
-    synthetic, shards = result["modes"]["synthetic"]["gflops_per_sample"], result["modes"]["shards"]["gflops_per_sample"]
+    synthetic, shards = (
+        result["modes"]["synthetic"]["gflops_per_sample"],
+        result["modes"]["shards"]["gflops_per_sample"],
+    )
     assert 0 < shards <= synthetic  # shard texts are padded to the batch's longest, synthetic ones to max_length
     lines = res.stdout.strip().splitlines()
     assert lines[-3].split()[:2] == ["mode", "samples/s"] and lines[-1].startswith("shards")
@@ -104,4 +118,6 @@ def test_h200_config_measures_the_large_model_under_zero3_bf16_too():
     assert large.model.image.grad_checkpointing and large.model.text.grad_checkpointing
     assert large.micro_batch == 128 and cfg.micro_batch == 128 and cfg.model.text.config["hidden_size"] == 768
     with pytest.raises(ValueError, match="needs a name"):
-        load_config(gpu.BenchGpuConfig, str(CONFIGS / "gpu_h200.yaml"), {"cases": [{"deepspeed": "zero3_bf16"}]}).validate()
+        load_config(
+            gpu.BenchGpuConfig, str(CONFIGS / "gpu_h200.yaml"), {"cases": [{"deepspeed": "zero3_bf16"}]}
+        ).validate()

@@ -1,4 +1,5 @@
 """The open_clip peer benchmark: the same model on both sides, the measurement, and one real open_clip run."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,9 @@ from fgcmr.train.config import load_model_config  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tokenizer(synthetic_dataset, tmp_path_factory) -> Path:
-    return peer.train_tokenizer(open_dataset(str(synthetic_dataset)), load_model_config("tiny"), tmp_path_factory.mktemp("tok") / "tokenizer")
+    return peer.train_tokenizer(
+        open_dataset(str(synthetic_dataset)), load_model_config("tiny"), tmp_path_factory.mktemp("tok") / "tokenizer"
+    )
 
 
 def test_open_clip_builds_the_same_model_as_fgcmr(tokenizer, tmp_path, monkeypatch):
@@ -34,7 +37,10 @@ def test_open_clip_builds_the_same_model_as_fgcmr(tokenizer, tmp_path, monkeypat
     ours = build_model(peer.pin_tokenizer(model_cfg, tokenizer))
 
     def shapes(model):
-        tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]  # BatchNorm statistics too
+        tensors = [
+            *model.parameters(),
+            *(b for b in model.buffers() if b.is_floating_point()),
+        ]  # BatchNorm statistics too
         return sorted(tuple(t.shape) if t.ndim else (1,) for t in tensors)
 
     assert shapes(theirs) == shapes(ours)  # same towers, same heads; only names differ
@@ -80,8 +86,17 @@ def test_config_rejects_unknown_peer_and_too_few_steps():
 @pytest.mark.slow
 def test_open_clip_trainer_runs_on_our_shards(synthetic_dataset, tokenizer, tmp_path):
     """One real 2-process gloo run of open_clip_train on fgcmr's shards, timed from its progress lines."""
-    r = peer.run_open_clip_peer(synthetic_dataset, nproc=2, batch_size=8, steps=12, warmup=2, log_every=2, workers=1,
-                                work_dir=tmp_path, tokenizer_dir=tokenizer)
+    r = peer.run_open_clip_peer(
+        synthetic_dataset,
+        nproc=2,
+        batch_size=8,
+        steps=12,
+        warmup=2,
+        log_every=2,
+        workers=1,
+        work_dir=tmp_path,
+        tokenizer_dir=tokenizer,
+    )
     # open_clip logs after steps 1, 3, 5, …, 11 and the last (12): measured from step 3 (first ≥ warmup) to 12
     assert r["processes"] == 2 and r["measured_steps"] == 9
     assert r["samples_per_s"] > 0

@@ -1,4 +1,5 @@
 """The command line: help for every command, and a config error exits non-zero with the field named."""
+
 from __future__ import annotations
 
 import subprocess
@@ -19,7 +20,9 @@ def test_top_level_help_lists_every_stage():
         assert command in text
 
 
-@pytest.mark.parametrize("command", [["shard"], ["label", "train"], ["label", "infer"], ["train"], ["eval"], ["pipeline"]])
+@pytest.mark.parametrize(
+    "command", [["shard"], ["label", "train"], ["label", "infer"], ["train"], ["eval"], ["pipeline"]]
+)
 def test_subcommand_help(command):
     res = fgcmr(*command, "--help")
     assert res.returncode == 0

@@ -1,4 +1,5 @@
 """The typed config machinery: YAML + dotted overrides → dataclasses, one validation pass."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -3,6 +3,7 @@
 Unit tests feed each launcher's real variables to ``resolve_env``; the integration tests run a
 2-process all_reduce under ``srun -n2`` (under the launch scripts: test_launchers.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,17 +15,33 @@ from pathlib import Path
 import pytest
 
 from fgcmr.config import ConfigError
-from fgcmr.distributed import DistEnv, first_slurm_host, resolve_env, slurm_port, tasks_on_node, thread_count, use_scratch
+from fgcmr.distributed import (
+    DistEnv,
+    first_slurm_host,
+    resolve_env,
+    slurm_port,
+    tasks_on_node,
+    thread_count,
+    use_scratch,
+)
 
 from slurm_cluster import REPO, slurm, two_nodes  # noqa: F401  (session fixture)
 from waits import run_following
 
 # What `srun -N2 -n3` (2 tasks on node a01, 1 on a02) gives its third task, as Slurm 22.05 sets it.
 SRUN_TASK = {
-    "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "1", "SLURM_PROCID": "2", "SLURM_LOCALID": "0",
-    "SLURM_NODEID": "1", "SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3",
-    "SLURM_JOB_NODELIST": "a[01-02]", "SLURM_STEP_NODELIST": "a[01-02]",
-    "SLURM_TASKS_PER_NODE": "2,1", "SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_CPUS_PER_TASK": "6",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_ID": "1",
+    "SLURM_PROCID": "2",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "1",
+    "SLURM_NTASKS": "3",
+    "SLURM_STEP_NUM_TASKS": "3",
+    "SLURM_JOB_NODELIST": "a[01-02]",
+    "SLURM_STEP_NODELIST": "a[01-02]",
+    "SLURM_TASKS_PER_NODE": "2,1",
+    "SLURM_STEP_TASKS_PER_NODE": "2,1",
+    "SLURM_CPUS_PER_TASK": "6",
 }
 
 
@@ -34,20 +51,38 @@ def test_single_process_defaults():
 
 
 def test_torchrun_variables():
-    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "n0",
-           "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x", "GROUP_RANK": "0"}
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "n0",
+        "MASTER_PORT": "1234",
+        "TORCHELASTIC_RUN_ID": "x",
+        "GROUP_RANK": "0",
+    }
     assert resolve_env(env) == DistEnv(3, 8, 1, 4, "n0", 1234, "torchrun")
 
 
 def test_deepspeed_launcher_variables():
     # deepspeed.launcher.launch sets LOCAL_SIZE / CROSS_RANK instead of torchrun's LOCAL_WORLD_SIZE.
-    env = {"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "2", "LOCAL_SIZE": "3", "CROSS_RANK": "1",
-           "CROSS_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}
+    env = {
+        "RANK": "5",
+        "WORLD_SIZE": "6",
+        "LOCAL_RANK": "2",
+        "LOCAL_SIZE": "3",
+        "CROSS_RANK": "1",
+        "CROSS_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29501",
+    }
     assert resolve_env(env) == DistEnv(5, 6, 2, 3, "10.0.0.1", 29501, "deepspeed")
 
 
 def test_torchrun_inside_slurm_wins_over_slurm():
-    env = dict(SRUN_TASK, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2", MASTER_ADDR="x", MASTER_PORT="9")
+    env = dict(
+        SRUN_TASK, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2", MASTER_ADDR="x", MASTER_PORT="9"
+    )
     d = resolve_env(env)
     assert (d.launcher, d.world_size, d.master_port, d.cpus) == ("torchrun", 2, 9, 6)
 
@@ -156,8 +191,11 @@ def _clean_env() -> dict[str, str]:
 def test_all_reduce_under_srun(tmp_path, slurm):  # noqa: F811
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    done = run_following(["srun", "-N1", "-n2", "--cpus-per-task=1", sys.executable, str(script), str(tmp_path)],
-                         env=_clean_env(), cwd=REPO)
+    done = run_following(
+        ["srun", "-N1", "-n2", "--cpus-per-task=1", sys.executable, str(script), str(tmp_path)],
+        env=_clean_env(),
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     _check_two_ranks(tmp_path, "slurm")
     assert json.loads((tmp_path / "rank0.json").read_text())["threads"] == 1
@@ -170,10 +208,29 @@ def test_all_reduce_across_two_slurm_nodes(tmp_path, slurm):  # noqa: F811
     n1, n2 = two_nodes()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    done = subprocess.run(["srun", "-N2", "-n4", f"--nodelist={n1},{n2}", "--cpus-per-task=1", sys.executable, str(script), str(tmp_path)],
-                          env=_clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            "srun",
+            "-N2",
+            "-n4",
+            f"--nodelist={n1},{n2}",
+            "--cpus-per-task=1",
+            sys.executable,
+            str(script),
+            str(tmp_path),
+        ],
+        env=_clean_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted((json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")), key=lambda r: r["rank"])
     assert [(r["rank"], r["local_rank"], r["local_world"], r["world"], r["sum"]) for r in results] == [
-        (0, 0, 2, 4, 10.0), (1, 1, 2, 4, 10.0), (2, 0, 2, 4, 10.0), (3, 1, 2, 4, 10.0)]
+        (0, 0, 2, 4, 10.0),
+        (1, 1, 2, 4, 10.0),
+        (2, 0, 2, 4, 10.0),
+        (3, 1, 2, 4, 10.0),
+    ]
     assert f"master={n1}:" in done.stderr

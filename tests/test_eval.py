@@ -1,4 +1,5 @@
 """The eval stage's outputs in-process: report figure (with and without pixels), TensorBoard scalars, table."""
+
 from __future__ import annotations
 
 import io
@@ -61,12 +62,24 @@ def test_tensorboard_scalars_and_table(tmp_path, case):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     *_, metrics = case
-    metrics = {**metrics, "splits": {"test": metrics}, "baselines": {"cca": {"map_i2t": 0.2, "map_t2i": 0.1, "map_avg": 0.15}, "sm": {"skipped": "x"}}}
+    metrics = {
+        **metrics,
+        "splits": {"test": metrics},
+        "baselines": {"cca": {"map_i2t": 0.2, "map_t2i": 0.1, "map_avg": 0.15}, "sm": {"skipped": "x"}},
+    }
     _log_tensorboard(tmp_path / "tb", metrics, step=7)
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {f"eval/test/{k}" for k in SCALARS} <= tags and "baseline/cca/map_avg" in tags
-    assert acc.Scalars("eval/test/map_avg")[0].value == pytest.approx(metrics["map_avg"]) and acc.Scalars("eval/test/map_avg")[0].step == 7
+    assert (
+        acc.Scalars("eval/test/map_avg")[0].value == pytest.approx(metrics["map_avg"])
+        and acc.Scalars("eval/test/map_avg")[0].step == 7
+    )
     table = format_table(metrics)
-    assert f"{metrics['map_avg']:.4f}" in table and "chance MAP@all" in table and "cca" in table and "sm" not in table.split("cca")[-1]
+    assert (
+        f"{metrics['map_avg']:.4f}" in table
+        and "chance MAP@all" in table
+        and "cca" in table
+        and "sm" not in table.split("cca")[-1]
+    )

@@ -1,5 +1,6 @@
 """What fgcmr reads is checked against what it wrote: byte flips and truncation of shards, sidecars and
 manifests end in an error naming the file (or a counted skip when asked for), and `fgcmr verify` finds them."""
+
 from __future__ import annotations
 
 import shutil
@@ -41,12 +42,16 @@ def test_corrupt_header_mid_shard_is_an_error_naming_it_or_a_counted_skip(datase
     shard = ds.shards("train")[1]
     flip_header(shard)
     expected = ds.shard_infos("train")[1].items
-    with pytest.raises(ShardError, match=rf"{shard.name} holds \d+ samples, the manifest says {expected}.*fgcmr verify"):
+    with pytest.raises(
+        ShardError, match=rf"{shard.name} holds \d+ samples, the manifest says {expected}.*fgcmr verify"
+    ):
         list(iter_samples(shard))
     with caplog.at_level("WARNING"):
         kept = list(iter_samples(shard, on_corrupt="skip"))
     assert 0 < len(kept) < expected
-    assert any("skipped the rest of data shard" in r.getMessage() and shard.name in r.getMessage() for r in caplog.records)
+    assert any(
+        "skipped the rest of data shard" in r.getMessage() and shard.name in r.getMessage() for r in caplog.records
+    )
 
     reports = verify(dataset)
     bad = [r for r in reports if r.problem]
@@ -70,7 +75,9 @@ def test_invalid_manifest_is_a_clear_error(dataset: Path, capsys):
     """Defect 9: a bare JSONDecodeError before."""
     manifest = dataset / "manifest.json"
     manifest.write_text(manifest.read_text()[:100])
-    with pytest.raises(CorruptFileError, match=r"dataset manifest damaged: .*manifest.json is not valid JSON.*fgcmr shard"):
+    with pytest.raises(
+        CorruptFileError, match=r"dataset manifest damaged: .*manifest.json is not valid JSON.*fgcmr shard"
+    ):
         open_dataset(dataset)
     with pytest.raises(CorruptFileError, match="dataset manifest damaged"):  # readers look their shard up in it
         list(iter_samples(dataset / "train-000000.tar"))
@@ -88,9 +95,17 @@ def test_damaged_sidecars_and_label_manifest_are_named(dataset: Path):
             samples = list(iter_samples(shard))
             counts = np.array([len(s.texts) for s in samples])
             path = sidecar_path(dataset, "lab", shard.name)
-            sums[path.name] = {"sha256": write_sidecar(path, [s.key for s in samples], rng.random((counts.sum(), 8)),
-                                                       np.concatenate([[0], np.cumsum(counts)]), rng.random((len(samples), 8)),
-                                                       labeler="abc"), "items": len(samples)}
+            sums[path.name] = {
+                "sha256": write_sidecar(
+                    path,
+                    [s.key for s in samples],
+                    rng.random((counts.sum(), 8)),
+                    np.concatenate([[0], np.cumsum(counts)]),
+                    rng.random((len(samples), 8)),
+                    labeler="abc",
+                ),
+                "items": len(samples),
+            }
     write_head(dataset, "lab", np.ones(8), 0.0, "abc")
     manifest = labels_dir(dataset, "lab") / "manifest.json"
     manifest.write_text('{"labeler": {"identity": "abc"}, "sidecars": ' + __import__("json").dumps(sums) + "}")
@@ -109,17 +124,22 @@ def test_damaged_sidecars_and_label_manifest_are_named(dataset: Path):
     assert sorted(r.problem is not None for r in verify(dataset)).count(True) == 2
 
     manifest.write_text("{")
-    assert verify_labels(dataset, "lab") == [f"label manifest damaged: {manifest} is not valid JSON (Expecting property name "
-                                             "enclosed in double quotes: line 1 column 2 (char 1)); it was truncated or edited: "
-                                             "rerun the stage that wrote it, or restore it"]
+    assert verify_labels(dataset, "lab") == [
+        f"label manifest damaged: {manifest} is not valid JSON (Expecting property name "
+        "enclosed in double quotes: line 1 column 2 (char 1)); it was truncated or edited: "
+        "rerun the stage that wrote it, or restore it"
+    ]
 
 
 def test_verify_checks_an_export(tmp_path: Path):
     from fgcmr.model import ModelConfig, build_model, save_export
     from fgcmr.model.config import ImageTowerConfig, TextTowerConfig
 
-    cfg = ModelConfig(image=ImageTowerConfig(kind="feature", feature_dim=12, hidden_dim=16),
-                      text=TextTowerConfig(kind="feature", feature_dim=5, hidden_dim=16), embed_dim=8)
+    cfg = ModelConfig(
+        image=ImageTowerConfig(kind="feature", feature_dim=12, hidden_dim=16),
+        text=TextTowerConfig(kind="feature", feature_dim=5, hidden_dim=16),
+        embed_dim=8,
+    )
     export = save_export(tmp_path / "run" / "export", build_model(cfg), cfg)
     assert (export / "checksums.json").is_file() and not [r for r in verify(tmp_path / "run") if r.problem]
     weights = export / "model.safetensors"

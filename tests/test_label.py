@@ -1,5 +1,6 @@
 """The label stage end to end on synthetic shards: train → infer (1 and 2 ranks, killed and resumed),
 verification of missing and corrupt sidecars, and the pieces that make 1 rank equal 2 ranks."""
+
 from __future__ import annotations
 
 import json
@@ -30,19 +31,42 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH"
 @pytest.fixture(scope="module")
 def labeler(synthetic_dataset, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("labelers") / "tiny"
-    cfg = load_config(train.LabelTrainConfig, REPO / "configs/labelers/tiny.yaml", {
-        "shards": str(synthetic_dataset), "out": str(out), "max_steps": 60, "eval_every": 20, "max_eval_texts": 300, "threads": 1,
-    })
+    cfg = load_config(
+        train.LabelTrainConfig,
+        REPO / "configs/labelers/tiny.yaml",
+        {
+            "shards": str(synthetic_dataset),
+            "out": str(out),
+            "max_steps": 60,
+            "eval_every": 20,
+            "max_eval_texts": 300,
+            "threads": 1,
+        },
+    )
     return out, train.run(cfg)
 
 
 def infer_cfg(dataset: Path, labeler: Path, **kw) -> infer.LabelInferConfig:
-    return load_config(infer.LabelInferConfig, None, {"shards": str(dataset), "labeler": str(labeler), "threads": 1, **kw})
+    return load_config(
+        infer.LabelInferConfig, None, {"shards": str(dataset), "labeler": str(labeler), "threads": 1, **kw}
+    )
 
 
 def torchrun(port: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            "-m", "fgcmr.cli", "label", "infer", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        "-m",
+        "fgcmr.cli",
+        "label",
+        "infer",
+        *args,
+    ]
 
 
 def ranks_of(pid: int) -> list[int]:
@@ -60,7 +84,14 @@ def ranks_of(pid: int) -> list[int]:
 
 def test_train_writes_a_self_contained_labeler(labeler, synthetic_dataset):
     out, metrics = labeler
-    for f in ("encoder/config.json", "tokenizer/tokenizer.json", "head.safetensors", "labeler.json", "config.yaml", "metrics.json"):
+    for f in (
+        "encoder/config.json",
+        "tokenizer/tokenizer.json",
+        "head.safetensors",
+        "labeler.json",
+        "config.yaml",
+        "metrics.json",
+    ):
         assert (out / f).is_file(), f
     assert read_json(out / "metrics.json") == json.loads(json.dumps(metrics))
     for part in ("train", "val", "test"):
@@ -96,7 +127,13 @@ def test_platt_scaling_recovers_scale_and_balances_classes():
 def test_embeddings_do_not_depend_on_batching(labeler):
     """Why 1 rank equals N ranks: a text's embedding ignores the other texts in its batch."""
     model, tokenizer, max_length = load_labeler(labeler[0])
-    texts = ["a red circle", "two large blue plus signs in the top left corner", "a star", "three small green rings", "x"]
+    texts = [
+        "a red circle",
+        "two large blue plus signs in the top left corner",
+        "a star",
+        "three small green rings",
+        "x",
+    ]
     a = embed_texts(model, tokenizer, texts, max_length, 1, torch.device("cpu"))
     b = embed_texts(model, tokenizer, texts, max_length, 4, torch.device("cpu"))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -136,17 +173,31 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
     # Two ranks, killed once the first sidecar is out, then rerun to completion.
     out_two = labels_dir(synthetic_dataset, "two")
     args = [f"--shards={synthetic_dataset}", f"--labeler={labeler[0]}", "--name=two", "--threads=1"]
-    job = subprocess.Popen(torchrun(free_port, *args, "--batch_size=1"), env=ENV, cwd=tmp_path, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: list(out_two.glob("*.npz")) or job.poll() is not None, [job], [out_two.parent], early_exit_ok=True)
+    job = subprocess.Popen(
+        torchrun(free_port, *args, "--batch_size=1"),
+        env=ENV,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until(
+        lambda: list(out_two.glob("*.npz")) or job.poll() is not None, [job], [out_two.parent], early_exit_ok=True
+    )
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     written = len(list(out_two.glob("*-*.npz")))
     assert 0 < written < len(shards) and not (out_two / "manifest.json").exists(), "the job was not interrupted mid-way"
 
     # Killed again, one rank only this time (SIGKILL), once it has written more: torchrun ends the other rank.
-    job = subprocess.Popen(torchrun(free_port + 2, *args, "--batch_size=1"), env=ENV, cwd=tmp_path, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(
+        torchrun(free_port + 2, *args, "--batch_size=1"),
+        env=ENV,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ranks: list[int] = []
 
     def rank_wrote() -> bool:
@@ -157,7 +208,11 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
     assert len(ranks) == 2, f"the job ended before a rank could be killed ({job.poll()})"
     os.kill(ranks[1], signal.SIGKILL)
     assert wait_procs([job], [out_two.parent]) != [0]
-    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    assert not [
+        pid
+        for pid in ranks
+        if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    ]
     done = run_following(torchrun(free_port + 1, *args), env=ENV, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kept" in done.stderr
@@ -177,22 +232,48 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
     corrupt.write_bytes(corrupt.read_bytes()[:200])
     before = intact.stat().st_mtime_ns
     problems = verify_labels(synthetic_dataset, "two")
-    assert len(problems) == 2 and any(missing.name in p and "missing" in p for p in problems) and any(corrupt.name in p for p in problems)
+    assert (
+        len(problems) == 2
+        and any(missing.name in p and "missing" in p for p in problems)
+        and any(corrupt.name in p for p in problems)
+    )
     with pytest.raises(SystemExit, match="2 problem"):
         infer.run(infer_cfg(synthetic_dataset, labeler[0], name="two", verify_only=True))
     infer.run(infer_cfg(synthetic_dataset, labeler[0], name="two"))
     assert verify_labels(synthetic_dataset, "two", check_keys=True) == []
     assert intact.stat().st_mtime_ns == before
-    np.testing.assert_allclose(read_sidecar(missing).text_emb, read_sidecar(sidecar_path(synthetic_dataset, "one", shards[0].name)).text_emb, atol=2e-3)
+    np.testing.assert_allclose(
+        read_sidecar(missing).text_emb,
+        read_sidecar(sidecar_path(synthetic_dataset, "one", shards[0].name)).text_emb,
+        atol=2e-3,
+    )
 
 
 @pytest.mark.slow
 def test_train_on_two_ranks(synthetic_dataset, free_port, tmp_path):
     """Both ranks score against each other's texts (gathered with gradients) and average gradients."""
     out = tmp_path / "tiny2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-           "-m", "fgcmr.cli", "label", "train", f"--config={REPO / 'configs/labelers/tiny.yaml'}", f"--shards={synthetic_dataset}",
-           f"--out={out}", "--max_steps=6", "--eval_every=3", "--max_eval_texts=100", "--threads=1", "--tensorboard=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port),
+        "-m",
+        "fgcmr.cli",
+        "label",
+        "train",
+        f"--config={REPO / 'configs/labelers/tiny.yaml'}",
+        f"--shards={synthetic_dataset}",
+        f"--out={out}",
+        "--max_steps=6",
+        "--eval_every=3",
+        "--max_eval_texts=100",
+        "--threads=1",
+        "--tensorboard=false",
+    ]
     done = run_following(cmd, env=ENV, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_json(out / "metrics.json")

@@ -1,4 +1,5 @@
 """Label inference streams batches ahead of the encoder: same sidecars, same tokens, errors not lost."""
+
 from __future__ import annotations
 
 import threading
@@ -44,8 +45,13 @@ def test_token_ids_equal_tokenising_the_clipped_text(labeler):  # noqa: F811
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(words, n)) for n in (3, 60, 90, 200, 400)]
     texts += ["x" * 2000, "ab " * 400 + "y" * 1000, "圆形的红色" * 200, "short", ""]
-    expected = tokenizer(clip_chars(texts, max_length), truncation=True, max_length=max_length,
-                         return_token_type_ids=False, return_attention_mask=False)["input_ids"]
+    expected = tokenizer(
+        clip_chars(texts, max_length),
+        truncation=True,
+        max_length=max_length,
+        return_token_type_ids=False,
+        return_attention_mask=False,
+    )["input_ids"]
     assert token_ids(tokenizer, texts, max_length) == expected
 
 
@@ -60,4 +66,3 @@ def test_prefetch_reraises_producer_errors_and_stops_when_closed():
     assert next(stream) == 0
     stream.close()
     assert not any(t.name == "fgcmr-prefetch" for t in threading.enumerate())
-

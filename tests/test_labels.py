@@ -1,4 +1,5 @@
 """The label seam: sidecar round trip, key checks, verification, and the head's score math."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,14 +33,21 @@ def test_sidecar_round_trip_and_key_check(tmp_path):
 def test_labeler_head_is_the_seam_score():
     """Training's ``sigmoid(logits)`` and the loss-side ``pair_scores`` must be the same function."""
     torch.manual_seed(0)
-    model = SiameseLabeler(build_encoder(EncoderConfig(hidden_size=16, num_heads=2, intermediate_size=32, dim=8), 50, 0, None), 8)
+    model = SiameseLabeler(
+        build_encoder(EncoderConfig(hidden_size=16, num_heads=2, intermediate_size=32, dim=8), 50, 0, None), 8
+    )
     with torch.no_grad():
         model.w.normal_()
         model.c.fill_(-0.3)
-    a, b = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1), torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    a, b = (
+        torch.nn.functional.normalize(torch.randn(3, 8), dim=-1),
+        torch.nn.functional.normalize(torch.randn(4, 8), dim=-1),
+    )
     expected = torch.sigmoid(model.logits(a, b)).detach()
     torch.testing.assert_close(pair_scores(a, b, model.w.detach(), model.c.detach()), expected)
-    brute = torch.tensor([[torch.sigmoid((model.w * a[i] * b[j]).sum() + model.c).item() for j in range(4)] for i in range(3)])
+    brute = torch.tensor(
+        [[torch.sigmoid((model.w * a[i] * b[j]).sum() + model.c).item() for j in range(4)] for i in range(3)]
+    )
     torch.testing.assert_close(expected, brute)
 
 
@@ -72,10 +80,17 @@ def test_leave_one_out_description_and_single_caption_images():
     sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     np.testing.assert_allclose(p.numpy(), [[sig(0.5), sig(4.0)], [sig(2.0), 1.0]], rtol=1e-6)
     # in the weighted loss the single-caption image's matched pair gets ω = 1 (h = 0), its negative ω = 1 + α·p
-    batch = {"category": torch.tensor([-1, -1]), "image_id": torch.tensor([7, 9]), "desc_emb": desc,
-             "label_text_emb": text, "has_desc": torch.tensor([1.0, 0.0])}
+    batch = {
+        "category": torch.tensor([-1, -1]),
+        "image_id": torch.tensor([7, 9]),
+        "desc_emb": desc,
+        "label_text_emb": text,
+        "has_desc": torch.tensor([1.0, 0.0]),
+    }
     out = RetrievalLoss(LossConfig(alpha=2.0), (w, c))(torch.eye(2), torch.eye(2), batch)
-    np.testing.assert_allclose(out.omega.numpy(), [[1 + 2 * (1 - sig(0.5)), 1 + 2 * sig(4.0)], [1 + 2 * sig(2.0), 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(
+        out.omega.numpy(), [[1 + 2 * (1 - sig(0.5)), 1 + 2 * sig(4.0)], [1 + 2 * sig(2.0), 1.0]], rtol=1e-6
+    )
 
 
 def test_labeler_refuses_a_corpus_without_positive_pairs():
@@ -86,5 +101,7 @@ def test_labeler_refuses_a_corpus_without_positive_pairs():
     single = TextSet(["a", "b", "c"], np.array([-1, -1, -1]), np.array([0, 1, 2]))
     with pytest.raises(ConfigError, match="no positive pairs.*--loss.name=pairwise"):
         check_positive_pairs(single, "shards/x")
-    check_positive_pairs(TextSet(["a", "b", "c"], np.array([-1, -1, -1]), np.array([0, 0, 2])), "x")  # two captions of image 0
+    check_positive_pairs(
+        TextSet(["a", "b", "c"], np.array([-1, -1, -1]), np.array([0, 0, 2])), "x"
+    )  # two captions of image 0
     check_positive_pairs(TextSet(["a", "b"], np.array([3, 3]), np.array([0, 1])), "x")  # one category

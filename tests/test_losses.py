@@ -1,4 +1,5 @@
 """Losses against direct reference computations, and the gathered 2-process loss vs one process."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,16 @@ import torch
 import torch.multiprocessing as mp
 
 from fgcmr.labels import hardness, relevance
-from fgcmr.losses import (LossConfig, RetrievalLoss, clip_loss, hardness_stats, pair_weights, pairwise_loss,
-                          shuffle_within, vse_loss)
+from fgcmr.losses import (
+    LossConfig,
+    RetrievalLoss,
+    clip_loss,
+    hardness_stats,
+    pair_weights,
+    pairwise_loss,
+    shuffle_within,
+    vse_loss,
+)
 
 
 def _batch(n=12, d=8, seed=0):
@@ -32,11 +41,13 @@ def test_pairwise_matches_reference_and_alpha_zero_is_unweighted():
     # direct reference: weighted moments written out element by element
     om = (1.0 + 0.7 * h).flatten().tolist()
     sv, yv = s.flatten().tolist(), y.flatten().tolist()
+
     def moments(keep):
         w = [o for o, t in zip(om, yv) if keep(t)]
         x = [v for v, t in zip(sv, yv) if keep(t)]
         mu = sum(a * b for a, b in zip(w, x)) / sum(w)
         return mu, sum(a * (b - mu) ** 2 for a, b in zip(w, x)) / sum(w)
+
     mp_, vp = moments(lambda t: t > 0)
     mn, vn = moments(lambda t: t == 0)
     ref = vp + vn + 0.35 * max(0.0, 0.8 - (mp_ - mn))
@@ -45,11 +56,20 @@ def test_pairwise_matches_reference_and_alpha_zero_is_unweighted():
     assert parts["var_neg"].item() == pytest.approx(vn, rel=1e-5)
     # unweighted = plain means and population variances
     loss0, _ = pairwise_loss(s, *pair_weights(y, None, LossConfig()))
-    ref0 = s[y > 0].var(unbiased=False) + s[y == 0].var(unbiased=False) + 0.35 * torch.clamp(0.8 - (s[y > 0].mean() - s[y == 0].mean()), min=0)
+    ref0 = (
+        s[y > 0].var(unbiased=False)
+        + s[y == 0].var(unbiased=False)
+        + 0.35 * torch.clamp(0.8 - (s[y > 0].mean() - s[y == 0].mean()), min=0)
+    )
     assert loss0.item() == pytest.approx(ref0.item(), rel=1e-5)
     # α = 0 through the full loss object is bit-identical to the unweighted loss
-    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=g), "label_text_emb": torch.randn(12, 4, generator=g),
-             "has_desc": torch.ones(12)}
+    batch = {
+        "category": cat,
+        "image_id": ids,
+        "desc_emb": torch.randn(12, 4, generator=g),
+        "label_text_emb": torch.randn(12, 4, generator=g),
+        "has_desc": torch.ones(12),
+    }
     head = (torch.randn(4, generator=g), 0.1)
     weighted0 = RetrievalLoss(LossConfig(name="weighted_pairwise", alpha=0.0), head)(img, txt, batch)
     unweighted = RetrievalLoss(LossConfig(name="pairwise"))(img, txt, batch)
@@ -67,18 +87,23 @@ def test_clip_loss_matches_reference():
     y = torch.eye(12)
     loss, parts = clip_loss(s, y, scale)
     logits = s * scale.exp()
-    ref = 0.5 * (torch.nn.functional.cross_entropy(logits, torch.arange(12)) + torch.nn.functional.cross_entropy(logits.T, torch.arange(12)))
+    ref = 0.5 * (
+        torch.nn.functional.cross_entropy(logits, torch.arange(12))
+        + torch.nn.functional.cross_entropy(logits.T, torch.arange(12))
+    )
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     assert parts["temperature"].item() == pytest.approx(float(torch.exp(-scale)), rel=1e-6)
     # multi-positive: mean of −log p over each row's positives
     y = relevance(cat, cat, ids, ids)
     loss, _ = clip_loss(s, y, scale)
+
     def direction(lg, yy):
         rows = []
         for i in range(lg.shape[0]):
             lp = torch.log_softmax(lg[i], 0)
             rows.append(-lp[yy[i] > 0].mean())
         return torch.stack(rows).mean()
+
     ref = 0.5 * (direction(logits, y) + direction(logits.T, y.T))
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
 
@@ -108,8 +133,13 @@ def _gathered_worker(rank: int, world: int, port: int, out: dict) -> None:
 
 def _full_inputs():
     img, txt, cat, ids, g = _batch(n=8, d=6, seed=3)
-    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(8, 4, generator=g), "label_text_emb": torch.randn(8, 4, generator=g),
-             "has_desc": (torch.arange(8) % 2).float()}
+    batch = {
+        "category": cat,
+        "image_id": ids,
+        "desc_emb": torch.randn(8, 4, generator=g),
+        "label_text_emb": torch.randn(8, 4, generator=g),
+        "has_desc": (torch.arange(8) % 2).float(),
+    }
     head = (torch.randn(4, generator=g), -0.2)
     return img, txt, batch, head
 
@@ -173,10 +203,18 @@ def _reference_pairwise(s, y, h, alpha, weighting, direction, lam=0.35, margin=0
     return vp + vn + lam * max(0.0, margin - (mp - mn))
 
 
-@pytest.mark.parametrize("weighting,direction,alpha", [
-    ("normalised", "up", 1.0), ("normalised", "down", 4.0), ("unnormalised", "up", 1.0), ("unnormalised", "down", 1.0),
-    ("hinge_only", "up", 4.0), ("graded", "up", 0.5), ("graded", "up", 1.0),
-])
+@pytest.mark.parametrize(
+    "weighting,direction,alpha",
+    [
+        ("normalised", "up", 1.0),
+        ("normalised", "down", 4.0),
+        ("unnormalised", "up", 1.0),
+        ("unnormalised", "down", 1.0),
+        ("hinge_only", "up", 4.0),
+        ("graded", "up", 0.5),
+        ("graded", "up", 1.0),
+    ],
+)
 def test_weighting_formulations_match_hand_computed(weighting, direction, alpha):
     img, txt, cat, ids, g = _batch(n=10)
     s = img @ txt.T
@@ -194,13 +232,24 @@ def test_weighting_edge_cases():
     y = relevance(cat, cat, ids, ids)
     h = hardness(torch.rand(s.shape, generator=g), y)
     plain = pairwise_loss(s, *pair_weights(y, None, LossConfig()))[0]
-    for weighting in ("normalised", "unnormalised", "hinge_only", "graded"):  # α = 0 is the unweighted loss for every one
+    for weighting in (
+        "normalised",
+        "unnormalised",
+        "hinge_only",
+        "graded",
+    ):  # α = 0 is the unweighted loss for every one
         cfg = LossConfig(alpha=0.0, weighting=weighting)
-        assert pairwise_loss(s, *pair_weights(y, h, cfg), weighting=weighting)[0].item() == pytest.approx(plain.item(), rel=1e-6)
+        assert pairwise_loss(s, *pair_weights(y, h, cfg), weighting=weighting)[0].item() == pytest.approx(
+            plain.item(), rel=1e-6
+        )
     # down-weighting: hard positives weigh less than easy ones, negatives as with `up`
     w_pos, w_neg = pair_weights(y, h, LossConfig(alpha=1.0, direction="down"))
     pos = y > 0
-    assert torch.all(w_pos[pos] <= 1.0) and torch.all(w_pos[pos] > 0.5) and torch.equal(w_neg, pair_weights(y, h, LossConfig())[1])
+    assert (
+        torch.all(w_pos[pos] <= 1.0)
+        and torch.all(w_pos[pos] > 0.5)
+        and torch.equal(w_neg, pair_weights(y, h, LossConfig())[1])
+    )
     # graded masses sum to one on every pair
     t, u = pair_weights(y, h, LossConfig(alpha=0.7, weighting="graded"))
     assert torch.allclose(t + u, torch.ones_like(t))
@@ -219,8 +268,13 @@ def test_shuffled_hardness_keeps_each_groups_values_and_moves_pairs():
     assert torch.equal(out, shuffle_within(h, groups, torch.Generator().manual_seed(0)))  # same seed, same permutation
     # through the loss: the control changes the loss but keeps per-class-and-category mean hardness
     img, txt, cat, ids, gen = _batch(n=12)
-    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=gen), "label_text_emb": torch.randn(12, 4, generator=gen),
-             "has_desc": torch.ones(12)}
+    batch = {
+        "category": cat,
+        "image_id": ids,
+        "desc_emb": torch.randn(12, 4, generator=gen),
+        "label_text_emb": torch.randn(12, 4, generator=gen),
+        "has_desc": torch.ones(12),
+    }
     head = (torch.randn(4, generator=gen), 0.1)
     real = RetrievalLoss(LossConfig(), head)(img, txt, batch)
     control = RetrievalLoss(LossConfig(shuffle_hardness=True), head)(img, txt, batch)
@@ -234,12 +288,19 @@ def test_shuffled_hardness_keeps_each_groups_values_and_moves_pairs():
 
 def test_hardness_stats():
     img, txt, cat, ids, gen = _batch(n=12)
-    batch = {"category": cat, "image_id": ids, "desc_emb": torch.randn(12, 4, generator=gen), "label_text_emb": torch.randn(12, 4, generator=gen),
-             "has_desc": torch.ones(12)}
+    batch = {
+        "category": cat,
+        "image_id": ids,
+        "desc_emb": torch.randn(12, 4, generator=gen),
+        "label_text_emb": torch.randn(12, 4, generator=gen),
+        "has_desc": torch.ones(12),
+    }
     out = RetrievalLoss(LossConfig(alpha=1.0), (torch.randn(4, generator=gen), 0.1))(img, txt, batch)
     stats = hardness_stats(out)
     neg = out.y <= 0
-    assert stats["omega_cv_neg"] == pytest.approx((out.omega[neg].std(unbiased=False) / out.omega[neg].mean()).item(), rel=1e-5)
+    assert stats["omega_cv_neg"] == pytest.approx(
+        (out.omega[neg].std(unbiased=False) / out.omega[neg].mean()).item(), rel=1e-5
+    )
     assert -1.0 <= stats["spearman_h_s_pos"] <= 1.0
     # a monotone function of s as hardness has Spearman exactly −1
     out.h = -out.s

@@ -1,4 +1,5 @@
 """Retrieval metrics against a brute-force, loop-by-loop reference (same tie policy), including ties."""
+
 from __future__ import annotations
 
 import math
@@ -74,12 +75,15 @@ def _random_case(rng, n_img, caps, n_cat, dim, quantise):
     return img, txt, cat, owner
 
 
-@pytest.mark.parametrize("seed,n_img,caps,n_cat,quantise", [
-    (0, 17, 1, 4, False),
-    (1, 13, 3, 3, True),
-    (2, 25, 2, 0, True),   # no categories: MAP falls back to same-image relevance
-    (3, 9, 5, 2, True),
-])
+@pytest.mark.parametrize(
+    "seed,n_img,caps,n_cat,quantise",
+    [
+        (0, 17, 1, 4, False),
+        (1, 13, 3, 3, True),
+        (2, 25, 2, 0, True),  # no categories: MAP falls back to same-image relevance
+        (3, 9, 5, 2, True),
+    ],
+)
 def test_metrics_match_brute_force(seed, n_img, caps, n_cat, quantise):
     img, txt, cat, owner = _random_case(np.random.default_rng(seed), n_img, caps, n_cat, 3, quantise)
     got = retrieval_metrics(img, txt, cat, owner)

@@ -1,4 +1,5 @@
 """The model package: towers, inputs, export round trip, real pretrained weights, optimizer groups."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,19 +11,35 @@ import torch
 from PIL import Image
 
 from fgcmr.dataset import Sample
-from fgcmr.model import ImageTowerConfig, ModelConfig, TextTowerConfig, build_inputs, build_model, load_export, save_export, train_wordpiece
+from fgcmr.model import (
+    ImageTowerConfig,
+    ModelConfig,
+    TextTowerConfig,
+    build_inputs,
+    build_model,
+    load_export,
+    save_export,
+    train_wordpiece,
+)
 from fgcmr.model.config import resolve_path
 from fgcmr.train.config import OptimConfig, load_model_config
 from fgcmr.train.engine import param_groups, warmup_cosine
 
-TEXTS = ["a small red circle in the top left", "two large blue squares", "一个红色的圆", "three green stars near the center"] * 5
+TEXTS = [
+    "a small red circle in the top left",
+    "two large blue squares",
+    "一个红色的圆",
+    "three green stars near the center",
+] * 5
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> ModelConfig:
     tok = train_wordpiece(TEXTS, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=200)
     cfg = load_model_config("tiny")
-    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tokenizer_dir=str(tok), config={**cfg.text.config, "vocab_size": 200}))
+    return dataclasses.replace(
+        cfg, text=dataclasses.replace(cfg.text, tokenizer_dir=str(tok), config={**cfg.text.config, "vocab_size": 200})
+    )
 
 
 def image_bytes(fmt: str, colour=(200, 30, 30), size=(80, 60)) -> bytes:
@@ -46,7 +63,10 @@ def test_tiny_model_inputs_and_embeddings(tiny):
     assert text["input_ids"].shape[0] == 3 and text["attention_mask"].sum(1).min() >= 3
     assert inputs.text(samples[0], 2).tolist() != inputs.text(samples[0], 0).tolist()  # the k-th text
     for k in range(3):  # the fast path gives the tokenizer's own ids
-        assert inputs.text(samples[0], k).tolist() == inputs.tokenizer(TEXTS[k], truncation=True, max_length=tiny.max_text_length)["input_ids"]
+        assert (
+            inputs.text(samples[0], k).tolist()
+            == inputs.tokenizer(TEXTS[k], truncation=True, max_length=tiny.max_text_length)["input_ids"]
+        )
     with torch.no_grad():
         img, txt = model.encode_image(images), model.encode_text(text)
         both = model(images, text)
@@ -57,10 +77,18 @@ def test_tiny_model_inputs_and_embeddings(tiny):
 
 
 def test_feature_towers_and_bad_samples(tiny):
-    cfg = ModelConfig(image=ImageTowerConfig(kind="feature", feature_dim=12, hidden_dim=16),
-                      text=TextTowerConfig(kind="feature", feature_dim=5, hidden_dim=16), embed_dim=8)
+    cfg = ModelConfig(
+        image=ImageTowerConfig(kind="feature", feature_dim=12, hidden_dim=16),
+        text=TextTowerConfig(kind="feature", feature_dim=5, hidden_dim=16),
+        embed_dim=8,
+    )
     model, inputs = build_model(cfg), build_inputs(cfg)
-    s = Sample(key="f", meta={"texts": ["x", "y"]}, image_feature=np.ones(12, np.float32), text_feature=np.arange(10, dtype=np.float32).reshape(2, 5))
+    s = Sample(
+        key="f",
+        meta={"texts": ["x", "y"]},
+        image_feature=np.ones(12, np.float32),
+        text_feature=np.arange(10, dtype=np.float32).reshape(2, 5),
+    )
     assert inputs.text(s, 1).tolist() == [5, 6, 7, 8, 9]
     emb = model.encode_text(inputs.collate_texts([inputs.text(s, 0), inputs.text(s, 1)]))
     assert emb.shape == (2, 8)
@@ -91,16 +119,25 @@ def test_real_pretrained_weights_load():
     cfg = load_model_config("pretrained_lite0_minilm")
     model = build_model(cfg).eval()
     # efficientnet-lite0 tensors map in order onto timm's tf_efficientnet_lite0
-    source = [v for k, v in torch.load(resolve_path(cfg.image.checkpoint), map_location="cpu").items() if not k.endswith("num_batches_tracked")]
+    source = [
+        v
+        for k, v in torch.load(resolve_path(cfg.image.checkpoint), map_location="cpu").items()
+        if not k.endswith("num_batches_tracked")
+    ]
     target = [v for k, v in model.image_tower.backbone.state_dict().items() if not k.endswith("num_batches_tracked")]
     assert len(target) > 100 and all(torch.equal(a, b) for a, b in zip(source, target))
     inputs = build_inputs(cfg)
-    s = Sample(key="q", meta={"texts": ["A man is playing a guitar.", "Someone plays an instrument.", "A bowl of soup."]})
+    s = Sample(
+        key="q", meta={"texts": ["A man is playing a guitar.", "Someone plays an instrument.", "A bowl of soup."]}
+    )
     with torch.no_grad():
         e = model.text_tower(inputs.collate_texts([inputs.text(s, k) for k in range(3)]))
     e = torch.nn.functional.normalize(e, dim=-1)
     long_text = " ".join(["guitar"] * 200)
-    assert inputs.text(Sample(key="l", meta={"texts": [long_text]}), 0).tolist() == inputs.tokenizer(long_text, truncation=True, max_length=64)["input_ids"]
+    assert (
+        inputs.text(Sample(key="l", meta={"texts": [long_text]}), 0).tolist()
+        == inputs.tokenizer(long_text, truncation=True, max_length=64)["input_ids"]
+    )
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2  # MiniLM's real sentence similarity survives the tower
     assert inputs.image(sample("x")).shape == (3, 224, 224)
 
@@ -134,4 +171,7 @@ def test_every_shipped_config_resolves():
     for path in sorted((CONFIGS / "deepspeed").glob("*.json")):
         ds = deepspeed_config(path.stem, 4, OptimConfig(grad_accum=2))
         assert ds["gradient_accumulation_steps"] == 2 and ds["zero_allow_untested_optimizer"]
-        assert compute_dtype(ds) == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[path.stem.split("_")[1]]
+        assert (
+            compute_dtype(ds)
+            == {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[path.stem.split("_")[1]]
+        )

@@ -8,6 +8,7 @@ get their own ``--scratch``; every process records the files it writes (``tests/
 the tests see which rank wrote what. The whole chain on the real 2-node Slurm cluster, with a
 preemption of the 2-node train job, is ``test_slurm_pipeline.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,17 @@ def free_port() -> int:
 class Nodes:
     """``nodes`` launcher groups on this machine, one log, scratch dir and agent process per node."""
 
-    def __init__(self, tmp: Path, name: str, launcher: str, nproc: int, command: list[str], nodes: int = 2,
-                 scratch: bool = True, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        launcher: str,
+        nproc: int,
+        command: list[str],
+        nodes: int = 2,
+        scratch: bool = True,
+        env: dict[str, str] | None = None,
+    ):
         self.dir = tmp / name
         self.audit = self.dir / "audit"
         self.audit.mkdir(parents=True)
@@ -73,16 +83,31 @@ class Nodes:
         self.scratch = [SCRATCH / f"{name}-{port}-n{i}" for i in range(nodes)]  # short: Unix sockets live under TMPDIR
         for i in range(nodes):
             node_env = _clean_env() | {
-                "PYTHON": sys.executable, "NNODES": str(nodes), "NODE_RANK": str(i), "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port), "RDZV_ID": f"{name}-{port}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(AUDIT), str(REPO)]),
-                "FGCMR_WRITE_AUDIT": str(self.audit), **(env or {}),
+                "PYTHON": sys.executable,
+                "NNODES": str(nodes),
+                "NODE_RANK": str(i),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RDZV_ID": f"{name}-{port}",
+                "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1",
+                "PYTHONWARNINGS": "ignore",
+                "PYTHONPATH": os.pathsep.join([str(AUDIT), str(REPO)]),
+                "FGCMR_WRITE_AUDIT": str(self.audit),
+                **(env or {}),
             }
             args = [*command, f"--scratch={self.scratch[i]}"] if scratch else command
             with open(self.logs[i], "w") as log:
-                self.procs.append(subprocess.Popen([str(REPO / f"launchers/{launcher}.sh"), "-n", str(nproc), *args],
-                                                   cwd=REPO, env=node_env, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True))
+                self.procs.append(
+                    subprocess.Popen(
+                        [str(REPO / f"launchers/{launcher}.sh"), "-n", str(nproc), *args],
+                        cwd=REPO,
+                        env=node_env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
 
     def text(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in self.logs)
@@ -143,7 +168,9 @@ def assert_scratch_left_clean(nodes: Nodes) -> None:
         assert not [p for p in scratch.iterdir() if p.name.startswith("fgcmr-rank")], list(scratch.iterdir())
     tmp_writes = [r for r in nodes.writes() if any(Path(r["path"]).is_relative_to(s) for s in nodes.scratch)]
     for r in tmp_writes:  # a rank writes temp files only in its own node's scratch
-        assert any(Path(r["path"]).is_relative_to(s) and f"fgcmr-rank{r['rank']}-" in r["path"] for s in nodes.scratch), r
+        assert any(
+            Path(r["path"]).is_relative_to(s) and f"fgcmr-rank{r['rank']}-" in r["path"] for s in nodes.scratch
+        ), r
 
 
 # ---- the data split -----------------------------------------------------------------------------------------
@@ -196,8 +223,19 @@ def stream(dataset: Path, tokenizer: Path, rank: int, world: int, monkeypatch) -
     with monkeypatch.context() as m:
         m.setenv("RANK", str(rank))
         m.setenv("WORLD_SIZE", str(world))
-        loader = build_loader(open_dataset(dataset), build_inputs(cfg, train=False), split="train", micro_batch=8, workers=0,
-                              batches_per_rank=3, world_size=world, resampled=True, shuffle_buffer=10, labeler=None, seed=0)
+        loader = build_loader(
+            open_dataset(dataset),
+            build_inputs(cfg, train=False),
+            split="train",
+            micro_batch=8,
+            workers=0,
+            batches_per_rank=3,
+            world_size=world,
+            resampled=True,
+            shuffle_buffer=10,
+            labeler=None,
+            seed=0,
+        )
         return [b["image_id"].tolist() for b in loader]
 
 
@@ -211,8 +249,15 @@ def test_data_split_follows_the_global_rank_across_nodes(synthetic_dataset, toke
     out.mkdir()
     script = tmp_path / "split_worker.py"
     script.write_text(SPLIT_WORKER)
-    nodes = Nodes(tmp_path, "split", "deepspeed", 2, [str(script), str(synthetic_dataset), str(tokenizer), str(out)],
-                  scratch=False, env={"HOSTFILE": str(hostfile)})
+    nodes = Nodes(
+        tmp_path,
+        "split",
+        "deepspeed",
+        2,
+        [str(script), str(synthetic_dataset), str(tokenizer), str(out)],
+        scratch=False,
+        env={"HOSTFILE": str(hostfile)},
+    )
     assert nodes.wait() == [0, 0], nodes.text()[-6000:]
     ranks = sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")), key=lambda r: r["rank"])
     assert [(r["rank"], r["local_rank"], r["world"]) for r in ranks] == [(0, 0, 4), (1, 1, 4), (2, 0, 4), (3, 1, 4)]
@@ -225,8 +270,12 @@ def test_data_split_follows_the_global_rank_across_nodes(synthetic_dataset, toke
         for b in range(a + 1, 4):
             assert not shards[a] & shards[b], f"ranks {a} and {b} both read {shards[a] & shards[b]}"
     assert set().union(*shards) == {s.name for s in ds.shards("train")}
-    passes = [ids[:sum(1 for i in shard_of if shard_of[i] in mine)] for ids, mine in zip(read, shards)]  # one pass each
-    assert sorted(i for ids in passes for i in ids) == sorted(shard_of)  # together: every sample of the split exactly once
+    passes = [
+        ids[: sum(1 for i in shard_of if shard_of[i] in mine)] for ids, mine in zip(read, shards)
+    ]  # one pass each
+    assert sorted(i for ids in passes for i in ids) == sorted(
+        shard_of
+    )  # together: every sample of the split exactly once
 
     resampled = [r["seen"]["True"] for r in ranks]
     assert all(len(s) == 3 for s in resampled)
@@ -236,6 +285,7 @@ def test_data_split_follows_the_global_rank_across_nodes(synthetic_dataset, toke
 
 
 # ---- training: ZeRO-2 and ZeRO-3 on 2 nodes vs 1 node, stopped and resumed -------------------------------------
+
 
 def seed_run(run: Path, tokenizer: Path) -> None:
     """A run dir with the shared tokenizer already in place (the trainer then uses it as is)."""
@@ -260,8 +310,18 @@ def reference(synthetic_dataset, tokenizer, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("multinode-ref")
     run = tmp / "run"
     seed_run(run, tokenizer)
-    one_node(tmp, "ref", train_args(synthetic_dataset, run, "--deepspeed=zero2_fp32", "--loss.name=pairwise",
-                                    f"--max_steps={STEPS}", "--checkpoint_every=100"))
+    one_node(
+        tmp,
+        "ref",
+        train_args(
+            synthetic_dataset,
+            run,
+            "--deepspeed=zero2_fp32",
+            "--loss.name=pairwise",
+            f"--max_steps={STEPS}",
+            "--checkpoint_every=100",
+        ),
+    )
     return run
 
 
@@ -277,8 +337,17 @@ def trained(synthetic_dataset, tokenizer, tmp_path_factory) -> dict:
         tmp = tmp_path_factory.mktemp(f"multinode-{stage}")
         run = tmp / "run"
         seed_run(run, tokenizer)
-        args = ["train", *train_args(synthetic_dataset, run, f"--deepspeed={stage}", "--loss.name=pairwise",
-                                     f"--max_steps={STEPS}", "--checkpoint_every=100")]
+        args = [
+            "train",
+            *train_args(
+                synthetic_dataset,
+                run,
+                f"--deepspeed={stage}",
+                "--loss.name=pairwise",
+                f"--max_steps={STEPS}",
+                "--checkpoint_every=100",
+            ),
+        ]
         first = Nodes(tmp, "first", "torchrun", 1, args)
         first.wait_for_log(f"step 3/{STEPS} loss")
         for pid in first.workers(1):  # only node 1 is told to stop: node 0 must stop at the same step
@@ -298,9 +367,19 @@ def trained(synthetic_dataset, tokenizer, tmp_path_factory) -> dict:
 
         second = Nodes(tmp, "second", "torchrun", 1, [*args, "--resume=auto"])
         assert second.wait() == [0, 0], second.text()[-6000:]
-        one_node(tmp, "resumed-on-one-node",
-                 train_args(synthetic_dataset, copy, f"--deepspeed={stage}", "--loss.name=pairwise",
-                            f"--max_steps={STEPS}", "--checkpoint_every=100", "--resume=auto"))
+        one_node(
+            tmp,
+            "resumed-on-one-node",
+            train_args(
+                synthetic_dataset,
+                copy,
+                f"--deepspeed={stage}",
+                "--loss.name=pairwise",
+                f"--max_steps={STEPS}",
+                "--checkpoint_every=100",
+                "--resume=auto",
+            ),
+        )
         cache[stage] = {"run": run, "stopped": stopped, "first": first, "second": second, "copy": copy}
         return cache[stage]
 
@@ -317,7 +396,9 @@ def test_train_on_two_nodes_matches_one_node_through_a_stop_and_resume(stage, tr
     assert sorted(curve) == list(range(1, STEPS + 1)) and sorted(resumed) == list(range(stopped + 1, STEPS + 1))
     tol = 1e-6 if stage == "zero2_fp32" else 1e-4
     assert [curve[s] for s in range(1, stopped + 1)] == pytest.approx([ref[s] for s in range(1, stopped + 1)], rel=tol)
-    assert [curve[s] for s in range(stopped + 1, STEPS + 1)] == pytest.approx([resumed[s] for s in range(stopped + 1, STEPS + 1)], rel=tol)
+    assert [curve[s] for s in range(stopped + 1, STEPS + 1)] == pytest.approx(
+        [resumed[s] for s in range(stopped + 1, STEPS + 1)], rel=tol
+    )
 
     # Step and sample counts as uninterrupted; each step once; the second node's log shows its topology.
     metrics, uninterrupted = read_json(run / "train_metrics.json"), read_json(reference / "train_metrics.json")
@@ -330,8 +411,13 @@ def test_train_on_two_nodes_matches_one_node_through_a_stop_and_resume(stage, tr
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [f"step_{stopped:08d}", f"step_{STEPS:08d}"]
 
     # Shared outputs: written once, each by the rank that owns it; temp files in each node's scratch.
-    owners = {"config.yaml": "0", "train_metrics.json": "0", "checkpoints/latest": "0",
-              f"checkpoints/step_{STEPS:08d}/rng_rank1.pt": "1", f"checkpoints/step_{STEPS:08d}/rng_rank0.pt": "0"}
+    owners = {
+        "config.yaml": "0",
+        "train_metrics.json": "0",
+        "checkpoints/latest": "0",
+        f"checkpoints/step_{STEPS:08d}/rng_rank1.pt": "1",
+        f"checkpoints/step_{STEPS:08d}/rng_rank0.pt": "0",
+    }
     by_path = {}
     for nodes in (t["first"], t["second"]):
         by_path.update(assert_written_once(nodes.writes(), run, owners if nodes is t["second"] else {}))
@@ -362,8 +448,20 @@ def test_label_infer_and_eval_on_two_nodes_equal_one_rank(synthetic_dataset, tra
     from fgcmr.train.export import run as export
 
     labeler = tmp_path / "labeler"
-    train.run(load_config(train.LabelTrainConfig, REPO / "configs/labelers/tiny.yaml", {
-        "shards": str(synthetic_dataset), "out": str(labeler), "max_steps": 4, "eval_every": 4, "max_eval_texts": 60, "threads": 1}))
+    train.run(
+        load_config(
+            train.LabelTrainConfig,
+            REPO / "configs/labelers/tiny.yaml",
+            {
+                "shards": str(synthetic_dataset),
+                "out": str(labeler),
+                "max_steps": 4,
+                "eval_every": 4,
+                "max_eval_texts": 60,
+                "threads": 1,
+            },
+        )
+    )
     run = trained("zero2_fp32")["run"]
     export(ExportConfig(run=str(run)))
 
@@ -375,7 +473,9 @@ def test_label_infer_and_eval_on_two_nodes_equal_one_rank(synthetic_dataset, tra
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread, as each rank had: the same kernels, the same floats
     threads = torch.get_num_threads()
     try:
-        one = infer.run(infer.LabelInferConfig(shards=str(synthetic_dataset), labeler=str(labeler), name="multinode-1", threads=1))
+        one = infer.run(
+            infer.LabelInferConfig(shards=str(synthetic_dataset), labeler=str(labeler), name="multinode-1", threads=1)
+        )
         single = eval_job.run(eval_job.EvalConfig(run=str(run), out=str(run / "eval-1"), report=False))
     finally:
         torch.set_num_threads(threads)
@@ -385,11 +485,15 @@ def test_label_infer_and_eval_on_two_nodes_equal_one_rank(synthetic_dataset, tra
     assert four["world_size"] == 4 and four["counts"] == one["counts"]
     for shard in (s for split in ds.split_names for s in ds.shards(split)):
         a = read_sidecar(sidecar_path(synthetic_dataset, "multinode-1", shard.name))
-        b = read_sidecar(sidecar_path(synthetic_dataset, "multinode-4", shard.name), [s.key for s in iter_samples(shard)])
+        b = read_sidecar(
+            sidecar_path(synthetic_dataset, "multinode-4", shard.name), [s.key for s in iter_samples(shard)]
+        )
         for field in ("keys", "text_offsets", "text_emb", "desc_emb"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{shard.name}: {field}")
     # Round-robin by global rank within each split: train shards 0-4 → ranks 0,1,2,3,0; test shards → 0,1.
-    owners = {f"{s.name.split('.')[0]}.npz": str(i % 4) for split in ds.split_names for i, s in enumerate(ds.shards(split))}
+    owners = {
+        f"{s.name.split('.')[0]}.npz": str(i % 4) for split in ds.split_names for i, s in enumerate(ds.shards(split))
+    }
     owners.update({"manifest.json": "0", "head.npz": "0", "config.yaml": "0"})
     records = nodes.writes()
     by_path = assert_written_once(records, labels_dir(synthetic_dataset, "multinode-4"), owners)

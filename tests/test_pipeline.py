@@ -1,4 +1,5 @@
 """The one-command pipeline: path wiring (fast, in-process) and one short 2-process run end to end."""
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,38 @@ GUARD = 1800  # s: a hang guard for one pipeline run on a loaded machine, not it
 
 TINY = {
     "name": "tiny",
-    "shard": {"source": "synthetic", "items": 120, "seed": 0, "image_size": 32, "captions": 2, "data": {"max_items_per_shard": 30}},
-    "label": {"vocab_size": 400, "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_length": 24, "dim": 32},
-              "batch_size": 16, "max_steps": 6, "eval_every": 3, "max_eval_texts": 100},
+    "shard": {
+        "source": "synthetic",
+        "items": 120,
+        "seed": 0,
+        "image_size": 32,
+        "captions": 2,
+        "data": {"max_items_per_shard": 30},
+    },
+    "label": {
+        "vocab_size": 400,
+        "model": {
+            "hidden_size": 32,
+            "num_layers": 1,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "max_length": 24,
+            "dim": 32,
+        },
+        "batch_size": 16,
+        "max_steps": 6,
+        "eval_every": 3,
+        "max_eval_texts": 100,
+    },
     "infer": {"batch_size": 64},
-    "train": {"model": "tiny", "model_overrides": {"image": {"image_size": 32}},
-              "loss": {"name": "weighted_pairwise"}, "data": {"micro_batch": 16, "workers": 0, "augment": False},
-              "max_steps": 4, "checkpoint_every": 2},
+    "train": {
+        "model": "tiny",
+        "model_overrides": {"image": {"image_size": 32}},
+        "loss": {"name": "weighted_pairwise"},
+        "data": {"micro_batch": 16, "workers": 0, "augment": False},
+        "max_steps": 4,
+        "checkpoint_every": 2,
+    },
     "eval": {"batch_size": 64},
 }
 
@@ -35,12 +61,20 @@ def _write(path: Path, data: dict) -> Path:
 
 
 def test_paths_are_wired_and_data_root_resolves(tmp_path, monkeypatch):
-    exp = {"name": "x", "data_root": "/nowhere", "shard": {"source": "wikipedia", "root": "${data_root}/wiki"}, "label": {}, "train": {}}
+    exp = {
+        "name": "x",
+        "data_root": "/nowhere",
+        "shard": {"source": "wikipedia", "root": "${data_root}/wiki"},
+        "label": {},
+        "train": {},
+    }
     cfg = _write(tmp_path / "x.yaml", exp)
     monkeypatch.delenv("FGCMR_DATA", raising=False)
     resolved, layout = resolve_experiment(cfg, str(tmp_path / "out"), {"train.seed": 3})
     assert resolved["shard"]["root"] == "/nowhere/wiki"
-    assert resolved["train"]["shards"] == resolved["label"]["shards"] == resolved["infer"]["shards"] == str(layout.shards)
+    assert (
+        resolved["train"]["shards"] == resolved["label"]["shards"] == resolved["infer"]["shards"] == str(layout.shards)
+    )
     assert resolved["train"]["labels"] == resolved["infer"]["name"] == "labeler"
     assert resolved["train"]["seed"] == 3 and resolved["eval"]["run"] == str(tmp_path / "out" / "run")
     assert layout.data_dir == tmp_path / "out" / "data"
@@ -53,7 +87,10 @@ def test_paths_are_wired_and_data_root_resolves(tmp_path, monkeypatch):
 
 
 def test_variant_merges_over_its_base(tmp_path):
-    _write(tmp_path / "base.yaml", {"name": "b", "train": {"loss": {"name": "weighted_pairwise", "alpha": 1.0}, "epochs": 3}})
+    _write(
+        tmp_path / "base.yaml",
+        {"name": "b", "train": {"loss": {"name": "weighted_pairwise", "alpha": 1.0}, "epochs": 3}},
+    )
     variant = _write(tmp_path / "v.yaml", {"base": "base.yaml", "name": "v", "train": {"loss": {"alpha": 0.0}}})
     resolved, layout = resolve_experiment(variant, None, None)
     assert resolved["name"] == "v" and layout.out.name == "v"
@@ -74,21 +111,40 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
     done = run_following(cmd, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "run" / "eval" / "metrics.json").read_text())
-    for key in ("map_i2t", "map_t2i", "map_avg", "r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "chance_map"):
+    for key in (
+        "map_i2t",
+        "map_t2i",
+        "map_avg",
+        "r1_i2t",
+        "r5_i2t",
+        "r10_i2t",
+        "r1_t2i",
+        "r5_t2i",
+        "r10_t2i",
+        "chance_map",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["images"] == 24 and metrics["texts"] == 48  # the synthetic 80/20 split, 2 captions each
     assert metrics["eval"]["world_size"] == 2
     assert (out / "run" / "eval" / "report.png").stat().st_size > 10_000
     assert "MAP@all" in done.stdout and "tensorboard --logdir" in done.stdout
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
-    assert all(s["status"] == "ran" for s in stages.values()) and list(stages) == ["shard", "label", "infer", "train", "export", "eval"]
+    assert all(s["status"] == "ran" for s in stages.values()) and list(stages) == [
+        "shard",
+        "label",
+        "infer",
+        "train",
+        "export",
+        "eval",
+    ]
 
     from fgcmr.evaluate.job import EvalConfig, run  # one process sees the same samples in the same pairing
 
     single = run(EvalConfig(run=str(out / "run"), out=str(tmp_path / "single"), report=False, tensorboard=False))
     assert single["eval"]["world_size"] == 1
     assert {k: single[k] for k in ("map_i2t", "map_t2i", "r1_i2t", "r10_t2i", "medr_i2t")} == pytest.approx(
-        {k: metrics[k] for k in ("map_i2t", "map_t2i", "r1_i2t", "r10_t2i", "medr_i2t")}, abs=1e-5)
+        {k: metrics[k] for k in ("map_i2t", "map_t2i", "r1_i2t", "r10_t2i", "medr_i2t")}, abs=1e-5
+    )
 
     (out / "run" / "eval" / "report.png").unlink()  # as if killed between metrics.json and report.png: only eval reruns
     again = run_following(cmd, cwd=REPO)
@@ -96,22 +152,32 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [s for s, v in stages.items() if v["status"] == "ran"] == ["eval"]
     assert f"eval: {out / 'run' / 'eval'} is incomplete, redoing" in again.stderr
-    assert json.loads((out / "run" / "eval" / "metrics.json").read_text())["map_avg"] == pytest.approx(metrics["map_avg"])
+    assert json.loads((out / "run" / "eval" / "metrics.json").read_text())["map_avg"] == pytest.approx(
+        metrics["map_avg"]
+    )
     assert (out / "run" / "eval" / "report.png").is_file()
 
     # Defect 1: a changed option never shows the old results as new.
     experiment = (out / "experiment.yaml").read_text()
     changed = subprocess.run([*cmd, "--train.optim.lr=0.01"], cwd=REPO, capture_output=True, text=True, timeout=GUARD)
     assert changed.returncode == 2 and "MAP@all" not in changed.stdout
-    assert "train: config changed (optim.lr 0.001→0.01) for the output in" in changed.stderr and "--force" in changed.stderr
+    assert (
+        "train: config changed (optim.lr 0.001→0.01) for the output in" in changed.stderr
+        and "--force" in changed.stderr
+    )
     assert (out / "experiment.yaml").read_text() == experiment  # nothing touched
-    bad = subprocess.run([*cmd, "--train.data.micro_batch=abc"], cwd=REPO, capture_output=True, text=True, timeout=GUARD)
+    bad = subprocess.run(
+        [*cmd, "--train.data.micro_batch=abc"], cwd=REPO, capture_output=True, text=True, timeout=GUARD
+    )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "fgcmr: config error: train.data.micro_batch must be an integer, got 'abc'"]  # before any stage ran
+        "fgcmr: config error: train.data.micro_batch must be an integer, got 'abc'"
+    ]  # before any stage ran
     evals = subprocess.run([*cmd, "--eval.report_queries=1"], cwd=REPO, capture_output=True, text=True, timeout=GUARD)
     assert evals.returncode == 0, evals.stderr[-3000:]
     assert "eval: config changed (report_queries 3→1), redoing" in evals.stderr
-    forced = subprocess.run([*cmd, "--train.optim.lr=0.01", "--force"], cwd=REPO, capture_output=True, text=True, timeout=GUARD)
+    forced = subprocess.run(
+        [*cmd, "--train.optim.lr=0.01", "--force"], cwd=REPO, capture_output=True, text=True, timeout=GUARD
+    )
     assert forced.returncode == 0, forced.stderr[-3000:]
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [s for s, v in stages.items() if v["status"] == "ran"] == ["train", "export", "eval"]
@@ -120,8 +186,26 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
     assert f"{new['map_avg']:.4f}" in forced.stdout
 
     # Defect 11: the README's eval command under torchrun (--run=… is torchrun's --run-path).
-    readme = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fgcmr.cli",
-                             "eval", f"--run_dir={out / 'run'}", f"--out={tmp_path / 'readme-eval'}", "--report=false"],
-                            cwd=REPO, capture_output=True, text=True, timeout=GUARD)
+    readme = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "fgcmr.cli",
+            "eval",
+            f"--run_dir={out / 'run'}",
+            f"--out={tmp_path / 'readme-eval'}",
+            "--report=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=GUARD,
+    )
     assert readme.returncode == 0, readme.stderr[-3000:]
-    assert json.loads((tmp_path / "readme-eval" / "metrics.json").read_text())["map_avg"] == pytest.approx(new["map_avg"], abs=1e-6)
+    assert json.loads((tmp_path / "readme-eval" / "metrics.json").read_text())["map_avg"] == pytest.approx(
+        new["map_avg"], abs=1e-6
+    )

@@ -1,5 +1,6 @@
 """Row corpora (img2dataset output, WebDataset, CSV/JSONL/parquet): grouping across the corpus, row
 accounting, order independence and bounded-memory partitioning."""
+
 from __future__ import annotations
 
 import csv
@@ -37,15 +38,29 @@ def _shard(tmp_path: Path, name: str, **kw) -> dict:
 
 
 def test_img2dataset_grouped_accounted_and_order_independent(tmp_path):
-    truths = [write_img2dataset_corpus(tmp_path / f"i2d{seed}", 400, fail_fraction=0.1, samples_per_shard=150,
-                                       shuffle_seed=seed, extra_columns={"split": lambda i, k: "test" if i % 4 == 0 else "train"})
-              for seed in (0, 1)]
+    truths = [
+        write_img2dataset_corpus(
+            tmp_path / f"i2d{seed}",
+            400,
+            fail_fraction=0.1,
+            samples_per_shard=150,
+            shuffle_seed=seed,
+            extra_columns={"split": lambda i, k: "test" if i % 4 == 0 else "train"},
+        )
+        for seed in (0, 1)
+    ]
     assert truths[0] == truths[1] and truths[0]["failed"]  # same rows, other order (so other keys and tars)
     truth = truths[0]
     m = _shard(tmp_path, "a", source="img2dataset", root=str(tmp_path / "i2d0"))
-    assert m["rows"] == {"rows_in": 400, "rows_in_items": truth["success"], "rows_skipped": 400 - truth["success"],
-                         "skipped": {"download_failed": truth["failed"]["failed_to_download"],
-                                     "decode_failed": truth["failed"]["failed_to_resize"]}}
+    assert m["rows"] == {
+        "rows_in": 400,
+        "rows_in_items": truth["success"],
+        "rows_skipped": 400 - truth["success"],
+        "skipped": {
+            "download_failed": truth["failed"]["failed_to_download"],
+            "decode_failed": truth["failed"]["failed_to_resize"],
+        },
+    }
     assert m["items_written"] == truth["images"] and set(m["splits"]) == {"train", "test"}
     by_url = {s.meta["source"]: s for split in ("train", "test") for s in samples(tmp_path / "a", split)}
     assert len(by_url) == truth["images"]
@@ -99,19 +114,36 @@ def test_webdataset_source_groups_by_url_sha256_or_not(tmp_path):
     root = tmp_path / "wds"
     root.mkdir()
     for n, part in enumerate((samples_in[:3], samples_in[3:])):
-        data = b"".join(ustar_member(f"{key}.{ext}", json.dumps(v).encode() if ext == "json" else v)
-                        for key, members in part for ext, v in members.items())
+        data = b"".join(
+            ustar_member(f"{key}.{ext}", json.dumps(v).encode() if ext == "json" else v)
+            for key, members in part
+            for ext, v in members.items()
+        )
         (root / f"part-{n}.tar").write_bytes(data + bytes(1024))
     base = dict(source="webdataset", root=str(root), text_field="json.caption")
     m = _shard(tmp_path, "url", **base)
-    assert m["rows"] == {"rows_in": 6, "rows_in_items": 3, "rows_skipped": 3,
-                         "skipped": {"duplicate_caption": 1, "empty_text": 1, "missing_image": 1}}
-    got = {s.meta["source"]: (s.meta["split"], s.texts, s.image_ext) for split in ("train", "val") for s in samples(tmp_path / "url", split)}
-    assert got == {"http://x/red": ("val", ["a red square"], "jpg"), "http://x/blue": ("train", ["blue"], "jpg"),
-                   "http://x/red2": ("train", ["red again"], "jpg")}  # JPEG bytes named .png/.webp: stored as what they are
+    assert m["rows"] == {
+        "rows_in": 6,
+        "rows_in_items": 3,
+        "rows_skipped": 3,
+        "skipped": {"duplicate_caption": 1, "empty_text": 1, "missing_image": 1},
+    }
+    got = {
+        s.meta["source"]: (s.meta["split"], s.texts, s.image_ext)
+        for split in ("train", "val")
+        for s in samples(tmp_path / "url", split)
+    }
+    assert got == {
+        "http://x/red": ("val", ["a red square"], "jpg"),
+        "http://x/blue": ("train", ["blue"], "jpg"),
+        "http://x/red2": ("train", ["red again"], "jpg"),
+    }  # JPEG bytes named .png/.webp: stored as what they are
     m = _shard(tmp_path, "sha", **base, group_by="sha256")
     (red_item,) = [s for split in ("train", "val") for s in samples(tmp_path / "sha", split) if s.image == red]
-    assert sorted(red_item.texts) == ["a red square", "red again"] and red_item.meta["id"] == hashlib.sha256(red).hexdigest()[:20]
+    assert (
+        sorted(red_item.texts) == ["a red square", "red again"]
+        and red_item.meta["id"] == hashlib.sha256(red).hexdigest()[:20]
+    )
     m = _shard(tmp_path, "none", **base, group_by="none")
     assert m["items_written"] == 4 and m["rows"]["skipped"] == {"empty_text": 1, "missing_image": 1}
 
@@ -121,8 +153,15 @@ def _tabular_rows(tmp_path: Path) -> list[dict]:
     rows = []
     for i in range(12):
         (tmp_path / "images" / f"im{i}.jpg").write_bytes(_jpeg((i * 20, 100, 50)))
-        rows += [{"img": f"im{i}.jpg", "cap": f"caption {k} of {i}", "sp": "test" if i < 3 else "train",
-                  "cat": "odd" if i % 2 else "even"} for k in range(3)]
+        rows += [
+            {
+                "img": f"im{i}.jpg",
+                "cap": f"caption {k} of {i}",
+                "sp": "test" if i < 3 else "train",
+                "cat": "odd" if i % 2 else "even",
+            }
+            for k in range(3)
+        ]
     rows.append({"img": "im5.jpg", "cap": "", "sp": "train", "cat": "odd"})  # empty: a counted skip, not dropped
     rows.append({"img": "gone.jpg", "cap": "its image is missing", "sp": "train", "cat": "odd"})
     return rows
@@ -137,7 +176,9 @@ def test_tabular_sources_group_across_file_whatever_the_format_or_order(tmp_path
         if seed is not None:
             random.Random(seed).shuffle(order)
         if n == 0:
-            pq.write_table(pa.Table.from_pylist(order), tmp_path / "list.parquet", row_group_size=7)  # several row groups
+            pq.write_table(
+                pa.Table.from_pylist(order), tmp_path / "list.parquet", row_group_size=7
+            )  # several row groups
             path, source = tmp_path / "list.parquet", "parquet"
         elif n == 1:
             path, source = tmp_path / "list.csv", "csv"
@@ -150,7 +191,12 @@ def test_tabular_sources_group_across_file_whatever_the_format_or_order(tmp_path
             path.write_text("".join(json.dumps(r) + "\n" for r in order))
         m = _shard(tmp_path, f"t{n}", source=source, root=str(path), **cols)
         assert m["categories"] == ["even", "odd"]
-        assert m["rows"] == {"rows_in": 38, "rows_in_items": 36, "rows_skipped": 2, "skipped": {"empty_text": 1, "missing_image": 1}}
+        assert m["rows"] == {
+            "rows_in": 38,
+            "rows_in_items": 36,
+            "rows_skipped": 2,
+            "skipped": {"empty_text": 1, "missing_image": 1},
+        }
         assert {s: v["items"] for s, v in m["splits"].items()} == {"train": 9, "test": 3}
         outs.append(shard_bytes(tmp_path / f"t{n}"))
     assert outs[0] == outs[1] == outs[2]  # parquet, shuffled CSV and shuffled JSONL: the same shards
@@ -170,7 +216,11 @@ def test_two_images_with_one_key_the_second_is_a_counted_duplicate(tmp_path):
     (tmp_path / "images").mkdir()
     for name, colour in (("a.jpg", (10, 10, 10)), ("a.png", (200, 200, 200))):
         Image.new("RGB", (8, 8), colour).save(tmp_path / "images" / name)
-    rows = [{"image": "a.jpg", "caption": "dark"}, {"image": "a.png", "caption": "light"}, {"image": "a.png", "caption": "pale"}]
+    rows = [
+        {"image": "a.jpg", "caption": "dark"},
+        {"image": "a.png", "caption": "light"},
+        {"image": "a.png", "caption": "pale"},
+    ]
     (tmp_path / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = _shard(tmp_path, "o", source="jsonl", root=str(tmp_path / "list.jsonl"))
     assert m["items_written"] == 1 and m["rows"]["skipped"] == {"duplicate_id": 2}  # both rows of the second image

@@ -1,5 +1,6 @@
 """The sharder's guarantees on the synthetic corpus: byte-identical output across reruns, worker
 counts, Slurm-array tasks + merge and kill-and-resume; size limits; clear errors on bad usage."""
+
 from __future__ import annotations
 
 import contextlib
@@ -92,8 +93,17 @@ def test_array_tasks_then_merge_equal_single_run(reference, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_output(reference, tmp_path):
     out = tmp_path / "synth"
-    cmd = [sys.executable, "-m", "fgcmr", "shard", "--source=synthetic", f"--out={out}", f"--items={ITEMS}",
-           "--seed=7", f"--data.max_items_per_shard={PER_SHARD}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fgcmr",
+        "shard",
+        "--source=synthetic",
+        f"--out={out}",
+        f"--items={ITEMS}",
+        "--seed=7",
+        f"--data.max_items_per_shard={PER_SHARD}",
+    ]
     killed = subprocess.run(cmd, cwd=REPO, env={**os.environ, FAIL_AFTER_ENV: "4"}, capture_output=True, text=True)
     assert killed.returncode == 75, killed.stderr
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))
@@ -104,7 +114,9 @@ def test_killed_run_resumes_to_identical_output(reference, tmp_path):
     resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"items_in {ITEMS} = items_written {ITEMS} + items_skipped 0" in resumed.stdout
-    assert {n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in (out / ".parts").glob("*-p*.tar")) if n in done} == done
+    assert {
+        n: t for n, t in ((p.name, p.stat().st_mtime_ns) for p in (out / ".parts").glob("*-p*.tar")) if n in done
+    } == done
     assert outputs(out) == outputs(reference) and not stale.exists()
 
 
@@ -159,8 +171,18 @@ def test_dotted_override_and_bad_values():
 @pytest.mark.slow
 def test_cli_wrong_path_is_a_usage_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "fgcmr", "shard", "--source=wikipedia", "--root=/nonexistent/corpus", f"--out={tmp_path / 'x'}"],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fgcmr",
+            "shard",
+            "--source=wikipedia",
+            "--root=/nonexistent/corpus",
+            f"--out={tmp_path / 'x'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2 and "/nonexistent/corpus does not exist" in result.stderr
     assert not (tmp_path / "x").exists()
@@ -220,12 +242,26 @@ def test_sigkill_of_the_process_group_at_several_moments_then_rerun_is_identical
     from waits import wait_until
 
     out = tmp_path / "synth"
-    cmd = [sys.executable, "-m", "fgcmr", "shard", "--source=synthetic", f"--out={out}", f"--items={ITEMS}", "--seed=7",
-           f"--data.max_items_per_shard={PER_SHARD}", "--workers=2"]
-    moments = [lambda: len(list((out / ".parts").glob("*-p*.tar"))) >= 3,  # mid-way through the chunks
-               lambda: bool(list(out.glob("*.tar"))) or (out / "manifest.json").exists()]  # while placing the shards
+    cmd = [
+        sys.executable,
+        "-m",
+        "fgcmr",
+        "shard",
+        "--source=synthetic",
+        f"--out={out}",
+        f"--items={ITEMS}",
+        "--seed=7",
+        f"--data.max_items_per_shard={PER_SHARD}",
+        "--workers=2",
+    ]
+    moments = [
+        lambda: len(list((out / ".parts").glob("*-p*.tar"))) >= 3,  # mid-way through the chunks
+        lambda: bool(list(out.glob("*.tar"))) or (out / "manifest.json").exists(),
+    ]  # while placing the shards
     for moment in moments:
-        job = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        job = subprocess.Popen(
+            cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_until(lambda: moment() or job.poll() is not None, [job], [out], early_exit_ok=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)

@@ -1,4 +1,5 @@
 """A planted corpus with every bad-input case: each is kept (and decodes) or counted under its reason."""
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,14 @@ from fgcmr.shard.job import ShardConfig, run
 
 KEPT = {"ok": "jpg", "png_as_jpg": "png", "gif_as_jpg": "gif", "cmyk": "jpg", "sixteen_bit": "png", "palette": "png"}
 SKIPPED = {
-    "missing": "missing_image", "zero_byte": "empty_image", "truncated": "corrupt_image", "not_image": "not_an_image",
-    "bomb": "too_many_pixels", "no_text": "missing_text", "empty_text": "empty_text", "latin1_text": "text_not_utf8",
+    "missing": "missing_image",
+    "zero_byte": "empty_image",
+    "truncated": "corrupt_image",
+    "not_image": "not_an_image",
+    "bomb": "too_many_pixels",
+    "no_text": "missing_text",
+    "empty_text": "empty_text",
+    "latin1_text": "text_not_utf8",
 }
 
 
@@ -39,7 +46,9 @@ def _images() -> dict[str, bytes]:
         "truncated": jpeg[: len(jpeg) // 2],
         "not_image": b"<html>this is not an image</html>",
         "bomb": _encode(Image.new("RGB", (200, 120)), "PNG"),
-        "no_text": jpeg, "empty_text": jpeg, "latin1_text": jpeg,
+        "no_text": jpeg,
+        "empty_text": jpeg,
+        "latin1_text": jpeg,
     }
 
 
@@ -55,7 +64,9 @@ def corpus(tmp_path_factory) -> Path:
         lines.append(f"{name}\t{name}\t2")
     lines.append("missing\tmissing\t2")
     for name in [*KEPT, "missing", "zero_byte", "truncated", "not_image", "bomb"]:
-        (root / "texts" / f"{name}.xml").write_text(f'<document><text>text of {name} &amp; more &nbsp;</text></document>')
+        (root / "texts" / f"{name}.xml").write_text(
+            f"<document><text>text of {name} &amp; more &nbsp;</text></document>"
+        )
     (root / "texts" / "empty_text.txt").write_text("  \n")
     (root / "texts" / "latin1_text.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     lines += ["ok\tok\t2", "this line does not parse", "ok_again\tok\t9"]
@@ -77,7 +88,9 @@ def test_every_case_kept_or_counted(corpus, tmp_path, capsys):
     assert m["skipped"] == dict(sorted(expected.items()))
     assert m["items_in"] == len(KEPT) + sum(expected.values()) == m["items_written"] + m["items_skipped"]
     assert "items_in 17 = items_written 6 + items_skipped 11" in capsys.readouterr().out
-    skipped = {(s["id"], s["reason"]) for s in map(json.loads, (tmp_path / "out" / "skipped.jsonl").read_text().splitlines())}
+    skipped = {
+        (s["id"], s["reason"]) for s in map(json.loads, (tmp_path / "out" / "skipped.jsonl").read_text().splitlines())
+    }
     for name, reason in SKIPPED.items():
         assert (name, reason) in skipped
     assert ("ok", "duplicate_id") in skipped

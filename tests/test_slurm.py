@@ -1,4 +1,5 @@
 """fgcmr submit: rendering (no cluster needed), and a failing chain against a real Slurm cluster."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,9 +16,20 @@ from fgcmr.slurm.chain import EXIT_REQUEUE, plan
 
 from slurm_cluster import REPO, cancel_after, job_field, slurm, wait_state  # noqa: F401  (fixtures)
 
-SLURM = {"nodes": 2, "gpus_per_node": 4, "cpus_per_task": 8, "partition": "gpu", "account": "proj42", "time": "01:00:00",
-         "shard_tasks": 3, "signal_seconds": 240, "extra": ["--constraint=a100", "#SBATCH --exclusive"],
-         "setup": ["module load cuda/12.4"], "train": {"time": "2-00:00:00"}, "shard": {"partition": "cpu"}}
+SLURM = {
+    "nodes": 2,
+    "gpus_per_node": 4,
+    "cpus_per_task": 8,
+    "partition": "gpu",
+    "account": "proj42",
+    "time": "01:00:00",
+    "shard_tasks": 3,
+    "signal_seconds": 240,
+    "extra": ["--constraint=a100", "#SBATCH --exclusive"],
+    "setup": ["module load cuda/12.4"],
+    "train": {"time": "2-00:00:00"},
+    "shard": {"partition": "cpu"},
+}
 
 
 def write_experiment(tmp_path: Path, **sections) -> Path:
@@ -39,16 +51,33 @@ def sbatch_lines(script: str) -> list[str]:
 
 
 def test_dry_run_renders_every_stage_from_the_slurm_section(tmp_path, capsys):
-    path = write_experiment(tmp_path, shard={"source": "synthetic"}, tokenizer={}, label={}, infer={}, train={},
-                            export={}, eval={}, slurm=SLURM)
+    path = write_experiment(
+        tmp_path,
+        shard={"source": "synthetic"},
+        tokenizer={},
+        label={},
+        infer={},
+        train={},
+        export={},
+        eval={},
+        slurm=SLURM,
+    )
     scripts = scripts_from_dry_run(capsys, path, tmp_path / "out", **{"slurm.nodes": 3})
     assert list(scripts) == ["shard", "merge", "label", "infer", "train", "eval"]
     shard, train, ev = sbatch_lines(scripts["shard"]), sbatch_lines(scripts["train"]), sbatch_lines(scripts["eval"])
     assert "--array=0-2" in shard and "--nodes=1" in shard and "--partition=cpu" in shard
     assert not any(o.startswith("--gpus") for o in shard)
     for opts in (train, ev):
-        assert {"--nodes=3", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--account=proj42",
-                "--constraint=a100", "--exclusive", "--partition=gpu"} <= set(opts)
+        assert {
+            "--nodes=3",
+            "--ntasks-per-node=4",
+            "--gpus-per-node=4",
+            "--cpus-per-task=8",
+            "--account=proj42",
+            "--constraint=a100",
+            "--exclusive",
+            "--partition=gpu",
+        } <= set(opts)
     assert {"--requeue", "--signal=B:USR1@240", "--time=2-00:00:00", "--open-mode=append"} <= set(train)
     assert "--time=01:00:00" in ev and "--requeue" not in ev
     assert f"(( rc == {EXIT_REQUEUE} ))" in scripts["train"] and "--resume=auto" in scripts["train"]
@@ -58,12 +87,16 @@ def test_dry_run_renders_every_stage_from_the_slurm_section(tmp_path, capsys):
         assert f"{sys.executable} -m fgcmr.cli" in script
         body = script.split("\n", 1)[1]
         first_command = next(i for i, line in enumerate(body.splitlines()) if line and not line.startswith("#"))
-        assert all(not line.startswith("#SBATCH") for line in body.splitlines()[first_command:]), f"{name}: #SBATCH after a command is ignored"
+        assert all(not line.startswith("#SBATCH") for line in body.splitlines()[first_command:]), (
+            f"{name}: #SBATCH after a command is ignored"
+        )
         subprocess.run(["bash", "-n"], input=body, text=True, check=True)
 
 
 def test_scratch_is_exported_to_every_job(tmp_path, capsys):
-    path = write_experiment(tmp_path, shard={"source": "synthetic"}, train={}, slurm={"scratch": "/local/$SLURM_JOB_ID"})
+    path = write_experiment(
+        tmp_path, shard={"source": "synthetic"}, train={}, slurm={"scratch": "/local/$SLURM_JOB_ID"}
+    )
     scripts = scripts_from_dry_run(capsys, path, tmp_path / "out")
     assert all('export FGCMR_SCRATCH="/local/$SLURM_JOB_ID"' in script for script in scripts.values())
     path = write_experiment(tmp_path, shard={"source": "synthetic"})
@@ -101,12 +134,15 @@ def test_jobs_read_the_stage_table():
     assert {s.slurm_job for s in STAGES} <= set(JOBS)
 
 
-@pytest.mark.parametrize("slurm_section, message", [
-    ({"time": "soon"}, "not a Slurm time"),
-    ({"train": {"nodez": 2}}, "slurm.train.nodez"),
-    ({"signal_seconds": 1}, "signal_seconds"),
-    ({"shard_tasks": 0}, "shard_tasks"),
-])
+@pytest.mark.parametrize(
+    "slurm_section, message",
+    [
+        ({"time": "soon"}, "not a Slurm time"),
+        ({"train": {"nodez": 2}}, "slurm.train.nodez"),
+        ({"signal_seconds": 1}, "signal_seconds"),
+        ({"shard_tasks": 0}, "shard_tasks"),
+    ],
+)
 def test_bad_slurm_section_fails_before_submitting(tmp_path, slurm_section, message):
     path = write_experiment(tmp_path, shard={}, slurm=slurm_section)
     with pytest.raises(ConfigError, match=message):
@@ -116,10 +152,13 @@ def test_bad_slurm_section_fails_before_submitting(tmp_path, slurm_section, mess
 @pytest.mark.slurm
 def test_failed_job_stops_its_dependents_and_status_names_it(tmp_path, capsys, slurm, cancel_after):  # noqa: F811
     # A corpus folder that is not there: the config is valid (so it is submitted), the shard array fails at once.
-    path = write_experiment(tmp_path, shard={"source": "folder", "root": str(tmp_path / "missing"), "out": str(tmp_path / "shards")},
-                            train={"shards": str(tmp_path / "shards"), "out": str(tmp_path / "run"), "loss": {"name": "pairwise"}},
-                            eval={"run": str(tmp_path / "run")},
-                            slurm={"shard_tasks": 2, "cpus_per_task": 1, "time": "00:05:00"})
+    path = write_experiment(
+        tmp_path,
+        shard={"source": "folder", "root": str(tmp_path / "missing"), "out": str(tmp_path / "shards")},
+        train={"shards": str(tmp_path / "shards"), "out": str(tmp_path / "run"), "loss": {"name": "pairwise"}},
+        eval={"run": str(tmp_path / "run")},
+        slurm={"shard_tasks": 2, "cpus_per_task": 1, "time": "00:05:00"},
+    )
     out = tmp_path / "out"
     jobs = {j["name"]: j for j in submit_pipeline(str(path), out=str(out))}
     for j in jobs.values():
@@ -139,5 +178,7 @@ def test_failed_job_stops_its_dependents_and_status_names_it(tmp_path, capsys, s
         assert f"FAILED: job shard ({t.job_id}) ended FAILED with exit code 2:0; log: {t.log}" in text
     assert "does not exist" in text
     assert "never started (a job they depend on failed): merge, train, eval" in text
-    cli = subprocess.run([sys.executable, "-m", "fgcmr.cli", "submit", "status", f"--out={out}"], capture_output=True, text=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "fgcmr.cli", "submit", "status", f"--out={out}"], capture_output=True, text=True
+    )
     assert cli.returncode == 1 and "FAILED: job shard" in cli.stdout

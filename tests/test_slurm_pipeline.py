@@ -12,6 +12,7 @@ COMPLETED; outputs are verified.
 Slurm holds a requeued job for two minutes (its BeginTime); the test releases it at once with
 ``scontrol update StartTime=now``, as an operator might.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,13 +46,17 @@ def wait_for_log(job_id: str, log: Path, pattern: str, timeout: float) -> re.Mat
         if ended:
             break
         time.sleep(0.3)
-    pytest.fail(f"{pattern!r} not in {log} ({job_field(job_id, 'JobState')}):\n{log.read_text() if log.exists() else '(no log)'}")
+    pytest.fail(
+        f"{pattern!r} not in {log} ({job_field(job_id, 'JobState')}):\n{log.read_text() if log.exists() else '(no log)'}"
+    )
 
 
 def preempt_and_release(job_id: str, log: Path) -> int:
     """USR1 to the job script; wait for checkpoint + requeue; release the requeued job. Returns the step."""
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-    stopped_at = int(wait_for_log(job_id, log, r"stop signal received: checkpointing at step (\d+)", timeout=60).group(1))
+    stopped_at = int(
+        wait_for_log(job_id, log, r"stop signal received: checkpointing at step (\d+)", timeout=60).group(1)
+    )
     wait_for_log(job_id, log, rf"requeueing job {job_id}", timeout=60)
     deadline = time.monotonic() + 30
     while job_field(job_id, "Restarts") != "1" or job_field(job_id, "JobState") != "PENDING":
@@ -73,10 +78,21 @@ def test_submit_pipeline_runs_every_job_to_completion_through_a_preemption(tmp_p
     out = tmp_path / "exp"
     scratch = Path(tempfile.mkdtemp(prefix="fgcmr-scratch-"))  # short: Unix sockets live under TMPDIR
     t0 = time.monotonic()
-    jobs = {j["name"]: j for j in submit_pipeline(
-        str(REPO / "configs/experiments/synthetic-tiny.yaml"), out=str(out),
-        overrides={"train.max_steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 1000,
-                   "slurm.nodes": 2, "slurm.tasks_per_node": 1, "slurm.scratch": str(scratch)})}
+    jobs = {
+        j["name"]: j
+        for j in submit_pipeline(
+            str(REPO / "configs/experiments/synthetic-tiny.yaml"),
+            out=str(out),
+            overrides={
+                "train.max_steps": STEPS,
+                "train.log_every": 1,
+                "train.checkpoint_every": 1000,
+                "slurm.nodes": 2,
+                "slurm.tasks_per_node": 1,
+                "slurm.scratch": str(scratch),
+            },
+        )
+    }
     for j in jobs.values():
         cancel_after(j["job_id"])
     assert list(jobs) == ["shard", "merge", "label", "infer", "train", "eval"]
@@ -93,7 +109,8 @@ def test_submit_pipeline_runs_every_job_to_completion_through_a_preemption(tmp_p
     report = capsys.readouterr().out
     print(f"\nSlurm pipeline wall time {wall:.0f} s\n{report}", file=sys.stderr)
     assert [(t.job, t.state) for t in states] == [("shard", "COMPLETED")] * 2 + [
-        (name, "COMPLETED") for name in ("merge", "label", "infer", "train", "eval")], report
+        (name, "COMPLETED") for name in ("merge", "label", "infer", "train", "eval")
+    ], report
     assert all(t.exit_code == "0:0" for t in states)
 
     # Shard: both array tasks wrote chunks; the merge job's manifest counts every item.
@@ -110,11 +127,17 @@ def test_submit_pipeline_runs_every_job_to_completion_through_a_preemption(tmp_p
     assert sorted(p.stem for p in sidecars.glob("*-*.npz")) == sorted(Path(f).name.split(".")[0] for f in shard_files)
     # Every multi-rank job ran one rank on each node.
     for name in ("label", "infer", "train", "eval"):
-        hosts = subprocess.run(["scontrol", "show", "hostnames", job_field(jobs[name]["job_id"], "NodeList")],
-                               capture_output=True, text=True, check=True).stdout.split()
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", job_field(jobs[name]["job_id"], "NodeList")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         assert hosts == [n1, n2], name
         assert "world=2 local_world=1" in Path(jobs[name]["log"]).read_text(), name
-    assert not list(scratch.glob("fgcmr-rank*"))  # slurm.scratch: the ranks' temp dirs were made there and removed at exit
+    assert not list(
+        scratch.glob("fgcmr-rank*")
+    )  # slurm.scratch: the ranks' temp dirs were made there and removed at exit
     shutil.rmtree(scratch)
     # Train: preempted once, resumed, every step exactly once.
     text = train_log.read_text()

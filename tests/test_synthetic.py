@@ -1,4 +1,5 @@
 """The embedded synthetic corpus: deterministic, balanced, learnable by construction, streaming."""
+
 from __future__ import annotations
 
 import io
@@ -8,7 +9,16 @@ import numpy as np
 from PIL import Image
 
 from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.shard.readers.synthetic import COLOURS, POSITIONS, SHAPES, SIZES, SYNONYMS, SyntheticReader, spec_of, split_of
+from fgcmr.shard.readers.synthetic import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    SYNONYMS,
+    SyntheticReader,
+    spec_of,
+    split_of,
+)
 
 
 def test_items_are_deterministic_per_index():

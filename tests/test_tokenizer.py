@@ -1,4 +1,5 @@
 """The trained WordPiece tokenizer is reproducible: same texts → byte-identical tokenizer.json."""
+
 from __future__ import annotations
 
 import os
@@ -36,5 +37,5 @@ def test_vocab_ties_broken_by_text():
     """Equal pair counts merge in the pairs' text order; specials and the alphabet come first."""
     vocab = wordpiece_vocab(Counter({"ab": 2, "cd": 2, "xy": 1}), vocab_size=len(SPECIAL_TOKENS) + 8)
     assert vocab[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS
-    assert vocab[len(SPECIAL_TOKENS):] == ["##b", "##d", "##y", "a", "c", "x", "ab", "cd"]
+    assert vocab[len(SPECIAL_TOKENS) :] == ["##b", "##d", "##y", "a", "c", "x", "ab", "cd"]
     assert wordpiece_vocab(Counter({"ab": 2, "cd": 2, "xy": 1}), 100, min_frequency=2)[-2:] == ["ab", "cd"]

@@ -2,6 +2,7 @@
 
 Launches are few and short (each costs ~10 s): one launch per check group, asserting several things each.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,21 +36,42 @@ def write_random_sidecars(dataset_dir: Path, name: str = LABELER, dim: int = 16)
             counts = [len(s.texts) for s in samples]
             path = sidecar_path(dataset_dir, name, shard.name)
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, keys=np.array([s.key for s in samples]),
-                     text_emb=rng.standard_normal((sum(counts), dim)).astype(np.float16),
-                     text_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                     desc_emb=rng.standard_normal((len(samples), dim)).astype(np.float16))
-    np.savez(labels_dir(dataset_dir, name) / "head.npz", w=rng.standard_normal(dim).astype(np.float32), c=np.array([0.1], np.float32))
+            np.savez(
+                path,
+                keys=np.array([s.key for s in samples]),
+                text_emb=rng.standard_normal((sum(counts), dim)).astype(np.float16),
+                text_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                desc_emb=rng.standard_normal((len(samples), dim)).astype(np.float16),
+            )
+    np.savez(
+        labels_dir(dataset_dir, name) / "head.npz",
+        w=rng.standard_normal(dim).astype(np.float32),
+        c=np.array([0.1], np.float32),
+    )
 
 
 def launch(args: list[str], port: int, log_dir: Path, nproc: int = 2) -> list[subprocess.Popen]:
     """Start ``fgcmr train`` on ``nproc`` local ranks (torchrun's variables, no launcher in between)."""
     procs = []
     for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            PYTHONWARNINGS="ignore",
+        )
         log = open(log_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "fgcmr", "train", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "fgcmr", "train", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        )
     return procs
 
 
@@ -63,8 +85,18 @@ def logs(log_dir: Path) -> str:
 
 
 def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [f"--config={REPO / 'configs/train/tiny.yaml'}", f"--shards={dataset}", f"--out={out}", "--data.micro_batch=16",
-            "--data.workers=1", "--log_every=1", "--hist_every=2", "--optim.warmup_steps=2", "--optim.lr=0.002", *extra]
+    return [
+        f"--config={REPO / 'configs/train/tiny.yaml'}",
+        f"--shards={dataset}",
+        f"--out={out}",
+        "--data.micro_batch=16",
+        "--data.workers=1",
+        "--log_every=1",
+        "--hist_every=2",
+        "--optim.warmup_steps=2",
+        "--optim.lr=0.002",
+        *extra,
+    ]
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -111,8 +143,16 @@ def _adam_steps(tag_dir: Path) -> set[int]:
 def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path: Path):
     write_random_sidecars(synthetic_dataset)
     run = tmp_path / "run"
-    args = train_args(synthetic_dataset, run, "--deepspeed=zero2_fp32", f"--labels={LABELER}", "--loss.name=weighted_pairwise",
-                      "--max_steps=12", "--checkpoint_every=4", "--keep_last=2")
+    args = train_args(
+        synthetic_dataset,
+        run,
+        "--deepspeed=zero2_fp32",
+        f"--labels={LABELER}",
+        "--loss.name=weighted_pairwise",
+        "--max_steps=12",
+        "--checkpoint_every=4",
+        "--keep_last=2",
+    )
     first = tmp_path / "first"
     first.mkdir()
     procs = launch(args, _port(), first)
@@ -133,17 +173,29 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
     assert _adam_steps(run / "checkpoints" / "step_00000012") == {12}  # optimizer state carried over the resume
     third = tmp_path / "third"
     third.mkdir()
-    assert wait(launch([*args, "--resume=auto"], _port(), third, nproc=1), third) == [2]  # ZeRO-2 partitions: a usage error
+    assert wait(launch([*args, "--resume=auto"], _port(), third, nproc=1), third) == [
+        2
+    ]  # ZeRO-2 partitions: a usage error
     assert "written by 2 ranks under ZeRO stage 2" in logs(third) and "Resume it with 2 ranks" in logs(third)
     lr = dict(scalars(run, "train/lr"))
     from fgcmr.train.engine import warmup_cosine
 
     factor = warmup_cosine(12, 2, 0.0)
-    assert [lr[s] for s in range(1, 13)] == pytest.approx([0.002 * factor(s - 1) for s in range(1, 13)], rel=1e-5)  # scheduler resumed too
+    assert [lr[s] for s in range(1, 13)] == pytest.approx(
+        [0.002 * factor(s - 1) for s in range(1, 13)], rel=1e-5
+    )  # scheduler resumed too
     steps = [s for s, _ in scalars(run, "train/loss")]
     assert steps == list(range(1, 13))
-    for tag in ("train/mu_pos", "train/mu_neg", "train/var_pos", "train/var_neg", "train/grad_norm",
-                "perf/samples_per_s", "perf/step_time_s", "perf/data_wait_frac"):
+    for tag in (
+        "train/mu_pos",
+        "train/mu_neg",
+        "train/var_pos",
+        "train/var_neg",
+        "train/grad_norm",
+        "perf/samples_per_s",
+        "perf/step_time_s",
+        "perf/data_wait_frac",
+    ):
         assert len(scalars(run, tag)) == 12, tag
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -161,13 +213,17 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
     out = export(ExportConfig(run=str(run)))
     model, cfg, inputs = load_export(out)
     reference = build_model(cfg).eval()
-    module = torch.load(run / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    module = torch.load(
+        run / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
     reference.load_state_dict(module)
     for a, b in zip(embed_probe(model, inputs, synthetic_dataset), embed_probe(reference, inputs, synthetic_dataset)):
         torch.testing.assert_close(a, b)
     # and it loads in a fresh process that never imports DeepSpeed
-    code = (f"import sys, torch; from fgcmr.model import load_export; m, c, i = load_export({str(out)!r}); "
-            "print(round(m.encode_image(torch.zeros(1, 3, 64, 64)).norm().item(), 4), 'deepspeed' in sys.modules)")
+    code = (
+        f"import sys, torch; from fgcmr.model import load_export; m, c, i = load_export({str(out)!r}); "
+        "print(round(m.encode_image(torch.zeros(1, 3, 64, 64)).norm().item(), 4), 'deepspeed' in sys.modules)"
+    )
     res = run_following([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.stdout.split()[-2:] == ["1.0", "False"], res.stderr[-2000:]
 
@@ -176,8 +232,18 @@ def test_zero0_and_zero3_loss_goes_down(synthetic_dataset: Path, tmp_path: Path)
     for stage, loss in (("zero0_fp32", "pairwise"), ("zero3_fp32", "clip")):
         run, logdir = tmp_path / stage, tmp_path / f"{stage}-logs"
         logdir.mkdir()
-        validation = ["--eval_every=6", "--eval_max_images=32"] if stage.startswith("zero3") else []  # forwards on partitioned weights
-        args = train_args(synthetic_dataset, run, f"--deepspeed={stage}", f"--loss.name={loss}", "--max_steps=12", "--checkpoint_every=100", *validation)
+        validation = (
+            ["--eval_every=6", "--eval_max_images=32"] if stage.startswith("zero3") else []
+        )  # forwards on partitioned weights
+        args = train_args(
+            synthetic_dataset,
+            run,
+            f"--deepspeed={stage}",
+            f"--loss.name={loss}",
+            "--max_steps=12",
+            "--checkpoint_every=100",
+            *validation,
+        )
         assert wait(launch(args, _port(), logdir), logdir) == [0, 0], logs(logdir)
         assert_loss_went_down(run)
     acc = EventAccumulator(str(tmp_path / "zero3_fp32" / "tensorboard"), size_guidance={"scalars": 0})
@@ -191,7 +257,9 @@ def test_zero0_and_zero3_loss_goes_down(synthetic_dataset: Path, tmp_path: Path)
     from fgcmr.train.export import ExportConfig
     from fgcmr.train.export import run as export
 
-    model, _, inputs = load_export(export(ExportConfig(run=str(tmp_path / "zero3_fp32"))))  # ZeRO-3 partitions consolidated
+    model, _, inputs = load_export(
+        export(ExportConfig(run=str(tmp_path / "zero3_fp32")))
+    )  # ZeRO-3 partitions consolidated
     img, txt = embed_probe(model, inputs, synthetic_dataset)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(len(img)))
 
@@ -205,7 +273,9 @@ def test_an_error_in_a_rank_ends_the_job(synthetic_dataset: Path, tmp_path: Path
         with np.load(path) as z:
             arrays = dict(z)
         np.savez(path, **{**arrays, "keys": np.array(["x" + k for k in arrays["keys"]])})
-    args = train_args(synthetic_dataset, tmp_path / "run", "--labels=broken", "--loss.name=weighted_pairwise", "--max_steps=4")
+    args = train_args(
+        synthetic_dataset, tmp_path / "run", "--labels=broken", "--loss.name=weighted_pairwise", "--max_steps=4"
+    )
     for nproc in (2, 1):
         logdir = tmp_path / f"logs{nproc}"
         logdir.mkdir()

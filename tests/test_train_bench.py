@@ -1,4 +1,5 @@
 """`fgcmr bench train` and `fgcmr bench data` run and print one JSON object with the figures."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The training input pipeline in one process: batches, label join by key, bad samples, shard checks."""
+
 from __future__ import annotations
 
 import io
@@ -45,7 +46,9 @@ def test_batches_carry_labels_joined_by_key(synthetic_dataset: Path, inputs):
     for j in range(8):
         sample, texts, desc = by_id[int(b["image_id"][j])]
         assert int(b["category"][j]) == sample.category
-        k = next(i for i, t in enumerate(texts) if np.array_equal(t, b["label_text_emb"][j].numpy()))  # the drawn caption's label
+        k = next(
+            i for i, t in enumerate(texts) if np.array_equal(t, b["label_text_emb"][j].numpy())
+        )  # the drawn caption's label
         # the description leaves the paired caption out: the mean of the image's other captions
         np.testing.assert_allclose(b["desc_emb"][j].numpy(), np.delete(texts, k, 0).mean(0), rtol=1e-6)
         assert b["has_desc"][j] == 1.0
@@ -84,7 +87,9 @@ def test_bad_samples_are_counted_and_skipped(synthetic_dataset: Path, inputs, tm
     assert all(torch.isfinite(b["image"]).all() for b in good)
 
 
-def test_training_reader_fails_on_a_damaged_shard_naming_it_or_skips_it(synthetic_dataset: Path, inputs, tmp_path: Path, caplog):
+def test_training_reader_fails_on_a_damaged_shard_naming_it_or_skips_it(
+    synthetic_dataset: Path, inputs, tmp_path: Path, caplog
+):
     """Defect 4: WebDataset's tar reader took a corrupt header for the end of the shard, silently."""
     from test_integrity import flip_header
 
@@ -95,6 +100,10 @@ def test_training_reader_fails_on_a_damaged_shard_naming_it_or_skips_it(syntheti
     with pytest.raises(ShardError, match=f"{shard.name} holds"):
         list(build_pipeline([str(shard)], inputs, micro_batch=1, batches_per_worker=100, resampled=False))
     with caplog.at_level("WARNING"):
-        got = list(build_pipeline([str(shard)], inputs, micro_batch=1, batches_per_worker=30, resampled=False, on_corrupt="skip"))
+        got = list(
+            build_pipeline(
+                [str(shard)], inputs, micro_batch=1, batches_per_worker=30, resampled=False, on_corrupt="skip"
+            )
+        )
     assert len(got) == 30  # the readable 20 samples, then again (an epoch is a number of batches)
     assert any("skipped the rest" in r.getMessage() and shard.name in r.getMessage() for r in caplog.records)

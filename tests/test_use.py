@@ -4,6 +4,7 @@ In-process on an untrained tiny model built directly (``build_model`` + ``save_p
 the one 2-rank ``fgcmr embed`` launch. The trained-model paths (wheel install, browser) are in
 ``test_use_e2e.py``.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,14 @@ def test_export_is_self_contained_and_api_embeds_like_eval(export: Path, synthet
     from fgcmr.model import TwoTower, load_export
 
     cfg = json.loads((export / "model_config.json").read_text())
-    assert cfg["image"]["preprocess"] == {"input_size": [3, 64, 64], "interpolation": "bilinear", "mean": [0.5] * 3,
-                                          "std": [0.5] * 3, "crop_pct": 0.95, "crop_mode": "center"}
+    assert cfg["image"]["preprocess"] == {
+        "input_size": [3, 64, 64],
+        "interpolation": "bilinear",
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "crop_pct": 0.95,
+        "crop_mode": "center",
+    }
     assert cfg["fgcmr"]["version"] == fgcmr.__version__ and cfg["fgcmr"]["embed_dim"] == 64
     assert cfg["fgcmr"]["max_text_length"] == 32 and cfg["fgcmr"]["provenance"] == {"run": "in-process", "step": 0}
     assert cfg["text"]["tokenizer_dir"] == "tokenizer" and (export / "tokenizer" / "tokenizer.json").is_file()
@@ -93,8 +100,10 @@ def test_export_is_self_contained_and_api_embeds_like_eval(export: Path, synthet
     assert fgcmr.load(copy, device="cpu").preprocess(pil).min() >= 0  # mean 0, std 0.5: all pixels ≥ 0
 
     # a fresh process: `import fgcmr` stays cheap, loading imports no DeepSpeed
-    code = (f"import sys, fgcmr; cheap = 'torch' not in sys.modules; m = fgcmr.load({str(export)!r}, device='cpu'); "
-            "print(cheap, 'deepspeed' in sys.modules, m.encode_text(['a red circle']).shape)")
+    code = (
+        f"import sys, fgcmr; cheap = 'torch' not in sys.modules; m = fgcmr.load({str(export)!r}, device='cpu'); "
+        "print(cheap, 'deepspeed' in sys.modules, m.encode_text(['a red circle']).shape)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=export.parent)
     assert res.stdout.split()[-4:] == ["True", "False", "(1,", "64)"], res.stderr[-2000:]
 
@@ -105,15 +114,22 @@ def test_readme_example_runs_as_written(export: Path, tmp_path: Path):
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     (tmp_path / "runs" / "demo" / "run").mkdir(parents=True)
     (tmp_path / "runs" / "demo" / "run" / "export").symlink_to(export)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Preprocess(size=(64, 64)" in res.stdout and " 64 0" in res.stdout  # embed_dim, provenance step
 
 
 @pytest.mark.slow
-def test_embed_two_ranks_resume_index_search_eval_reuse(export: Path, synthetic_dataset: Path, tmp_path: Path, free_port: int,
-                                                        capsys):
+def test_embed_two_ranks_resume_index_search_eval_reuse(
+    export: Path, synthetic_dataset: Path, tmp_path: Path, free_port: int, capsys
+):
     import pyarrow.parquet as pq
 
     from fgcmr.evaluate.job import embed_split, reuse_embeddings
@@ -126,8 +142,20 @@ def test_embed_two_ranks_resume_index_search_eval_reuse(export: Path, synthetic_
 
     out = tmp_path / "emb"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}", "-m", "fgcmr.cli",
-           "embed", f"--export={export}", f"--shards={synthetic_dataset}", f"--out={out}", "--dtype=float32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port}",
+        "-m",
+        "fgcmr.cli",
+        "embed",
+        f"--export={export}",
+        f"--shards={synthetic_dataset}",
+        f"--out={out}",
+        "--dtype=float32",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     dataset = open_dataset(synthetic_dataset)
@@ -140,7 +168,9 @@ def test_embed_two_ranks_resume_index_search_eval_reuse(export: Path, synthetic_
         meta = pq.read_table(out / f"metadata/metadata_{i:04d}.parquet").to_pylist()
         assert [m["key"] for m in meta] == [s.key for s in samples] and {m["split"] for m in meta} == {split}
         assert [m["caption"] for m in meta] == [s.texts[0] for s in samples]
-        assert [m["category"] for m in meta] == [s.category for s in samples] and meta[0]["url"] == samples[0].meta["source"]
+        assert [m["category"] for m in meta] == [s.category for s in samples] and meta[0]["url"] == samples[0].meta[
+            "source"
+        ]
         img = np.load(out / f"img_emb/img_emb_{i:04d}.npy")
         assert img.dtype == np.float32 and img.shape == (len(samples), 64)
         caps = np.load(out / f"captions/caption_emb_{i:04d}.npy")
@@ -153,10 +183,18 @@ def test_embed_two_ranks_resume_index_search_eval_reuse(export: Path, synthetic_
     np.save(out / "img_emb/img_emb_0001.npy", np.zeros((3, 64), np.float32))
     record = json.loads((out / "parts/part_0002.json").read_text())
     (out / "parts/part_0002.json").write_text(json.dumps({**record, "shard_sha256": "0" * 64}))
-    embed_job.run(embed_job.EmbedConfig(export=str(export), shards=str(synthetic_dataset), out=str(out), dtype="float32"))
+    embed_job.run(
+        embed_job.EmbedConfig(export=str(export), shards=str(synthetic_dataset), out=str(out), dtype="float32")
+    )
     redone = {p for p, t in stamps.items() if p.stat().st_mtime_ns != t}
-    assert {p.name for p in redone} == {"img_emb_0001.npy", "img_emb_0002.npy", "text_emb_0001.npy", "text_emb_0002.npy",
-                                        "caption_emb_0001.npy", "caption_emb_0002.npy"}
+    assert {p.name for p in redone} == {
+        "img_emb_0001.npy",
+        "img_emb_0002.npy",
+        "text_emb_0001.npy",
+        "text_emb_0002.npy",
+        "caption_emb_0001.npy",
+        "caption_emb_0002.npy",
+    }
     assert np.load(out / "img_emb/img_emb_0001.npy").shape[0] == record["images"]
 
     # eval reuses the embeddings: same metrics as embedding the split again
@@ -180,8 +218,11 @@ def test_embed_two_ranks_resume_index_search_eval_reuse(export: Path, synthetic_
 
     # index: exact, and IVF (forced by a low threshold) reaching its recall target; search over them
     for name, exact_below in (("exact", 50_000), ("ivf", 10)):
-        info = build_indexes(IndexConfig(embeddings=str(out), out=str(tmp_path / name), splits=["test"], exact_below=exact_below,
-                                         queries=200))
+        info = build_indexes(
+            IndexConfig(
+                embeddings=str(out), out=str(tmp_path / name), splits=["test"], exact_below=exact_below, queries=200
+            )
+        )
         images = info["indexes"]["images"]
         assert images["vectors"] == dataset.items("test") and images["bytes"] > images["vectors"] * 64 * 4 * 0.9
         assert images["kind"] == ("exact" if name == "exact" else "ivf") and images["recall_at_10"] >= 0.95

@@ -7,6 +7,7 @@ come from the environment; every command runs from a directory outside the repos
 train (single process, CLIP loss, a short run) → export → embed → index → search → ``fgcmr.load``.
 The browser test serves that index and drives Chromium through Selenium.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,15 +32,40 @@ def wheel_install(tmp_path_factory) -> dict:
     """The package built as a wheel from a copy of the checkout and installed alone into ``site/``."""
     root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
-    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "runs", "labelers", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "shards"))
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root / "dist"),
-                          str(src)], capture_output=True, text=True, timeout=600)
+    shutil.copytree(
+        REPO,
+        src,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "runs", "labelers", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "shards"
+        ),
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(root / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     (wheel,) = (root / "dist").glob("fgcmr-*.whl")
     site = root / "site"
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     shutil.rmtree(src)  # nothing of the checkout may be needed from here on
     work = root / "work"
@@ -51,8 +77,14 @@ def wheel_install(tmp_path_factory) -> dict:
 
 
 def fgcmr_cli(w: dict, *args: str, extra_env: dict | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, str(w["bin"]), *args], capture_output=True, text=True, cwd=w["work"],
-                         env={**w["env"], **(extra_env or {})}, timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, str(w["bin"]), *args],
+        capture_output=True,
+        text=True,
+        cwd=w["work"],
+        env={**w["env"], **(extra_env or {})},
+        timeout=timeout,
+    )
     assert res.returncode == 0, f"fgcmr {' '.join(args)}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     return res
 
@@ -61,24 +93,56 @@ def fgcmr_cli(w: dict, *args: str, extra_env: dict | None = None, timeout: float
 def demo(wheel_install: dict, synthetic_dataset: Path) -> dict:
     """train → export → embed → index with the wheel's commands, outside the repository."""
     w, run = wheel_install, wheel_install["work"] / "run"
-    single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(_free_port())}
-    fgcmr_cli(w, "train", f"--shards={synthetic_dataset}", f"--out={run}", "--model=tiny", "--loss.name=clip", "--max_steps=150",
-              "--data.micro_batch=32", "--data.workers=1", "--data.augment=false", "--optim.lr=0.002", "--optim.warmup_steps=10",
-              "--log_every=50", "--checkpoint_every=150", "--hist_every=1000", extra_env=single)
+    single = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    fgcmr_cli(
+        w,
+        "train",
+        f"--shards={synthetic_dataset}",
+        f"--out={run}",
+        "--model=tiny",
+        "--loss.name=clip",
+        "--max_steps=150",
+        "--data.micro_batch=32",
+        "--data.workers=1",
+        "--data.augment=false",
+        "--optim.lr=0.002",
+        "--optim.warmup_steps=10",
+        "--log_every=50",
+        "--checkpoint_every=150",
+        "--hist_every=1000",
+        extra_env=single,
+    )
     fgcmr_cli(w, "export", f"--run={run}")
-    fgcmr_cli(w, "embed", f"--export={run / 'export'}", f"--shards={synthetic_dataset}", f"--out={w['work'] / 'emb'}", "--splits=test")
+    fgcmr_cli(
+        w,
+        "embed",
+        f"--export={run / 'export'}",
+        f"--shards={synthetic_dataset}",
+        f"--out={w['work'] / 'emb'}",
+        "--splits=test",
+    )
     fgcmr_cli(w, "index", f"--embeddings={w['work'] / 'emb'}", f"--out={w['work'] / 'index'}")
     return {**w, "run": run, "export": run / "export", "index": w["work"] / "index", "dataset": synthetic_dataset}
 
 
 def test_wheel_install_runs_the_demo_path(demo: dict):
-    code = ("import fgcmr, fgcmr.slurm.chain as chain, fgcmr.train.config as tc, json; "
-            "cfg = tc.load_model_config('tiny'); m = fgcmr.load('run/export', device='cpu'); "
-            "print(json.dumps({'pkg': fgcmr.__file__, 'configs': str(tc.CONFIGS), 'templates': str(chain.TEMPLATES), "
-            "'templates_n': len(list(chain.TEMPLATES.iterdir())), 'embed_dim': cfg.embed_dim, "
-            "'shape': list(m.encode_text(['a red circle']).shape), 'step': m.info['provenance']['step']}))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=demo["work"], env=demo["env"], timeout=300)
+    code = (
+        "import fgcmr, fgcmr.slurm.chain as chain, fgcmr.train.config as tc, json; "
+        "cfg = tc.load_model_config('tiny'); m = fgcmr.load('run/export', device='cpu'); "
+        "print(json.dumps({'pkg': fgcmr.__file__, 'configs': str(tc.CONFIGS), 'templates': str(chain.TEMPLATES), "
+        "'templates_n': len(list(chain.TEMPLATES.iterdir())), 'embed_dim': cfg.embed_dim, "
+        "'shape': list(m.encode_text(['a red circle']).shape), 'step': m.info['provenance']['step']}))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=demo["work"], env=demo["env"], timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     site = str(demo["site"])
@@ -118,7 +182,13 @@ def _browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1024"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1024",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -139,7 +209,9 @@ def test_search_page_in_headless_chromium(demo: dict, tmp_path: Path):
     samples = [s for p in open_dataset(demo["dataset"]).shards("test") for s in iter_samples(p)]
     # the known queries: captions of the embedded set whose top result (by the CLI's search) is their own image
     known = [(s.texts[0], s.key) for s in samples if searcher.text_to_images(s.texts[0], 1)[0]["key"] == s.key]
-    assert len(known) >= 3, f"only {len(known)} of {len(samples)} captions find their own image: the model did not train"
+    assert len(known) >= 3, (
+        f"only {len(known)} of {len(samples)} captions find their own image: the model did not train"
+    )
     try:
         browser.get(url)
         assert browser.title == "fgcmr search"
@@ -151,9 +223,12 @@ def test_search_page_in_headless_chromium(demo: dict, tmp_path: Path):
             WebDriverWait(browser, 120).until(lambda b: b.find_element(By.ID, "status").text.endswith(f'"{caption}"'))
             hits = browser.find_elements(By.CSS_SELECTOR, "#grid figure.hit")
             assert len(hits) == k and hits[0].get_attribute("data-key") == key
-            WebDriverWait(browser, 120).until(lambda b: all(
-                b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0
-                for img in b.find_elements(By.CSS_SELECTOR, "#grid img")))  # every thumbnail decoded from its shard
+            WebDriverWait(browser, 120).until(
+                lambda b: all(
+                    b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0
+                    for img in b.find_elements(By.CSS_SELECTOR, "#grid img")
+                )
+            )  # every thumbnail decoded from its shard
         # image → captions: upload the first known image; the top captions are the CLI's
         sample = next(s for s in samples if s.key == known[0][1])
         path = tmp_path / "upload.jpg"

@@ -1,6 +1,7 @@
 """Mixed precision and ZeRO-3 for real: every shipped DeepSpeed config trains, bf16 tracks fp32, ZeRO-3
 builds partitioned, loads pretrained weights partitioned, and resumes exactly (one 2-rank launch of
 ``tests/zero_worker.py``), plus the single-process dtype plumbing."""
+
 from __future__ import annotations
 
 import copy
@@ -24,9 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tok = train_wordpiece(["a red circle", "two blue squares"] * 10, tmp_path_factory.mktemp("tok") / "tok", vocab_size=120)
+    tok = train_wordpiece(
+        ["a red circle", "two blue squares"] * 10, tmp_path_factory.mktemp("tok") / "tok", vocab_size=120
+    )
     cfg = load_model_config("tiny")
-    return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tokenizer_dir=str(tok), config={**cfg.text.config, "vocab_size": 120}))
+    return dataclasses.replace(
+        cfg, text=dataclasses.replace(cfg.text, tokenizer_dir=str(tok), config={**cfg.text.config, "vocab_size": 120})
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -89,11 +94,28 @@ def test_fp16_refused_where_deepspeed_cannot_run_it():
 def test_every_config_trains_and_zero3_is_partitioned(tmp_path):
     procs, port = [], _port()
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            HF_HUB_OFFLINE="1",
+            PYTHONWARNINGS="ignore",
+        )
         log = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "zero_worker.py"), str(tmp_path), "1500"],
-                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "zero_worker.py"), str(tmp_path), "1500"],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     codes = [p.wait(timeout=1800) for p in procs]  # hang guard only: the worker dumps its stacks and exits first
     assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-5000:]
     check_result(json.loads((tmp_path / "result.json").read_text()))
@@ -121,7 +143,9 @@ def check_result(result: dict) -> None:
     assert zero3["tower_classes"] == whole["tower_classes"] == ["ResNet", "BertModel"]
     assert whole["peak"] == whole["total"] == zero3["total"] and not whole["all_partitioned"]
     assert zero3["all_partitioned"]
-    assert zero3["peak"] < 0.5 * zero3["total"] + zero3["largest_layer"] + 1024, zero3  # a partition + the layer being built
+    assert zero3["peak"] < 0.5 * zero3["total"] + zero3["largest_layer"] + 1024, (
+        zero3
+    )  # a partition + the layer being built
     assert zero3["after"] <= 0.5 * zero3["total"] + 2 * 1024  # each rank keeps its half (plus padding)
 
     for case, r in result["pretrained"].items():

@@ -1,6 +1,7 @@
 """Waits that follow progress, not a wall-clock budget: a test waits as long as the job it watches makes
 progress (its output grows, a file appears, a process ends) and calls it a hang only after ``HANG_GUARD``
 seconds without any. A slow, loaded machine then never fails a test that a quiet one passes."""
+
 from __future__ import annotations
 
 import subprocess
@@ -22,8 +23,13 @@ def _size(paths: Iterable[Path]) -> int:
     return total
 
 
-def wait_until(done: Callable[[], bool], procs: list[subprocess.Popen], watch: Iterable[Path], stall: float = HANG_GUARD,
-               early_exit_ok: bool = False) -> None:
+def wait_until(
+    done: Callable[[], bool],
+    procs: list[subprocess.Popen],
+    watch: Iterable[Path],
+    stall: float = HANG_GUARD,
+    early_exit_ok: bool = False,
+) -> None:
     """Poll ``done()``; fail if a process exits first (unless ``early_exit_ok``) or nothing in ``watch`` grows
     and no process ends for ``stall`` seconds."""
     watch = list(watch)
@@ -47,7 +53,9 @@ def wait_procs(procs: list[subprocess.Popen], watch: Iterable[Path], stall: floa
     return [p.wait() for p in procs]
 
 
-def run_following(cmd: list[str], stall: float = HANG_GUARD, watch: Iterable[Path] = (), **kw) -> subprocess.CompletedProcess:
+def run_following(
+    cmd: list[str], stall: float = HANG_GUARD, watch: Iterable[Path] = (), **kw
+) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True, **kw)`` without a fixed timeout: output is
     written to files that are watched for progress (with ``watch``)."""
     with tempfile.TemporaryDirectory(prefix="fgcmr-test-") as tmp:

@@ -6,6 +6,7 @@ fp16 on a CPU whose DeepSpeed accelerator reports no fp16 support (most: it asks
 that check forced on, and the result says so: DeepSpeed's fp16 machinery (loss scaling, fp16 ZeRO
 partitions) then runs on torch's CPU fp16 kernels, which tests fgcmr's dtype plumbing end to end.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,12 +39,18 @@ def tiny_config(tok_dir: Path) -> ModelConfig:
     return dataclasses.replace(cfg, text=text)
 
 
-def train(model_cfg: ModelConfig, ds_name: str, steps: int, rank: int, engine=None, start: int = 0, **build) -> tuple[list[float], object]:
+def train(
+    model_cfg: ModelConfig, ds_name: str, steps: int, rank: int, engine=None, start: int = 0, **build
+) -> tuple[list[float], object]:
     ds_cfg = deepspeed_config(ds_name, MICRO, OptimConfig(warmup_steps=1, lr=2e-3))
     if engine is None:
         torch.manual_seed(0)
-        engine, _ = build_engine(build_model_for(model_cfg, LossConfig(name="pairwise"), ds_cfg, **build), ds_cfg,
-                                 OptimConfig(warmup_steps=1, lr=2e-3), total_steps=100)
+        engine, _ = build_engine(
+            build_model_for(model_cfg, LossConfig(name="pairwise"), ds_cfg, **build),
+            ds_cfg,
+            OptimConfig(warmup_steps=1, lr=2e-3),
+            total_steps=100,
+        )
     loss_fn = RetrievalLoss(LossConfig(name="pairwise"))
     dtype = compute_dtype(ds_cfg)
     batches = synthetic_batches(model_cfg, start + steps, MICRO, seed=100 + rank)[start:]
@@ -73,8 +80,12 @@ def every_config(model_cfg: ModelConfig, rank: int, init: Path) -> dict:
             accel.is_fp16_supported = lambda: True
         try:
             losses, engine = train(model_cfg, path.stem, STEPS, rank, init_from=str(init))
-            out[path.stem] = {"losses": losses, "param_dtypes": param_dtypes(engine), "zero_stage": engine.zero_optimization_stage(),
-                              "forced_fp16": forced}
+            out[path.stem] = {
+                "losses": losses,
+                "param_dtypes": param_dtypes(engine),
+                "zero_stage": engine.zero_optimization_stage(),
+                "forced_fp16": forced,
+            }
             del engine
         finally:
             if forced:
@@ -101,9 +112,14 @@ def construction_peak(model_cfg: ModelConfig, ds_name: str | None) -> dict:
         handle.remove()
     params = list(model.parameters())
     largest_layer = max(sum(full_numel(p) for p in m.parameters(recurse=False)) for m in model.modules())
-    return {"peak": peak[0], "total": sum(full_numel(p) for p in params), "after": sum(local_numel(p) for p in params),
-            "all_partitioned": all(is_partitioned(p) for p in params), "largest_layer": largest_layer,
-            "tower_classes": [type(model.image_tower.backbone).__name__, type(model.text_tower.encoder).__name__]}
+    return {
+        "peak": peak[0],
+        "total": sum(full_numel(p) for p in params),
+        "after": sum(local_numel(p) for p in params),
+        "all_partitioned": all(is_partitioned(p) for p in params),
+        "largest_layer": largest_layer,
+        "tower_classes": [type(model.image_tower.backbone).__name__, type(model.text_tower.encoder).__name__],
+    }
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -127,8 +143,10 @@ def pretrained_equal(model_cfg: ModelConfig, work: Path, rank: int) -> dict:
             p.add_(torch.randn_like(p))  # far from any init, so a weight left unloaded shows
     if rank == 0:
         backbone = source.image_tower.backbone.state_dict()
-        other_names = {f"layer{i}" + (".num_batches_tracked" if k.endswith("num_batches_tracked") else ""): v
-                       for i, (k, v) in enumerate(backbone.items())}
+        other_names = {
+            f"layer{i}" + (".num_batches_tracked" if k.endswith("num_batches_tracked") else ""): v
+            for i, (k, v) in enumerate(backbone.items())
+        }
         torch.save(other_names, work / "backbone.pt")  # loads in order
         save_file({k: v.contiguous() for k, v in backbone.items()}, str(work / "backbone.safetensors"))  # loads by name
         source.text_tower.encoder.save_pretrained(work / "encoder")
@@ -137,13 +155,19 @@ def pretrained_equal(model_cfg: ModelConfig, work: Path, rank: int) -> dict:
     results = {}
     ds_cfg = deepspeed_config("zero3_fp32", MICRO, OptimConfig())
     for ext in ("pt", "safetensors"):
-        cfg = dataclasses.replace(model_cfg, image=dataclasses.replace(model_cfg.image, checkpoint=str(work / f"backbone.{ext}")),
-                                  text=dataclasses.replace(model_cfg.text, pretrained_dir=str(work / "encoder"), config={}))
+        cfg = dataclasses.replace(
+            model_cfg,
+            image=dataclasses.replace(model_cfg.image, checkpoint=str(work / f"backbone.{ext}")),
+            text=dataclasses.replace(model_cfg.text, pretrained_dir=str(work / "encoder"), config={}),
+        )
         whole = build_model_for(cfg, LossConfig(name="pairwise")).state_dict()
         parted = full_state(build_model_for(cfg, LossConfig(name="pairwise"), ds_cfg))
         towers = [k for k in whole if k.startswith(("image_tower.", "text_tower."))]
-        results[f"towers_{ext}"] = {"tensors": len(towers), "equal": all(torch.equal(whole[k].float(), parted[k]) for k in towers),
-                                    "equal_source": all(torch.equal(source.state_dict()[k].float(), parted[k]) for k in towers)}
+        results[f"towers_{ext}"] = {
+            "tensors": len(towers),
+            "equal": all(torch.equal(whole[k].float(), parted[k]) for k in towers),
+            "equal_source": all(torch.equal(source.state_dict()[k].float(), parted[k]) for k in towers),
+        }
     parted = full_state(build_model_for(model_cfg, LossConfig(name="pairwise"), ds_cfg, init_from=str(work / "export")))
     ref = source.state_dict()
     results["export"] = {"tensors": len(ref), "equal": all(torch.equal(ref[k].float(), parted[k]) for k in ref)}
@@ -158,8 +182,12 @@ def resume_exact(model_cfg: ModelConfig, work: Path, rank: int) -> dict:
     del engine
     torch.manual_seed(123)  # whatever the new process would have drawn: resume restores the RNG
     ds_cfg = deepspeed_config("zero3_fp32", MICRO, OptimConfig(warmup_steps=1, lr=2e-3))
-    engine, _ = build_engine(build_model_for(model_cfg, LossConfig(name="pairwise"), ds_cfg), ds_cfg,
-                             OptimConfig(warmup_steps=1, lr=2e-3), total_steps=100)
+    engine, _ = build_engine(
+        build_model_for(model_cfg, LossConfig(name="pairwise"), ds_cfg),
+        ds_cfg,
+        OptimConfig(warmup_steps=1, lr=2e-3),
+        total_steps=100,
+    )
     client = checkpoint.resume(engine, work / "ckpt", "auto")
     rest, _ = train(model_cfg, "zero3_fp32", 2, rank, engine=engine, start=2)
     return {"straight": straight, "resumed": first + rest, "client_step": client["step"]}
@@ -167,7 +195,9 @@ def resume_exact(model_cfg: ModelConfig, work: Path, rank: int) -> dict:
 
 def main() -> None:
     out = Path(sys.argv[1])
-    faulthandler.dump_traceback_later(float(sys.argv[2]) if len(sys.argv) > 2 else 1200, exit=True)  # a hang shows its stacks
+    faulthandler.dump_traceback_later(
+        float(sys.argv[2]) if len(sys.argv) > 2 else 1200, exit=True
+    )  # a hang shows its stacks
     env = init_distributed()
     work = out / "work"
     if env.is_main:
@@ -183,7 +213,10 @@ def main() -> None:
         save_export(work / "init", build_model_for(model_cfg, LossConfig(name="pairwise")), model_cfg)
     barrier()
     result["configs"] = every_config(model_cfg, env.rank, work / "init")
-    result["construction"] = {"zero3": construction_peak(model_cfg, "zero3_bf16"), "whole": construction_peak(model_cfg, None)}
+    result["construction"] = {
+        "zero3": construction_peak(model_cfg, "zero3_bf16"),
+        "whole": construction_peak(model_cfg, None),
+    }
     result["pretrained"] = pretrained_equal(model_cfg, work, env.rank)
     result["resume"] = resume_exact(model_cfg, work, env.rank)
     if env.is_main:

@@ -5,6 +5,7 @@ transform, tokenisation, collation) with ``workers`` DataLoader workers. Ceiling
 per-sample work (``MakeItem``) on records already in memory, in one process per CPU core: what the
 machine can decode at best with no I/O, no batching and no inter-process transfer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,9 @@ from fgcmr.train.data import MakeItem, build_loader
 class BenchDataConfig:
     shards: str = ""
     model: str = "tiny"
-    tokenizer: str | None = None  # tokenizer dir (default: <shards>/../tokenizer is not assumed; one is trained in a temp dir)
+    tokenizer: str | None = (
+        None  # tokenizer dir (default: <shards>/../tokenizer is not assumed; one is trained in a temp dir)
+    )
     split: str = "train"
     workers: int = 2
     micro_batch: int = 32
@@ -90,10 +93,23 @@ def run(cfg: BenchDataConfig) -> dict:
         if model_cfg.text.kind == "transformers" and not model_cfg.tokenizer_dir:
             records = _records([str(p) for p in dataset.shards(cfg.split)], 2000)
             texts = (t for r in records for t in json.loads(r["json"])["texts"])
-            model_cfg.text.tokenizer_dir = cfg.tokenizer or str(train_wordpiece(texts, f"{tmp}/tokenizer", model_cfg.text.vocab_size))
+            model_cfg.text.tokenizer_dir = cfg.tokenizer or str(
+                train_wordpiece(texts, f"{tmp}/tokenizer", model_cfg.text.vocab_size)
+            )
         inputs = build_inputs(model_cfg, train=cfg.augment)
-        loader = build_loader(dataset, inputs, split=cfg.split, micro_batch=cfg.micro_batch, workers=cfg.workers,
-                              batches_per_rank=1 << 30, world_size=1, resampled=True, shuffle_buffer=500, labeler=None, seed=0)
+        loader = build_loader(
+            dataset,
+            inputs,
+            split=cfg.split,
+            micro_batch=cfg.micro_batch,
+            workers=cfg.workers,
+            batches_per_rank=1 << 30,
+            world_size=1,
+            resampled=True,
+            shuffle_buffer=500,
+            labeler=None,
+            seed=0,
+        )
         it = iter(loader)
         for _ in range(max(4, cfg.workers * 2)):  # workers started, prefetch queues full
             next(it)
@@ -103,13 +119,24 @@ def run(cfg: BenchDataConfig) -> dict:
         pipeline = cfg.batches * cfg.micro_batch / (time.perf_counter() - t)
         del it, loader
         ceiling = decode_ceiling(MakeItem(inputs, None, 0), _records([str(p) for p in dataset.shards(cfg.split)], 512))
-    result = {"pipeline_samples_per_s": pipeline, "decode_ceiling_samples_per_s": ceiling, "ratio": pipeline / ceiling,
-              "workers": cfg.workers, "cpus": os.cpu_count(), "model": cfg.model, "augment": cfg.augment, "machine": machine()}
+    result = {
+        "pipeline_samples_per_s": pipeline,
+        "decode_ceiling_samples_per_s": ceiling,
+        "ratio": pipeline / ceiling,
+        "workers": cfg.workers,
+        "cpus": os.cpu_count(),
+        "model": cfg.model,
+        "augment": cfg.augment,
+        "machine": machine(),
+    }
     if cfg.json:
         print(json.dumps(result), flush=True)
     else:
-        print(f"machine: {result['machine']}\n"
-              f"input pipeline ({cfg.workers} workers): {pipeline:8.1f} samples/s\n"
-              f"decode ceiling ({os.cpu_count()} procs) : {ceiling:8.1f} samples/s\n"
-              f"ratio                         : {result['ratio']:.3f}", flush=True)
+        print(
+            f"machine: {result['machine']}\n"
+            f"input pipeline ({cfg.workers} workers): {pipeline:8.1f} samples/s\n"
+            f"decode ceiling ({os.cpu_count()} procs) : {ceiling:8.1f} samples/s\n"
+            f"ratio                         : {result['ratio']:.3f}",
+            flush=True,
+        )
     return result

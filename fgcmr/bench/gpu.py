@@ -14,6 +14,7 @@ gradient checkpointing on). MFU = counted FLOPs/s ÷ the device's dense peak for
 Peak memory: ``torch.cuda.max_memory_allocated`` over the measured steps on GPU; on CPU the process's
 peak RSS (``ru_maxrss``, including the ~1.2 GB of imports).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,14 +102,24 @@ def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
     return next((peaks[key] for part, peaks in PEAK_TFLOPS if part in name), None)
 
 
-def count_flops(model: torch.nn.Module, batch: dict, device: torch.device,
-                normalize: Callable[[torch.Tensor], torch.Tensor] | None = None, samples: int = 2) -> float:
+def count_flops(
+    model: torch.nn.Module,
+    batch: dict,
+    device: torch.device,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    samples: int = 2,
+) -> float:
     """Model FLOPs of one forward + backward per sample, counted on ``samples`` samples of ``batch``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fgcmr.train.step import to_device
 
-    part = to_device({"image": batch["image"][:samples], "text": _slice_text(batch["text"], samples)}, device, torch.float32, normalize)
+    part = to_device(
+        {"image": batch["image"][:samples], "text": _slice_text(batch["text"], samples)},
+        device,
+        torch.float32,
+        normalize,
+    )
     with FlopCounterMode(display=False) as counter:
         image_emb, text_emb, scale = model(part["image"], part["text"])
         (scale * image_emb @ text_emb.T).sum().backward()
@@ -140,7 +151,9 @@ def timed_steps(step: Callable[[], float], n: int, device: torch.device) -> tupl
     return time.perf_counter() - t, waited
 
 
-def shard_batches(cfg: BenchGpuConfig, model_cfg: ModelConfig, work: Path, batches: int) -> tuple[Inputs, Iterator[dict]]:
+def shard_batches(
+    cfg: BenchGpuConfig, model_cfg: ModelConfig, work: Path, batches: int
+) -> tuple[Inputs, Iterator[dict]]:
     """The training input pipeline over ``cfg.shards`` (or synthetic shards at the model's image size),
     with a WordPiece tokenizer trained on the shards' texts; the model keeps its configured vocabulary."""
     from fgcmr.bench.peer_open_clip import synthetic_shards, train_tokenizer
@@ -148,14 +161,30 @@ def shard_batches(cfg: BenchGpuConfig, model_cfg: ModelConfig, work: Path, batch
     from fgcmr.model import build_inputs
     from fgcmr.train.data import build_loader
 
-    root = Path(cfg.shards) if cfg.shards else synthetic_shards(work / "shards", cfg.shard_items, model_cfg.image.image_size or 224)
+    root = (
+        Path(cfg.shards)
+        if cfg.shards
+        else synthetic_shards(work / "shards", cfg.shard_items, model_cfg.image.image_size or 224)
+    )
     dataset = open_dataset(str(root))
-    text = dataclasses.replace(model_cfg.text, tokenizer_dir=str(train_tokenizer(dataset, model_cfg, work / "tokenizer")))
+    text = dataclasses.replace(
+        model_cfg.text, tokenizer_dir=str(train_tokenizer(dataset, model_cfg, work / "tokenizer"))
+    )
     model_cfg = dataclasses.replace(model_cfg, text=text)
     inputs = build_inputs(model_cfg, train=False)
-    loader = build_loader(dataset, inputs, split="train", micro_batch=cfg.micro_batch,
-                          workers=cfg.workers, batches_per_rank=batches, world_size=1, resampled=True,
-                          shuffle_buffer=min(1000, 4 * cfg.micro_batch), labeler=None, seed=0)
+    loader = build_loader(
+        dataset,
+        inputs,
+        split="train",
+        micro_batch=cfg.micro_batch,
+        workers=cfg.workers,
+        batches_per_rank=batches,
+        world_size=1,
+        resampled=True,
+        shuffle_buffer=min(1000, 4 * cfg.micro_batch),
+        labeler=None,
+        seed=0,
+    )
     return inputs, iter(loader)
 
 
@@ -175,7 +204,12 @@ def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
     dtype = compute_dtype(ds_cfg)
     model_cfg = cfg.model
     if "vocab_size" not in model_cfg.text.config:  # the text tower's embedding fits every tokenizer used here
-        model_cfg = dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, config={**model_cfg.text.config, "vocab_size": model_cfg.text.vocab_size}))
+        model_cfg = dataclasses.replace(
+            model_cfg,
+            text=dataclasses.replace(
+                model_cfg.text, config={**model_cfg.text.config, "vocab_size": model_cfg.text.vocab_size}
+            ),
+        )
     sources: dict[str, Iterator[dict]] = {}
     first: dict[str, dict] = {}
     normalize = {}  # mode → uint8 pixels to the image tower's input
@@ -214,31 +248,51 @@ def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
         samples_per_s = cfg.steps * cfg.micro_batch / seconds
         achieved = flops[mode] * samples_per_s / 1e12
         results[mode] = {
-            "samples_per_s": samples_per_s, "step_time_s": seconds / cfg.steps, "data_wait_frac": waited / seconds,
-            "peak_memory_mb": _peak_memory_mb(device), "gflops_per_sample": flops[mode] / 1e9, "tflops": achieved,
+            "samples_per_s": samples_per_s,
+            "step_time_s": seconds / cfg.steps,
+            "data_wait_frac": waited / seconds,
+            "peak_memory_mb": _peak_memory_mb(device),
+            "gflops_per_sample": flops[mode] / 1e9,
+            "tflops": achieved,
             "mfu": achieved / peak if peak else None,
         }
     return {
-        "modes": results, "device": str(device), "machine": machine(), "dtype": str(dtype).removeprefix("torch."),
-        "deepspeed": cfg.deepspeed, "micro_batch": cfg.micro_batch, "steps": cfg.steps, "warmup": cfg.warmup,
-        "parameters": params, "peak_tflops": peak, "image_tower": model_cfg.image.name,
-        "text_tower": {k: v for k, v in model_cfg.text.config.items() if k in ("model_type", "hidden_size", "num_hidden_layers")},
+        "modes": results,
+        "device": str(device),
+        "machine": machine(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "deepspeed": cfg.deepspeed,
+        "micro_batch": cfg.micro_batch,
+        "steps": cfg.steps,
+        "warmup": cfg.warmup,
+        "parameters": params,
+        "peak_tflops": peak,
+        "image_tower": model_cfg.image.name,
+        "text_tower": {
+            k: v for k, v in model_cfg.text.config.items() if k in ("model_type", "hidden_size", "num_hidden_layers")
+        },
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "flops_method": "FlopCounterMode, forward+backward, per sample",
     }
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [f"{'mode':<10} {'samples/s':>10} {'step s':>8} {'data wait':>9} {'peak MB':>9} {'GFLOP/smp':>10} {'TFLOP/s':>8} {'MFU':>6}"]
+    rows = [
+        f"{'mode':<10} {'samples/s':>10} {'step s':>8} {'data wait':>9} {'peak MB':>9} {'GFLOP/smp':>10} {'TFLOP/s':>8} {'MFU':>6}"
+    ]
     for mode, r in result["modes"].items():
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
-        rows.append(f"{mode:<10} {r['samples_per_s']:>10.1f} {r['step_time_s']:>8.3f} {100 * r['data_wait_frac']:>8.1f}% "
-                    f"{r['peak_memory_mb']:>9.0f} {r['gflops_per_sample']:>10.2f} {r['tflops']:>8.3g} {mfu:>6}")
+        rows.append(
+            f"{mode:<10} {r['samples_per_s']:>10.1f} {r['step_time_s']:>8.3f} {100 * r['data_wait_frac']:>8.1f}% "
+            f"{r['peak_memory_mb']:>9.0f} {r['gflops_per_sample']:>10.2f} {r['tflops']:>8.3g} {mfu:>6}"
+        )
     peak = f"{result['peak_tflops']} TFLOP/s" if result["peak_tflops"] else "unknown (MFU n/a)"
-    head = (f"machine: {result['machine']}\n"
-            f"{result['image_tower']} + {result['text_tower']}, {result['parameters'] / 1e6:.1f} M parameters, {result['deepspeed']} "
-            f"({result['dtype']}), micro-batch {result['micro_batch']}, {result['steps']} steps per mode on {result['device']}; "
-            f"peak {peak}; memory: {result['peak_memory_kind']}")
+    head = (
+        f"machine: {result['machine']}\n"
+        f"{result['image_tower']} + {result['text_tower']}, {result['parameters'] / 1e6:.1f} M parameters, {result['deepspeed']} "
+        f"({result['dtype']}), micro-batch {result['micro_batch']}, {result['steps']} steps per mode on {result['device']}; "
+        f"peak {peak}; memory: {result['peak_memory_kind']}"
+    )
     return head + "\n" + "\n".join(rows)
 
 

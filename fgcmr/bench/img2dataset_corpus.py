@@ -6,6 +6,7 @@ list, failed ones with ``status`` and ``error_message``) and ``NNNNN_stats.json`
 ``{shard:05d}{row:04d}``. Images are tiny procedural JPEGs, ``rows_per_image`` rows share a url, the
 rows are shuffled by ``shuffle_seed`` (None keeps url order), and a ``fail_fraction`` of rows failed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,11 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-ERRORS = [("failed_to_download", "HTTP Error 404: Not Found"), ("failed_to_download", "<urlopen error timed out>"),
-          ("failed_to_resize", "image decode failed: cannot identify image file")]
+ERRORS = [
+    ("failed_to_download", "HTTP Error 404: Not Found"),
+    ("failed_to_download", "<urlopen error timed out>"),
+    ("failed_to_resize", "image decode failed: cannot identify image file"),
+]
 WORDS = "a dog cat man woman child red blue green small large runs sits on in near the ball grass water street".split()
 
 
@@ -44,7 +48,7 @@ def jpeg_of(image: int, size: int) -> bytes:
 def ustar_member(name: str, data: bytes) -> bytes:
     """One tar member (ustar header + data padded to 512 bytes); ``tarfile`` is too slow for a 1M-row corpus."""
     h = bytearray(512)
-    h[0:len(name)] = name.encode()
+    h[0 : len(name)] = name.encode()
     h[100:124] = b"0000644\x000000000\x000000000\x00"
     h[124:136] = b"%011o\x00" % len(data)
     h[136:148] = b"00000000000\x00"
@@ -55,9 +59,16 @@ def ustar_member(name: str, data: bytes) -> bytes:
     return bytes(h) + data + bytes(-len(data) % 512)
 
 
-def write_img2dataset_corpus(out: str | Path, rows: int, rows_per_image: int = 5, fail_fraction: float = 0.03,
-                             samples_per_shard: int = 10_000, image_size: int = 16, shuffle_seed: int | None = 0,
-                             extra_columns: dict | None = None) -> dict:
+def write_img2dataset_corpus(
+    out: str | Path,
+    rows: int,
+    rows_per_image: int = 5,
+    fail_fraction: float = 0.03,
+    samples_per_shard: int = 10_000,
+    image_size: int = 16,
+    shuffle_seed: int | None = 0,
+    extra_columns: dict | None = None,
+) -> dict:
     """Write the corpus; return what a reader must find: rows, success rows, images, failed rows by status.
 
     ``extra_columns``: name → function(image, k) of saved additional columns (e.g. a split)."""
@@ -75,22 +86,54 @@ def write_img2dataset_corpus(out: str | Path, rows: int, rows_per_image: int = 5
     summary = {"rows": rows, "success": 0, "failed": {}, "images": set()}
     jpegs: dict[int, bytes] = {}
     for shard, start in enumerate(range(0, rows, samples_per_shard)):
-        table = {c: [] for c in ("url", "caption", *extra_columns, "key", "status", "error_message", "width", "height",
-                                 "original_width", "original_height", "sha256")}
+        table = {
+            c: []
+            for c in (
+                "url",
+                "caption",
+                *extra_columns,
+                "key",
+                "status",
+                "error_message",
+                "width",
+                "height",
+                "original_width",
+                "original_height",
+                "sha256",
+            )
+        }
         with open(out / f"{shard:05d}.tar", "wb") as tar:
-            for n, (image, k) in enumerate(order[start:start + samples_per_shard]):
+            for n, (image, k) in enumerate(order[start : start + samples_per_shard]):
                 key = f"{shard:05d}{n:04d}"
-                row = {"url": url_of(image), "caption": caption_of(image, k), "key": key,
-                       **{c: f(image, k) for c, f in extra_columns.items()}}
+                row = {
+                    "url": url_of(image),
+                    "caption": caption_of(image, k),
+                    "key": key,
+                    **{c: f(image, k) for c, f in extra_columns.items()},
+                }
                 if image * rows_per_image + k in failed:
                     status, error = ERRORS[(image + k) % len(ERRORS)]
-                    row.update(status=status, error_message=error, width=None, height=None, original_width=None,
-                               original_height=None, sha256=None)
+                    row.update(
+                        status=status,
+                        error_message=error,
+                        width=None,
+                        height=None,
+                        original_width=None,
+                        original_height=None,
+                        sha256=None,
+                    )
                     summary["failed"][status] = summary["failed"].get(status, 0) + 1
                 else:
                     data = jpegs.get(image) or jpegs.setdefault(image, jpeg_of(image, image_size))
-                    row.update(status="success", error_message=None, width=image_size, height=image_size,
-                               original_width=image_size, original_height=image_size, sha256=hashlib.sha256(data).hexdigest())
+                    row.update(
+                        status="success",
+                        error_message=None,
+                        width=image_size,
+                        height=image_size,
+                        original_width=image_size,
+                        original_height=image_size,
+                        sha256=hashlib.sha256(data).hexdigest(),
+                    )
                     meta = json.dumps({c: row[c] for c in table}).encode()
                     for ext, payload in (("jpg", data), ("txt", row["caption"].encode()), ("json", meta)):
                         tar.write(ustar_member(f"{key}.{ext}", payload))
@@ -102,8 +145,11 @@ def write_img2dataset_corpus(out: str | Path, rows: int, rows_per_image: int = 5
                     jpegs.clear()
             tar.write(bytes(1024))  # end-of-archive
         pq.write_table(pa.table(table), out / f"{shard:05d}.parquet")
-        stats = {"count": len(table["key"]), "successes": table["status"].count("success"),
-                 **{status: table["status"].count(status) for status in ("failed_to_download", "failed_to_resize")}}
+        stats = {
+            "count": len(table["key"]),
+            "successes": table["status"].count("success"),
+            **{status: table["status"].count(status) for status in ("failed_to_download", "failed_to_resize")},
+        }
         (out / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
     summary["images"] = len(summary["images"])
     return summary
@@ -118,7 +164,9 @@ def img2dataset_bin() -> Path | None:
     """The tool venv's img2dataset (made by `make setup`), or None when it is not installed."""
     import os
 
-    path = Path(os.environ.get(IMG2DATASET_ENV) or Path(__file__).resolve().parents[2] / ".venv-img2dataset/bin/img2dataset")
+    path = Path(
+        os.environ.get(IMG2DATASET_ENV) or Path(__file__).resolve().parents[2] / ".venv-img2dataset/bin/img2dataset"
+    )
     return path if path.is_file() else None
 
 
@@ -143,8 +191,15 @@ def serve_directory(directory: str | Path) -> Iterator[str]:
         server.server_close()
 
 
-def run_img2dataset(url_list: str | Path, out: str | Path, *, extra_columns: list[str] = (), image_size: int = 256,
-                    samples_per_shard: int = 10_000, threads: int = 4) -> None:
+def run_img2dataset(
+    url_list: str | Path,
+    out: str | Path,
+    *,
+    extra_columns: list[str] = (),
+    image_size: int = 256,
+    samples_per_shard: int = 10_000,
+    threads: int = 4,
+) -> None:
     """Run the real img2dataset (``--output_format=webdataset``) on a parquet URL list with url/caption columns.
 
     Offline it needs ``NO_ALBUMENTATIONS_UPDATE=1``; ``out`` must not exist yet (its default incremental
@@ -157,11 +212,25 @@ def run_img2dataset(url_list: str | Path, out: str | Path, *, extra_columns: lis
         raise FileNotFoundError(f"img2dataset not installed: run `make setup` (or set {IMG2DATASET_ENV})")
     if Path(out).exists():
         raise FileExistsError(f"{out} exists; img2dataset needs an empty output folder")
-    cmd = [str(tool), f"--url_list={url_list}", "--input_format=parquet", "--url_col=url", "--caption_col=caption",
-           "--output_format=webdataset", f"--output_folder={out}", "--processes_count=1", f"--thread_count={threads}",
-           f"--image_size={image_size}", "--resize_mode=keep_ratio", "--resize_only_if_bigger=True",
-           f"--number_sample_per_shard={samples_per_shard}", "--retries=0", "--timeout=30", "--enable_wandb=False",
-           "--distributor=multiprocessing"]
+    cmd = [
+        str(tool),
+        f"--url_list={url_list}",
+        "--input_format=parquet",
+        "--url_col=url",
+        "--caption_col=caption",
+        "--output_format=webdataset",
+        f"--output_folder={out}",
+        "--processes_count=1",
+        f"--thread_count={threads}",
+        f"--image_size={image_size}",
+        "--resize_mode=keep_ratio",
+        "--resize_only_if_bigger=True",
+        f"--number_sample_per_shard={samples_per_shard}",
+        "--retries=0",
+        "--timeout=30",
+        "--enable_wandb=False",
+        "--distributor=multiprocessing",
+    ]
     if extra_columns:
         cmd.append(f"--save_additional_columns={json.dumps(list(extra_columns))}")
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
@@ -170,8 +239,9 @@ def run_img2dataset(url_list: str | Path, out: str | Path, *, extra_columns: lis
         raise RuntimeError(f"img2dataset failed ({proc.returncode}): {proc.stderr[-3000:]}")
 
 
-def flickr8k_url_list(flickr_root: str | Path, base_url: str, out: str | Path, images: int | None = None,
-                      seed: int = 0) -> dict:
+def flickr8k_url_list(
+    flickr_root: str | Path, base_url: str, out: str | Path, images: int | None = None, seed: int = 0
+) -> dict:
     """A shuffled parquet URL list of Flickr8k's caption rows (url, caption, split) served under ``base_url``,
     plus one 404 row; returns the counts a reader must find."""
     import csv
@@ -185,8 +255,11 @@ def flickr8k_url_list(flickr_root: str | Path, base_url: str, out: str | Path, i
     with open(flickr_root / "captions.txt", newline="") as f:
         captions = list(csv.DictReader(f))
     keep = sorted({r["image"] for r in captions})[:images]
-    rows = [{"url": f"{base_url}/{r['image']}", "caption": r["caption"], "split": splits.get(r["image"], "none")}
-            for r in captions if r["image"] in set(keep)]
+    rows = [
+        {"url": f"{base_url}/{r['image']}", "caption": r["caption"], "split": splits.get(r["image"], "none")}
+        for r in captions
+        if r["image"] in set(keep)
+    ]
     rows.append({"url": f"{base_url}/no-such-image.jpg", "caption": "a photo that is gone", "split": "train"})
     random.Random(seed).shuffle(rows)
     pq.write_table(pa.Table.from_pylist(rows), out)

@@ -5,6 +5,7 @@ the infer side runs the real code path (read the tar and tokenise on a helper th
 embed, write the sidecar), the bare side only calls the model on batches prepared beforehand. The ratio says how much
 of the encoder's speed the job delivers. Each side runs ``repeats`` times, alternating; the best counts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,8 +61,14 @@ def run(cfg: BenchLabelConfig) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         _link_dataset(Path(cfg.shards), Path(tmp))
-        infer_cfg = LabelInferConfig(shards=tmp, labeler=cfg.labeler, name="bench", batch_size=cfg.batch_size, dtype=cfg.dtype,
-                                     window_batches=window)
+        infer_cfg = LabelInferConfig(
+            shards=tmp,
+            labeler=cfg.labeler,
+            name="bench",
+            batch_size=cfg.batch_size,
+            dtype=cfg.dtype,
+            window_batches=window,
+        )
 
         def infer() -> None:
             shutil.rmtree(Path(tmp) / "labels", ignore_errors=True)
@@ -76,16 +83,23 @@ def run(cfg: BenchLabelConfig) -> dict:
                 fn()
                 times[name].append(time.perf_counter() - t0)
     result = {
-        "samples": samples, "batches": len(batches), "batch_size": cfg.batch_size, "device": d.device.type, "dtype": cfg.dtype,
-        "infer_samples_per_s": samples / min(times["infer"]), "bare_samples_per_s": samples / min(times["bare"]),
+        "samples": samples,
+        "batches": len(batches),
+        "batch_size": cfg.batch_size,
+        "device": d.device.type,
+        "dtype": cfg.dtype,
+        "infer_samples_per_s": samples / min(times["infer"]),
+        "bare_samples_per_s": samples / min(times["bare"]),
     }
     result["ratio"] = result["infer_samples_per_s"] / result["bare_samples_per_s"]
     if cfg.json:
         print(json.dumps(result))
     else:
-        print(f"label infer : {result['infer_samples_per_s']:10.1f} samples/s\n"
-              f"bare forward: {result['bare_samples_per_s']:10.1f} samples/s\n"
-              f"ratio       : {result['ratio']:10.3f}  ({samples} samples, {len(batches)} batches of ≤{cfg.batch_size}, {d.device.type}, {cfg.dtype})")
+        print(
+            f"label infer : {result['infer_samples_per_s']:10.1f} samples/s\n"
+            f"bare forward: {result['bare_samples_per_s']:10.1f} samples/s\n"
+            f"ratio       : {result['ratio']:10.3f}  ({samples} samples, {len(batches)} batches of ≤{cfg.batch_size}, {d.device.type}, {cfg.dtype})"
+        )
     return result
 
 

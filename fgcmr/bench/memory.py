@@ -13,6 +13,7 @@ gradients + 12 B fp32 master, momentum, variance; fp32: 4 + 4 + 8):
 stage 0: 16 | stage 1: 2 + 2 + 12/N (fp32 4 + 4 + 8/N) | stage 2: 2 + 14/N (fp32 4 + 12/N) | stage 3: 16/N.
 Offloaded state lives in host memory, which on a CPU machine is the same RSS.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,7 +97,9 @@ def measure(cfg: BenchMemoryConfig) -> dict[str, Any]:
     barrier()
     base = _now(env.device)
     torch.manual_seed(0)
-    engine, _ = build_engine(build_model_for(model_cfg, LossConfig(name="pairwise"), ds_cfg), ds_cfg, optim, total_steps=1 << 30)
+    engine, _ = build_engine(
+        build_model_for(model_cfg, LossConfig(name="pairwise"), ds_cfg), ds_cfg, optim, total_steps=1 << 30
+    )
     params = sum(full_numel(p) for p in engine.module.parameters())
     built = _now(env.device)
     if env.device.type == "cuda":
@@ -106,26 +109,47 @@ def measure(cfg: BenchMemoryConfig) -> dict[str, Any]:
     gc.collect()
     steady, peak = _now(env.device), _peak(env.device)
     stage = engine.zero_optimization_stage()
-    mine = {"rank": env.rank, "base_mb": base / 2**20, "built_mb": built / 2**20, "steady_mb": steady / 2**20, "peak_mb": peak / 2**20,
-            "model_state_mb": (steady - base) / 2**20, "activations_mb": max(0, peak - steady) / 2**20}
+    mine = {
+        "rank": env.rank,
+        "base_mb": base / 2**20,
+        "built_mb": built / 2**20,
+        "steady_mb": steady / 2**20,
+        "peak_mb": peak / 2**20,
+        "model_state_mb": (steady - base) / 2**20,
+        "activations_mb": max(0, peak - steady) / 2**20,
+    }
     ranks = all_gather_objects(mine)
     return {
-        "model": cfg.model, "deepspeed": cfg.deepspeed, "zero_stage": stage, "dtype": str(dtype).removeprefix("torch."),
-        "nproc": env.world_size, "micro_batch": cfg.micro_batch, "steps": cfg.steps, "parameters": params,
+        "model": cfg.model,
+        "deepspeed": cfg.deepspeed,
+        "zero_stage": stage,
+        "dtype": str(dtype).removeprefix("torch."),
+        "nproc": env.world_size,
+        "micro_batch": cfg.micro_batch,
+        "steps": cfg.steps,
+        "parameters": params,
         "grad_checkpointing": [model_cfg.image.grad_checkpointing, model_cfg.text.grad_checkpointing],
         "expected_bytes_per_param": expected_bytes_per_param(stage, dtype != torch.float32, env.world_size),
-        "expected_model_state_mb": expected_bytes_per_param(stage, dtype != torch.float32, env.world_size) * params / 2**20,
+        "expected_model_state_mb": expected_bytes_per_param(stage, dtype != torch.float32, env.world_size)
+        * params
+        / 2**20,
         "memory_kind": "torch.cuda.memory_allocated" if env.device.type == "cuda" else "process RSS",
-        "ranks": ranks, "machine": machine(),
+        "ranks": ranks,
+        "machine": machine(),
     }
 
 
 def table(r: dict[str, Any]) -> str:
-    head = (f"{r['model']} ({r['parameters'] / 1e6:.1f} M parameters), {r['deepspeed']} ({r['dtype']}), {r['nproc']} ranks × "
-            f"micro-batch {r['micro_batch']}, {r['steps']} steps, grad checkpointing {r['grad_checkpointing']}; {r['memory_kind']}\n"
-            f"expected model state {r['expected_bytes_per_param']:.2f} B/param = {r['expected_model_state_mb']:.0f} MB per rank")
+    head = (
+        f"{r['model']} ({r['parameters'] / 1e6:.1f} M parameters), {r['deepspeed']} ({r['dtype']}), {r['nproc']} ranks × "
+        f"micro-batch {r['micro_batch']}, {r['steps']} steps, grad checkpointing {r['grad_checkpointing']}; {r['memory_kind']}\n"
+        f"expected model state {r['expected_bytes_per_param']:.2f} B/param = {r['expected_model_state_mb']:.0f} MB per rank"
+    )
     rows = [f"{'rank':>4} {'base MB':>8} {'model state MB':>15} {'activations MB':>15} {'peak MB':>8}"]
-    rows += [f"{x['rank']:>4} {x['base_mb']:>8.0f} {x['model_state_mb']:>15.0f} {x['activations_mb']:>15.0f} {x['peak_mb']:>8.0f}" for x in r["ranks"]]
+    rows += [
+        f"{x['rank']:>4} {x['base_mb']:>8.0f} {x['model_state_mb']:>15.0f} {x['activations_mb']:>15.0f} {x['peak_mb']:>8.0f}"
+        for x in r["ranks"]
+    ]
     return head + "\n" + "\n".join(rows)
 
 
@@ -133,10 +157,23 @@ def _launch(cfg: BenchMemoryConfig) -> int:
     port = free_port()
     procs = []
     for rank in range(cfg.nproc):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(cfg.nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(cfg.nproc),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "fgcmr", "bench", "memory", *sys.argv[3:]], env=env,
-                                      stdout=None if rank == 0 else subprocess.DEVNULL))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(cfg.nproc),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(cfg.nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "fgcmr", "bench", "memory", *sys.argv[3:]],
+                env=env,
+                stdout=None if rank == 0 else subprocess.DEVNULL,
+            )
+        )
     return max(p.wait() for p in procs)
 
 

@@ -22,6 +22,7 @@ Known differences, both inherent to the trainers: open_clip pads every text to t
 Run as a module, this file is the open_clip entry point of each rank: it registers the timm variant
 and the model config, then calls ``open_clip_train.main.main``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,22 +100,36 @@ def write_peer_model(model_cfg: ModelConfig, tokenizer_dir: Path, out_dir: Path)
 
     text, image = model_cfg.text, model_cfg.image
     if image.kind != "timm" or text.kind != "transformers" or text.pretrained_dir:
-        raise ValueError("the open_clip peer needs a timm image tower and a transformers text tower built from a config")
+        raise ValueError(
+            "the open_clip peer needs a timm image tower and a transformers text tower built from a config"
+        )
     tok = load_tokenizer(tokenizer_dir)
     hf_dir = out_dir / "text_encoder"
     kwargs = {k: v for k, v in text.config.items() if k != "model_type"}
     kwargs.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id)
     # open_clip_train always loads the text tower "pretrained": give it a random initialisation to load
-    AutoModel.from_config(AutoConfig.for_model(text.config["model_type"], **kwargs), add_pooling_layer=False).save_pretrained(str(hf_dir))
+    AutoModel.from_config(
+        AutoConfig.for_model(text.config["model_type"], **kwargs), add_pooling_layer=False
+    ).save_pretrained(str(hf_dir))
     tok.save_pretrained(str(hf_dir))
     name = "fgcmr-peer"
     cfg = {
         "embed_dim": model_cfg.embed_dim,
-        "vision_cfg": {"timm_model_name": timm_variant_name(model_cfg), "timm_model_pretrained": False,
-                       "timm_pool": "", "timm_proj": "linear", "image_size": image.image_size or 224},
-        "text_cfg": {"hf_model_name": str(hf_dir), "hf_tokenizer_name": str(hf_dir), "hf_model_pretrained": False,
-                     "hf_pooler_type": f"{text.pooling}_pooler" if text.pooling == "mean" else "cls_last_hidden_state_pooler",
-                     "hf_proj_type": "linear", "context_length": text.max_length},
+        "vision_cfg": {
+            "timm_model_name": timm_variant_name(model_cfg),
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": image.image_size or 224,
+        },
+        "text_cfg": {
+            "hf_model_name": str(hf_dir),
+            "hf_tokenizer_name": str(hf_dir),
+            "hf_model_pretrained": False,
+            "hf_pooler_type": f"{text.pooling}_pooler" if text.pooling == "mean" else "cls_last_hidden_state_pooler",
+            "hf_proj_type": "linear",
+            "context_length": text.max_length,
+        },
     }
     (out_dir / f"{name}.json").write_text(json.dumps(cfg, indent=1))
     variant = {"name": timm_variant_name(model_cfg), "base": image.name, "model_kwargs": image.model_kwargs}
@@ -170,10 +185,17 @@ def open_clip_entry(argv: list[str]) -> None:
 # ----------------------------------------------------------------------------- measurement
 
 
-def timed_steps(cmd: list[str], env: dict[str, str], pattern: re.Pattern, steps_of, log_path: Path, cwd: Path | None = None) -> list[tuple[float, int]]:
+def timed_steps(
+    cmd: list[str], env: dict[str, str], pattern: re.Pattern, steps_of, log_path: Path, cwd: Path | None = None
+) -> list[tuple[float, int]]:
     """Run ``cmd``; return (arrival time, steps done) for every progress line. Output goes to ``log_path``."""
     points = []
-    with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=cwd) as proc:
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=cwd
+        ) as proc,
+    ):
         for line in proc.stdout:
             now = time.perf_counter()
             log.write(line)
@@ -184,7 +206,9 @@ def timed_steps(cmd: list[str], env: dict[str, str], pattern: re.Pattern, steps_
     if proc.returncode:
         lines = log_path.read_text().splitlines(True)
         first = next((i for i, line in enumerate(lines) if "Traceback" in line), max(0, len(lines) - 15))
-        raise RuntimeError(f"{' '.join(cmd[:6])}… exited {proc.returncode}; see {log_path}:\n" + "".join(lines[first:first + 25]))
+        raise RuntimeError(
+            f"{' '.join(cmd[:6])}… exited {proc.returncode}; see {log_path}:\n" + "".join(lines[first : first + 25])
+        )
     return points
 
 
@@ -196,14 +220,22 @@ def throughput(points: list[tuple[float, int]], warmup: int, global_batch: int) 
         raise RuntimeError(f"need two progress lines after step {warmup}, got steps {[s for _, s in points]}")
     (t0, s0), (t1, s1) = measured[0], measured[-1]
     windows = [(b - a) * global_batch / (tb - ta) for (ta, a), (tb, b) in zip(measured, measured[1:])]
-    return {"samples_per_s": (s1 - s0) * global_batch / (t1 - t0), "step_time_s": (t1 - t0) / (s1 - s0),
-            "measured_steps": s1 - s0, "window_samples_per_s": windows}
+    return {
+        "samples_per_s": (s1 - s0) * global_batch / (t1 - t0),
+        "step_time_s": (t1 - t0) / (s1 - s0),
+        "measured_steps": s1 - s0,
+        "window_samples_per_s": windows,
+    }
 
 
 def shard_pattern(shards: list[Path]) -> str:
     """``dir/train-{000000..000007}.tar`` for consecutively numbered shards, else open_clip's ``a::b`` list."""
     m = [re.fullmatch(r"(.*-)(\d+)(\.tar)", str(s)) for s in shards]
-    if all(m) and len({(x.group(1), x.group(3)) for x in m}) == 1 and [int(x.group(2)) for x in m] == list(range(int(m[0].group(2)), int(m[0].group(2)) + len(m))):
+    if (
+        all(m)
+        and len({(x.group(1), x.group(3)) for x in m}) == 1
+        and [int(x.group(2)) for x in m] == list(range(int(m[0].group(2)), int(m[0].group(2)) + len(m)))
+    ):
         return f"{m[0].group(1)}{{{m[0].group(2)}..{m[-1].group(2)}}}{m[0].group(3)}" if len(m) > 1 else str(shards[0])
     return "::".join(str(s) for s in shards)
 
@@ -216,8 +248,19 @@ def _env() -> dict[str, str]:
     return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
 
 
-def run_open_clip_peer(shards_dir: str | Path, nproc: int, batch_size: int, steps: int, *, model: str = "tiny", warmup: int = 10,
-                       log_every: int = 5, workers: int = 2, work_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None) -> dict[str, Any]:
+def run_open_clip_peer(
+    shards_dir: str | Path,
+    nproc: int,
+    batch_size: int,
+    steps: int,
+    *,
+    model: str = "tiny",
+    warmup: int = 10,
+    log_every: int = 5,
+    workers: int = 2,
+    work_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Train ``model`` with open_clip's trainer for ``steps`` steps on the train split of ``shards_dir``.
 
     Returns ``samples_per_s``, ``step_time_s``, ``measured_steps``, ``processes``, ``batch_size``, ``log``.
@@ -230,20 +273,76 @@ def run_open_clip_peer(shards_dir: str | Path, nproc: int, batch_size: int, step
     model_cfg = load_model_config(model)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else train_tokenizer(dataset, model_cfg, work / "tokenizer")
     name, model_dir = write_peer_model(model_cfg, tokenizer_dir, work / "open_clip_model")
-    cmd = _torchrun(nproc) + ["-m", "fgcmr.bench.peer_open_clip", f"--fgcmr-model-dir={model_dir}",
-                              "--model", name, "--dataset-type", "webdataset", "--dataset-resampled",
-                              "--train-data", shard_pattern(dataset.shards("train")), "--train-num-samples", str(steps * batch_size * nproc),
-                              "--batch-size", str(batch_size), "--workers", str(workers), "--epochs", "1", "--precision", "fp32",
-                              "--device", "cpu", "--dist-backend", "gloo", "--lr", "1e-3", "--warmup", "20", "--wd", "0.05",
-                              "--grad-clip-norm", "1.0", "--log-every-n-steps", str(log_every), "--save-frequency", "0",
-                              "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "",
-                              "--name", f"run{time.time_ns()}"]  # logs go to <work>/logs (an explicit --logs trips torchrun's parser)
-    points = timed_steps(cmd, _env(), OPEN_CLIP_LINE, lambda samples: samples // (batch_size * nproc), work / "open_clip.log", cwd=work)
-    return {**throughput(points, warmup, batch_size * nproc), "processes": nproc, "batch_size": batch_size, "log": str(work / "open_clip.log")}
+    cmd = _torchrun(nproc) + [
+        "-m",
+        "fgcmr.bench.peer_open_clip",
+        f"--fgcmr-model-dir={model_dir}",
+        "--model",
+        name,
+        "--dataset-type",
+        "webdataset",
+        "--dataset-resampled",
+        "--train-data",
+        shard_pattern(dataset.shards("train")),
+        "--train-num-samples",
+        str(steps * batch_size * nproc),
+        "--batch-size",
+        str(batch_size),
+        "--workers",
+        str(workers),
+        "--epochs",
+        "1",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--dist-backend",
+        "gloo",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "20",
+        "--wd",
+        "0.05",
+        "--grad-clip-norm",
+        "1.0",
+        "--log-every-n-steps",
+        str(log_every),
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--val-frequency",
+        "0",
+        "--report-to",
+        "",
+        "--name",
+        f"run{time.time_ns()}",
+    ]  # logs go to <work>/logs (an explicit --logs trips torchrun's parser)
+    points = timed_steps(
+        cmd, _env(), OPEN_CLIP_LINE, lambda samples: samples // (batch_size * nproc), work / "open_clip.log", cwd=work
+    )
+    return {
+        **throughput(points, warmup, batch_size * nproc),
+        "processes": nproc,
+        "batch_size": batch_size,
+        "log": str(work / "open_clip.log"),
+    }
 
 
-def run_fgcmr_train(shards_dir: str | Path, nproc: int, batch_size: int, steps: int, *, model: str = "tiny", warmup: int = 10,
-                    log_every: int = 5, workers: int = 2, work_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None) -> dict[str, Any]:
+def run_fgcmr_train(
+    shards_dir: str | Path,
+    nproc: int,
+    batch_size: int,
+    steps: int,
+    *,
+    model: str = "tiny",
+    warmup: int = 10,
+    log_every: int = 5,
+    workers: int = 2,
+    work_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """``fgcmr train`` of the same model on the same shards (CLIP loss, fp32, ZeRO-0), timed like the peer."""
     from fgcmr.dataset import open_dataset
 
@@ -255,12 +354,32 @@ def run_fgcmr_train(shards_dir: str | Path, nproc: int, batch_size: int, steps: 
     model_file = work / "fgcmr_model.yaml"
     model_file.write_text(dump_yaml(to_dict(pin_tokenizer(model_cfg, tokenizer_dir))))
     run_dir = work / f"fgcmr_run{time.time_ns()}"
-    cmd = _torchrun(nproc) + ["-m", "fgcmr", "train", f"--shards={shards_dir}", f"--out={run_dir}", f"--model={model_file}",
-                              "--deepspeed=zero0_fp32", "--loss.name=clip", f"--data.micro_batch={batch_size}", f"--data.workers={workers}",
-                              "--data.augment=false", f"--max_steps={steps}", f"--log_every={log_every}", "--checkpoint_every=1000000",
-                              "--hist_every=1000000", "--optim.lr=1e-3", "--optim.warmup_steps=20"]
+    cmd = _torchrun(nproc) + [
+        "-m",
+        "fgcmr",
+        "train",
+        f"--shards={shards_dir}",
+        f"--out={run_dir}",
+        f"--model={model_file}",
+        "--deepspeed=zero0_fp32",
+        "--loss.name=clip",
+        f"--data.micro_batch={batch_size}",
+        f"--data.workers={workers}",
+        "--data.augment=false",
+        f"--max_steps={steps}",
+        f"--log_every={log_every}",
+        "--checkpoint_every=1000000",
+        "--hist_every=1000000",
+        "--optim.lr=1e-3",
+        "--optim.warmup_steps=20",
+    ]
     points = timed_steps(cmd, _env(), FGCMR_LINE, int, work / "fgcmr.log")
-    return {**throughput(points, warmup, batch_size * nproc), "processes": nproc, "batch_size": batch_size, "log": str(work / "fgcmr.log")}
+    return {
+        **throughput(points, warmup, batch_size * nproc),
+        "processes": nproc,
+        "batch_size": batch_size,
+        "log": str(work / "fgcmr.log"),
+    }
 
 
 def train_tokenizer(dataset, model_cfg: ModelConfig, out_dir: Path) -> Path:
@@ -281,13 +400,27 @@ def pin_tokenizer(model_cfg: ModelConfig, tokenizer_dir: Path) -> ModelConfig:
 
     config = {**model_cfg.text.config, "vocab_size": len(load_tokenizer(tokenizer_dir))}
     extra = {"projection_norm": "none"} if hasattr(model_cfg, "projection_norm") else {}
-    return dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, tokenizer_dir=str(tokenizer_dir), config=config), **extra)
+    return dataclasses.replace(
+        model_cfg, text=dataclasses.replace(model_cfg.text, tokenizer_dir=str(tokenizer_dir), config=config), **extra
+    )
 
 
 def synthetic_shards(out_dir: Path, items: int, image_size: int) -> Path:
     if not (out_dir / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "fgcmr", "shard", "--source=synthetic", f"--out={out_dir}", f"--items={items}",
-                        f"--image_size={image_size}"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fgcmr",
+                "shard",
+                "--source=synthetic",
+                f"--out={out_dir}",
+                f"--items={items}",
+                f"--image_size={image_size}",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return out_dir
 
 
@@ -296,40 +429,68 @@ def compare(cfg: BenchPeerConfig, work_dir: str | Path | None = None) -> dict[st
     with tempfile.TemporaryDirectory(prefix="fgcmr-peer-") as tmp:
         work = Path(work_dir or tmp)
         model_cfg = load_model_config(cfg.model)
-        shards = Path(cfg.shards) if cfg.shards else synthetic_shards(work / "shards", cfg.items, model_cfg.image.image_size or 224)
+        shards = (
+            Path(cfg.shards)
+            if cfg.shards
+            else synthetic_shards(work / "shards", cfg.items, model_cfg.image.image_size or 224)
+        )
         from fgcmr.dataset import open_dataset
 
         tok = train_tokenizer(open_dataset(str(shards)), model_cfg, work / "tokenizer")
-        common = dict(model=cfg.model, warmup=cfg.warmup, log_every=cfg.log_every, workers=cfg.workers, tokenizer_dir=tok)
+        common = dict(
+            model=cfg.model, warmup=cfg.warmup, log_every=cfg.log_every, workers=cfg.workers, tokenizer_dir=tok
+        )
         runs: dict[str, list[dict]] = {"fgcmr": [], "open_clip": []}
         for r in range(cfg.rounds):
-            runs["fgcmr"].append(run_fgcmr_train(shards, cfg.nproc, cfg.micro_batch, cfg.steps, work_dir=work / f"fgcmr{r}", **common))
-            runs["open_clip"].append(run_open_clip_peer(shards, cfg.nproc, cfg.micro_batch, cfg.steps, work_dir=work / f"open_clip{r}", **common))
-    fg = sum(r["measured_steps"] for r in runs["fgcmr"]) / sum(r["measured_steps"] * r["step_time_s"] for r in runs["fgcmr"])
-    oc = sum(r["measured_steps"] for r in runs["open_clip"]) / sum(r["measured_steps"] * r["step_time_s"] for r in runs["open_clip"])
+            runs["fgcmr"].append(
+                run_fgcmr_train(shards, cfg.nproc, cfg.micro_batch, cfg.steps, work_dir=work / f"fgcmr{r}", **common)
+            )
+            runs["open_clip"].append(
+                run_open_clip_peer(
+                    shards, cfg.nproc, cfg.micro_batch, cfg.steps, work_dir=work / f"open_clip{r}", **common
+                )
+            )
+    fg = sum(r["measured_steps"] for r in runs["fgcmr"]) / sum(
+        r["measured_steps"] * r["step_time_s"] for r in runs["fgcmr"]
+    )
+    oc = sum(r["measured_steps"] for r in runs["open_clip"]) / sum(
+        r["measured_steps"] * r["step_time_s"] for r in runs["open_clip"]
+    )
     gb = cfg.micro_batch * cfg.nproc
     median = {k: statistics.median(w for r in v for w in r["window_samples_per_s"]) for k, v in runs.items()}
     from fgcmr.bench.train import machine
 
     return {
-        "fgcmr_samples_per_s": fg * gb, "open_clip_samples_per_s": oc * gb, "ratio": fg / oc,
-        "fgcmr_median_window_samples_per_s": median["fgcmr"], "open_clip_median_window_samples_per_s": median["open_clip"],
+        "fgcmr_samples_per_s": fg * gb,
+        "open_clip_samples_per_s": oc * gb,
+        "ratio": fg / oc,
+        "fgcmr_median_window_samples_per_s": median["fgcmr"],
+        "open_clip_median_window_samples_per_s": median["open_clip"],
         "median_ratio": median["fgcmr"] / median["open_clip"],
         "rounds": {k: [round(r["samples_per_s"], 2) for r in v] for k, v in runs.items()},
-        "model": cfg.model, "processes": cfg.nproc, "micro_batch": cfg.micro_batch, "steps": cfg.steps, "warmup": cfg.warmup,
-        "workers": cfg.workers, "log_every": cfg.log_every, "shards": str(cfg.shards or "synthetic"), "machine": machine(),
+        "model": cfg.model,
+        "processes": cfg.nproc,
+        "micro_batch": cfg.micro_batch,
+        "steps": cfg.steps,
+        "warmup": cfg.warmup,
+        "workers": cfg.workers,
+        "log_every": cfg.log_every,
+        "shards": str(cfg.shards or "synthetic"),
+        "machine": machine(),
     }
 
 
 def report(result: dict[str, Any]) -> str:
-    return (f"machine: {result['machine']}\n"
-            f"model {result['model']}, CLIP loss, fp32, {result['processes']} processes × batch {result['micro_batch']}, "
-            f"{result['steps']} steps per run ({result['warmup']} unmeasured), shards: {result['shards']}\n"
-            f"fgcmr train      : {result['fgcmr_samples_per_s']:8.1f} samples/s  (runs: {result['rounds']['fgcmr']})\n"
-            f"open_clip_train  : {result['open_clip_samples_per_s']:8.1f} samples/s  (runs: {result['rounds']['open_clip']})\n"
-            f"ratio            : {result['ratio']:.3f} (goal ≥ 1.0)\n"
-            f"median of {result['log_every']}-step windows: fgcmr {result['fgcmr_median_window_samples_per_s']:.1f}, "
-            f"open_clip {result['open_clip_median_window_samples_per_s']:.1f} samples/s, ratio {result['median_ratio']:.3f}")
+    return (
+        f"machine: {result['machine']}\n"
+        f"model {result['model']}, CLIP loss, fp32, {result['processes']} processes × batch {result['micro_batch']}, "
+        f"{result['steps']} steps per run ({result['warmup']} unmeasured), shards: {result['shards']}\n"
+        f"fgcmr train      : {result['fgcmr_samples_per_s']:8.1f} samples/s  (runs: {result['rounds']['fgcmr']})\n"
+        f"open_clip_train  : {result['open_clip_samples_per_s']:8.1f} samples/s  (runs: {result['rounds']['open_clip']})\n"
+        f"ratio            : {result['ratio']:.3f} (goal ≥ 1.0)\n"
+        f"median of {result['log_every']}-step windows: fgcmr {result['fgcmr_median_window_samples_per_s']:.1f}, "
+        f"open_clip {result['open_clip_median_window_samples_per_s']:.1f} samples/s, ratio {result['median_ratio']:.3f}"
+    )
 
 
 def run(cfg: BenchPeerConfig) -> dict[str, Any]:

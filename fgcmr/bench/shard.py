@@ -11,6 +11,7 @@ then sharded by a ``fgcmr shard --source=img2dataset`` child process (grouping a
 verifying each image) and read by plain ``webdataset`` iteration of the same tars. Both rates count
 tar samples (successful rows) per second; peak RSS of the shard process must stay flat (≤ 1.25×).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,7 +90,9 @@ def run(cfg: BenchShardConfig) -> dict:
 
 
 def _time_fgcmr(cfg: BenchShardConfig, out: Path) -> float:
-    shard = ShardConfig(source="synthetic", out=str(out), items=cfg.items, image_size=cfg.image_size, workers=cfg.workers)
+    shard = ShardConfig(
+        source="synthetic", out=str(out), items=cfg.items, image_size=cfg.image_size, workers=cfg.workers
+    )
     shard.data.max_items_per_shard = cfg.max_items_per_shard
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # keep stdout for the result (one JSON object with --json)
@@ -110,7 +113,11 @@ def _time_plain(cfg: BenchShardConfig, out: Path) -> float:
             tar = tarfile.open(out / f"{n // cfg.max_items_per_shard:06d}.tar", "w")
         item = reader.load(ref)
         meta = json.dumps({"id": item.id, "split": item.split, "category": item.category, "texts": item.texts}).encode()
-        for name, data in ((f"{ref.key}.jpg", item.image), (f"{ref.key}.json", meta), (f"{ref.key}.txt", item.texts[0].encode())):
+        for name, data in (
+            (f"{ref.key}.jpg", item.image),
+            (f"{ref.key}.json", meta),
+            (f"{ref.key}.txt", item.texts[0].encode()),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -128,8 +135,17 @@ def run_img2dataset(cfg: BenchShardConfig) -> dict:
             t = time.perf_counter()
             truth = write_img2dataset_corpus(corpus, rows)
             made = time.perf_counter() - t
-            cmd = [sys.executable, "-m", "fgcmr", "shard", "--source=img2dataset", f"--root={corpus}",
-                   f"--out={Path(scratch) / 'out'}", f"--workers={cfg.workers}", f"--data.max_items_per_shard={cfg.max_items_per_shard}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "fgcmr",
+                "shard",
+                "--source=img2dataset",
+                f"--root={corpus}",
+                f"--out={Path(scratch) / 'out'}",
+                f"--workers={cfg.workers}",
+                f"--data.max_items_per_shard={cfg.max_items_per_shard}",
+            ]
             t = time.perf_counter()
             peak = _child_peak_rss_mb(cmd)
             shard_s = time.perf_counter() - t
@@ -139,23 +155,42 @@ def run_img2dataset(cfg: BenchShardConfig) -> dict:
             t = time.perf_counter()
             samples = _iterate_webdataset(sorted(str(p) for p in corpus.glob("*.tar")))
             wds_s = time.perf_counter() - t
-        results.append({"rows": rows, "samples": samples, "items": manifest["items_written"],
-                        "rows_skipped": manifest["rows"]["skipped"], "generate_s": round(made, 1),
-                        "shard_s": round(shard_s, 1), "shard_samples_per_s": round(samples / shard_s, 1),
-                        "shard_items_per_s": round(manifest["items_written"] / shard_s, 1), "peak_mb": round(peak, 1),
-                        "webdataset_s": round(wds_s, 1), "webdataset_samples_per_s": round(samples / wds_s, 1),
-                        "ratio": round(wds_s / shard_s, 3)})
-    result = {"source": "img2dataset", "workers": cfg.workers, "sizes": results,
-              "peak_growth": round(results[-1]["peak_mb"] / results[0]["peak_mb"], 3), "machine": machine()}
+        results.append(
+            {
+                "rows": rows,
+                "samples": samples,
+                "items": manifest["items_written"],
+                "rows_skipped": manifest["rows"]["skipped"],
+                "generate_s": round(made, 1),
+                "shard_s": round(shard_s, 1),
+                "shard_samples_per_s": round(samples / shard_s, 1),
+                "shard_items_per_s": round(manifest["items_written"] / shard_s, 1),
+                "peak_mb": round(peak, 1),
+                "webdataset_s": round(wds_s, 1),
+                "webdataset_samples_per_s": round(samples / wds_s, 1),
+                "ratio": round(wds_s / shard_s, 3),
+            }
+        )
+    result = {
+        "source": "img2dataset",
+        "workers": cfg.workers,
+        "sizes": results,
+        "peak_growth": round(results[-1]["peak_mb"] / results[0]["peak_mb"], 3),
+        "machine": machine(),
+    }
     if cfg.json:
         print(json.dumps(result))
         return result
     print(f"fgcmr bench shard --source=img2dataset on {result['machine']} (workers={cfg.workers})")
-    print(f"  {'rows':>9} {'samples':>9} {'items':>8} {'shard s':>8} {'samples/s':>10} {'items/s':>8} {'peak MB':>8}"
-          f" {'wds s':>7} {'wds samples/s':>13} {'ratio':>6}")
+    print(
+        f"  {'rows':>9} {'samples':>9} {'items':>8} {'shard s':>8} {'samples/s':>10} {'items/s':>8} {'peak MB':>8}"
+        f" {'wds s':>7} {'wds samples/s':>13} {'ratio':>6}"
+    )
     for r in results:
-        print(f"  {r['rows']:>9} {r['samples']:>9} {r['items']:>8} {r['shard_s']:>8} {r['shard_samples_per_s']:>10}"
-              f" {r['shard_items_per_s']:>8} {r['peak_mb']:>8} {r['webdataset_s']:>7} {r['webdataset_samples_per_s']:>13} {r['ratio']:>6}")
+        print(
+            f"  {r['rows']:>9} {r['samples']:>9} {r['items']:>8} {r['shard_s']:>8} {r['shard_samples_per_s']:>10}"
+            f" {r['shard_items_per_s']:>8} {r['peak_mb']:>8} {r['webdataset_s']:>7} {r['webdataset_samples_per_s']:>13} {r['ratio']:>6}"
+        )
     print(f"  peak RSS growth {cfg.rows[0]} → {cfg.rows[-1]} rows: {result['peak_growth']}×")
     return result
 
@@ -183,7 +218,9 @@ _REPORT_HWM = (  # runs a command's module and reports its own peak RSS: wait4's
 
 def _child_peak_rss_mb(cmd: list[str]) -> float:
     """Run ``[python, -m, module, args...]`` and return its peak resident memory (VmHWM) in MB."""
-    proc = subprocess.run([cmd[0], "-c", _REPORT_HWM, *cmd[2:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [cmd[0], "-c", _REPORT_HWM, *cmd[2:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
     return int(proc.stderr.rsplit("VmHWM_KB=", 1)[1].split()[0]) / 1024
@@ -191,7 +228,16 @@ def _child_peak_rss_mb(cmd: list[str]) -> float:
 
 def _peak_rss_mb(items: int, image_size: int, out: Path) -> float:
     """Peak resident memory of a ``fgcmr shard`` child process sharding ``items`` synthetic items."""
-    cmd = [sys.executable, "-m", "fgcmr", "shard", "--source=synthetic", f"--out={out}", f"--items={items}", f"--image_size={image_size}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fgcmr",
+        "shard",
+        "--source=synthetic",
+        f"--out={out}",
+        f"--items={items}",
+        f"--image_size={image_size}",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)

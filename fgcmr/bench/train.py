@@ -6,6 +6,7 @@ real ``Trainer`` (DeepSpeed engine, global-batch loss, monitoring with TensorBoa
 signal agreement); the bare side is ``torch.optim.AdamW`` on the model (DDP when > 1 process) with
 the same clipping. The ratio fgcmr/bare is the framework's overhead; the goal is ≥ 0.95.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,12 +68,23 @@ def synthetic_batches(cfg: ModelConfig, n: int, micro_batch: int, seed: int) -> 
         else:
             image = torch.randn(micro_batch, cfg.image.feature_dim, generator=g)
         if cfg.text.kind == "transformers":
-            ids = torch.randint(5, int(cfg.text.config.get("vocab_size", cfg.text.vocab_size)), (micro_batch, cfg.text.max_length), generator=g)
+            ids = torch.randint(
+                5,
+                int(cfg.text.config.get("vocab_size", cfg.text.vocab_size)),
+                (micro_batch, cfg.text.max_length),
+                generator=g,
+            )
             text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         else:
             text = torch.randn(micro_batch, cfg.text.feature_dim, generator=g)
-        out.append({"image": image, "text": text, "category": torch.randint(0, 10, (micro_batch,), generator=g),
-                    "image_id": torch.randint(0, 1 << 62, (micro_batch,), generator=g)})
+        out.append(
+            {
+                "image": image,
+                "text": text,
+                "category": torch.randint(0, 10, (micro_batch,), generator=g),
+                "image_id": torch.randint(0, 1 << 62, (micro_batch,), generator=g),
+            }
+        )
     return out
 
 
@@ -89,7 +101,11 @@ def _fresh_model(model_cfg: ModelConfig, loss: str) -> torch.nn.Module:
 def _bare_side(model_cfg: ModelConfig, optim: OptimConfig, loss_fn: RetrievalLoss, device: torch.device):
     model = _fresh_model(model_cfg, loss_fn.cfg.name).to(device)
     opt = torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
-    net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 else model
+    net = (
+        torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        else model
+    )
 
     def step(batch: dict) -> None:
         image_emb, text_emb, scale = net(batch["image"], batch["text"])
@@ -98,6 +114,7 @@ def _bare_side(model_cfg: ModelConfig, optim: OptimConfig, loss_fn: RetrievalLos
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         opt.step()
+
     return step
 
 
@@ -121,10 +138,15 @@ def measure(cfg: BenchTrainConfig) -> dict:
     from fgcmr.train.step import to_device
 
     dtype = compute_dtype(ds_cfg)
-    batches = [to_device(b, env.device, torch.float32) for b in synthetic_batches(model_cfg, cfg.batches, cfg.micro_batch, seed=env.rank)]
+    batches = [
+        to_device(b, env.device, torch.float32)
+        for b in synthetic_batches(model_cfg, cfg.batches, cfg.micro_batch, seed=env.rank)
+    ]
     engine, _ = build_engine(_fresh_model(model_cfg, cfg.loss), ds_cfg, optim, total_steps=1 << 30)
     with tempfile.TemporaryDirectory() as tb:
-        monitor = Monitor(Path(tb), env.is_main, 1 << 30, cfg.micro_batch * env.world_size, log_every=10, hist_every=100)
+        monitor = Monitor(
+            Path(tb), env.is_main, 1 << 30, cfg.micro_batch * env.world_size, log_every=10, hist_every=100
+        )
         trainer = Trainer(engine, loss_fn, monitor, dtype, grad_accum=1)
         stop = StopRequest(engine.device)
         fg_iter, state = cycle(batches), {"step": 0}
@@ -145,11 +167,20 @@ def measure(cfg: BenchTrainConfig) -> dict:
     samples = cfg.rounds * cfg.steps * cfg.micro_batch * env.world_size
     round_ratios = sorted(b / f for b, f in zip(bare_times, fg_times))
     result = {
-        "fgcmr_samples_per_s": samples / sum(fg_times), "bare_samples_per_s": samples / sum(bare_times),
-        "ratio": round_ratios[len(round_ratios) // 2],  # median over rounds: robust to bursts of load from other processes
-        "ratio_overall": sum(bare_times) / sum(fg_times), "round_ratios": round_ratios,
-        "model": cfg.model, "deepspeed": cfg.deepspeed, "loss": cfg.loss, "processes": env.world_size,
-        "micro_batch": cfg.micro_batch, "steps": cfg.rounds * cfg.steps, "machine": machine(),
+        "fgcmr_samples_per_s": samples / sum(fg_times),
+        "bare_samples_per_s": samples / sum(bare_times),
+        "ratio": round_ratios[
+            len(round_ratios) // 2
+        ],  # median over rounds: robust to bursts of load from other processes
+        "ratio_overall": sum(bare_times) / sum(fg_times),
+        "round_ratios": round_ratios,
+        "model": cfg.model,
+        "deepspeed": cfg.deepspeed,
+        "loss": cfg.loss,
+        "processes": env.world_size,
+        "micro_batch": cfg.micro_batch,
+        "steps": cfg.rounds * cfg.steps,
+        "machine": machine(),
     }
     all_gather_objects(None)
     return result
@@ -160,11 +191,24 @@ def _launch(cfg: BenchTrainConfig) -> int:
     port = free_port()
     procs = []
     for rank in range(cfg.nproc):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(cfg.nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(cfg.nproc),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                   FGCMR_BENCH_RANK="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "fgcmr", "bench", "train", *sys.argv[3:]], env=env,
-                                      stdout=None if rank == 0 else subprocess.DEVNULL))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(cfg.nproc),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(cfg.nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+            FGCMR_BENCH_RANK="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "fgcmr", "bench", "train", *sys.argv[3:]],
+                env=env,
+                stdout=None if rank == 0 else subprocess.DEVNULL,
+            )
+        )
     return max(p.wait() for p in procs)
 
 
@@ -173,7 +217,14 @@ def run(cfg: BenchTrainConfig) -> dict | None:
         from fgcmr.bench.peer_open_clip import BenchPeerConfig
         from fgcmr.bench.peer_open_clip import run as run_peer
 
-        peer = BenchPeerConfig(peer=cfg.peer, model=cfg.model, shards=cfg.shards, nproc=cfg.nproc, micro_batch=cfg.micro_batch, json=cfg.json)
+        peer = BenchPeerConfig(
+            peer=cfg.peer,
+            model=cfg.model,
+            shards=cfg.shards,
+            nproc=cfg.nproc,
+            micro_batch=cfg.micro_batch,
+            json=cfg.json,
+        )
         peer.validate()
         return run_peer(peer)
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and cfg.nproc > 1:
@@ -186,11 +237,14 @@ def run(cfg: BenchTrainConfig) -> dict | None:
         if cfg.json:
             print(json.dumps(result), flush=True)
         else:
-            print(f"machine: {result['machine']}\n"
-                  f"model {cfg.model}, {cfg.deepspeed}, loss {cfg.loss}, {result['processes']} processes × micro-batch {cfg.micro_batch}, {result['steps']} steps per side\n"
-                  f"fgcmr train : {result['fgcmr_samples_per_s']:8.1f} samples/s\n"
-                  f"bare loop   : {result['bare_samples_per_s']:8.1f} samples/s\n"
-                  f"ratio       : {result['ratio']:.3f} (median of {cfg.rounds} alternating rounds; overall {result['ratio_overall']:.3f}; goal ≥ 0.95)", flush=True)
+            print(
+                f"machine: {result['machine']}\n"
+                f"model {cfg.model}, {cfg.deepspeed}, loss {cfg.loss}, {result['processes']} processes × micro-batch {cfg.micro_batch}, {result['steps']} steps per side\n"
+                f"fgcmr train : {result['fgcmr_samples_per_s']:8.1f} samples/s\n"
+                f"bare loop   : {result['bare_samples_per_s']:8.1f} samples/s\n"
+                f"ratio       : {result['ratio']:.3f} (median of {cfg.rounds} alternating rounds; overall {result['ratio_overall']:.3f}; goal ≥ 0.95)",
+                flush=True,
+            )
     if os.environ.get("FGCMR_BENCH_RANK"):
         # A rank we launched ourselves: the figures are out, so skip interpreter teardown, where
         # DDP's and gloo's threads now and then abort the process after a successful run.

@@ -13,6 +13,7 @@ Every hyperparameter (the classifiers' regularisation) is chosen by cross-valida
 split only. Histogram features (SIFT bag-of-words) go through a square root first (the Hellinger
 map) when ``hellinger`` is set; every feature is then standardised on the train split.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,7 +77,9 @@ def svd_features(f: Features, dim: int, seed: int = 0) -> Features:
     return dense_features(svd.transform(f.train), svd.transform(f.test))
 
 
-def cca(img: Features, txt: Features, img_of_text: np.ndarray, dim: int = 10, reg: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+def cca(
+    img: Features, txt: Features, img_of_text: np.ndarray, dim: int = 10, reg: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray]:
     """Test embeddings (images, texts) in the top-``dim`` canonical space fitted on the train pairs.
 
     ``img_of_text`` [M_train]: the train image row of each train text (several captions → repeated
@@ -101,7 +104,12 @@ def _inv_sqrt(c: np.ndarray) -> np.ndarray:
 
 
 def semantic_matching(
-    img: Features, txt: Features, img_cat: np.ndarray, txt_cat: np.ndarray, seed: int = 0, grid: tuple[float, ...] = REG_GRID,
+    img: Features,
+    txt: Features,
+    img_cat: np.ndarray,
+    txt_cat: np.ndarray,
+    seed: int = 0,
+    grid: tuple[float, ...] = REG_GRID,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Test embeddings (images, texts) as centred class-probability vectors, plus the chosen regularisation.
 

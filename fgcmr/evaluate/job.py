@@ -16,6 +16,7 @@ The dataset comes from the run's ``config.yaml`` (``train.shards``) unless ``--s
 ``--embeddings=<fgcmr embed output>`` scores embeddings already computed by ``fgcmr embed`` with the
 same export on the same dataset (checked by hash) instead of embedding the splits again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +63,9 @@ class EvalConfig:
         if self.batch_size < 1:
             raise ValueError("batch_size must be ≥ 1")
         if self.embeddings and self.baselines:
-            raise ValueError("baselines need the raw img.npy/txt.npy features, which --embeddings does not hold; drop one")
+            raise ValueError(
+                "baselines need the raw img.npy/txt.npy features, which --embeddings does not hold; drop one"
+            )
 
 
 @dataclasses.dataclass
@@ -91,8 +94,10 @@ def eval_fingerprint(cfg: EvalConfig) -> Fingerprint:
     run_dir, export_dir, _ = _paths(cfg)
     has_config = (run_dir / "config.yaml").is_file()
     shards = Path(cfg.shards) if cfg.shards else Path(_run_shards(run_dir)) if has_config else None
-    inputs = {"model": file_hash(export_dir / "model.safetensors"),
-              "manifest": file_hash(shards / "manifest.json") if shards else None}
+    inputs = {
+        "model": file_hash(export_dir / "model.safetensors"),
+        "manifest": file_hash(shards / "manifest.json") if shards else None,
+    }
     return fingerprint("eval", cfg, inputs, ("out",))
 
 
@@ -131,9 +136,15 @@ def run(cfg: EvalConfig) -> dict | None:
     metrics = summarise(cfg, dataset, export_dir, run_dir, results, env.world_size)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    atomic_write_json(out / "run_info.json", {"shards": str(dataset.root), "export": str(export_dir),
-                                              "embed_seconds": round(time.time() - started, 2),
-                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    atomic_write_json(
+        out / "run_info.json",
+        {
+            "shards": str(dataset.root),
+            "export": str(export_dir),
+            "embed_seconds": round(time.time() - started, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
     atomic_write_json(out / "metrics.json", metrics)
     if cfg.tensorboard:
         _log_tensorboard(out / "tensorboard", metrics, _train_steps(run_dir))
@@ -156,12 +167,19 @@ def _run_shards(run_dir: Path) -> str:
 
 
 @torch.no_grad()
-def embed_split(dataset: DatasetInfo, split: str, model, inputs, env, batch_size: int, keep_features: bool) -> Embedded | None:
+def embed_split(
+    dataset: DatasetInfo, split: str, model, inputs, env, batch_size: int, keep_features: bool
+) -> Embedded | None:
     """Embed this rank's shards of ``split``; rank 0 returns the whole split in shard order."""
     shards = dataset.shards(split)
     mine = distributed.shard_slice(list(enumerate(shards)), env.rank, env.world_size)
     parts = []
-    with Progress(sum(dataset.shard_infos(split)[i].items for i, _ in mine), f"eval {split} rank{env.rank}", "samples", enabled=env.is_main) as progress:
+    with Progress(
+        sum(dataset.shard_infos(split)[i].items for i, _ in mine),
+        f"eval {split} rank{env.rank}",
+        "samples",
+        enabled=env.is_main,
+    ) as progress:
         for index, path in mine:
             parts.append((index, _embed_shard(path, model, inputs, env.device, batch_size, keep_features, progress)))
     gathered = [p for rank_parts in distributed.all_gather_objects(parts) for p in rank_parts]
@@ -177,19 +195,38 @@ def reuse_embeddings(root: str, split: str, export_dir: Path, dataset: DatasetIn
 
     emb = read_embeddings(root, [split])
     if emb.manifest["export_sha256"] != sha256_file(export_dir / "model.safetensors"):
-        raise ConfigError(f"{root} was embedded with another model than {export_dir}; run `fgcmr embed` with it or drop --embeddings")
+        raise ConfigError(
+            f"{root} was embedded with another model than {export_dir}; run `fgcmr embed` with it or drop --embeddings"
+        )
     if emb.manifest["dataset"]["manifest_sha256"] != sha256_file(dataset.root / "manifest.json"):
-        raise ConfigError(f"{root} was embedded from another dataset than {dataset.root}; drop --embeddings or pass its --shards")
+        raise ConfigError(
+            f"{root} was embedded from another dataset than {dataset.root}; drop --embeddings or pass its --shards"
+        )
     return Embedded(
-        keys=emb.meta.column("key").to_pylist(), img_emb=emb.img, txt_emb=emb.captions,
+        keys=emb.meta.column("key").to_pylist(),
+        img_emb=emb.img,
+        txt_emb=emb.captions,
         img_cat=np.array([-1 if c is None else c for c in emb.meta.column("category").to_pylist()], dtype=np.int64),
-        txt_owner=emb.caption_owner.astype(np.int64), texts=emb.caption_meta.column("caption").to_pylist(),
-        img_feat=None, txt_feat=None, skipped=sum(r["skipped"] for r in emb.manifest["parts"] if r["split"] == split),
+        txt_owner=emb.caption_owner.astype(np.int64),
+        texts=emb.caption_meta.column("caption").to_pylist(),
+        img_feat=None,
+        txt_feat=None,
+        skipped=sum(r["skipped"] for r in emb.manifest["parts"] if r["split"] == split),
     )
 
 
 def _embed_shard(path: Path, model, inputs, device, batch_size: int, keep_features: bool, progress: Progress) -> dict:
-    part = {"keys": [], "img": [], "txt": [], "cat": [], "n_texts": [], "texts": [], "img_feat": [], "txt_feat": [], "skipped": 0}
+    part = {
+        "keys": [],
+        "img": [],
+        "txt": [],
+        "cat": [],
+        "n_texts": [],
+        "texts": [],
+        "img_feat": [],
+        "txt_feat": [],
+        "skipped": 0,
+    }
     batch: list[tuple[Sample, torch.Tensor, list[torch.Tensor]]] = []
     for sample in iter_samples(path):
         progress.update()
@@ -211,17 +248,25 @@ def _flush(batch: list, part: dict, model, inputs, device, keep_features: bool) 
     images = torch.stack([img for _, img, _ in batch]).to(device)
     texts = [t for _, _, ts in batch for t in ts]
     text_batch = inputs.collate_texts(texts)
-    text_batch = {k: v.to(device) for k, v in text_batch.items()} if isinstance(text_batch, dict) else text_batch.to(device)
+    text_batch = (
+        {k: v.to(device) for k, v in text_batch.items()} if isinstance(text_batch, dict) else text_batch.to(device)
+    )
     part["img"].append(model.encode_image(images).float().cpu().numpy())
     part["txt"].append(model.encode_text(text_batch).float().cpu().numpy())
     for sample, _, ts in batch:
         part["keys"].append(sample.key)
         part["cat"].append(-1 if sample.category is None else int(sample.category))
         part["n_texts"].append(len(ts))
-        part["texts"].extend(sample.texts[k] if k < len(sample.texts) else sample.texts[0] for k in range(len(ts)))  # for the report
+        part["texts"].extend(
+            sample.texts[k] if k < len(sample.texts) else sample.texts[0] for k in range(len(ts))
+        )  # for the report
         if keep_features:
-            part["img_feat"].append(None if sample.image_feature is None else np.asarray(sample.image_feature, np.float32).reshape(-1))
-            part["txt_feat"].append(None if sample.text_feature is None else np.asarray(sample.text_feature, np.float32).reshape(-1))
+            part["img_feat"].append(
+                None if sample.image_feature is None else np.asarray(sample.image_feature, np.float32).reshape(-1)
+            )
+            part["txt_feat"].append(
+                None if sample.text_feature is None else np.asarray(sample.text_feature, np.float32).reshape(-1)
+            )
     batch.clear()
 
 
@@ -242,7 +287,14 @@ def _concat(parts: list[dict]) -> Embedded:
     )
 
 
-def summarise(cfg: EvalConfig, dataset: DatasetInfo, export_dir: Path, run_dir: Path, results: dict[str, Embedded], world_size: int) -> dict:
+def summarise(
+    cfg: EvalConfig,
+    dataset: DatasetInfo,
+    export_dir: Path,
+    run_dir: Path,
+    results: dict[str, Embedded],
+    world_size: int,
+) -> dict:
     """metrics.json: the main split's metrics at top level, every split, baselines, provenance by content
     (no paths or times: those go to run_info.json, so identical runs in two places agree byte for byte)."""
     splits = {}
@@ -259,12 +311,15 @@ def summarise(cfg: EvalConfig, dataset: DatasetInfo, export_dir: Path, run_dir: 
         metrics["baselines"] = baseline_metrics(dataset, cfg, results[cfg.split])
     metrics["splits"] = {s: {k: v for k, v in m.items() if not k.startswith("pr_")} for s, m in splits.items()}
     metrics["data"] = {
-        "name": dataset.name, "manifest_sha256": sha256_file(dataset.root / "manifest.json"),
+        "name": dataset.name,
+        "manifest_sha256": sha256_file(dataset.root / "manifest.json"),
     }
     train_cfg = _train_config(run_dir)
     metrics["model"] = {
         "sha256": sha256_file(export_dir / "model.safetensors"),
-        "loss": train_cfg.get("loss"), "seed": train_cfg.get("seed"), "labels": train_cfg.get("labels"),
+        "loss": train_cfg.get("loss"),
+        "seed": train_cfg.get("seed"),
+        "labels": train_cfg.get("labels"),
     }
     metrics["eval"] = {"world_size": world_size}
     return metrics
@@ -280,7 +335,17 @@ def _train_steps(run_dir: Path) -> int:
     return int(((read_yaml(path).get("schedule") or {}).get("total_steps")) or 0) if path.is_file() else 0
 
 
-SCALARS = ("map_i2t", "map_t2i", "map_avg", "mapr_i2t", "mapr_t2i", *(f"r{k}_{d}" for k in RECALL_KS for d in ("i2t", "t2i")), "medr_i2t", "medr_t2i", "chance_map")
+SCALARS = (
+    "map_i2t",
+    "map_t2i",
+    "map_avg",
+    "mapr_i2t",
+    "mapr_t2i",
+    *(f"r{k}_{d}" for k in RECALL_KS for d in ("i2t", "t2i")),
+    "medr_i2t",
+    "medr_t2i",
+    "chance_map",
+)
 
 
 def _log_tensorboard(logdir: Path, metrics: dict, step: int) -> None:
@@ -304,8 +369,14 @@ def format_table(metrics: dict) -> str:
     """The final table people read: MAP@all, MAP@R, R@K, median rank per direction, and chance."""
     rows = [f"{'':6} {'MAP@all':>8} {'MAP@R':>7} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'medR':>6}"]
     for d, name in (("i2t", "i→t"), ("t2i", "t→i")):
-        rows.append(f"{name:6} {metrics[f'map_{d}']:8.4f} {metrics[f'mapr_{d}']:7.4f} " + " ".join(f"{metrics[f'r{k}_{d}']:6.3f}" for k in RECALL_KS) + f" {metrics[f'medr_{d}']:6.0f}")
-    rows.append(f"{'avg':6} {metrics['map_avg']:8.4f}   (chance MAP@all {metrics['chance_map']:.4f}; {metrics.get('images', '?')} images, {metrics.get('texts', '?')} texts)")
+        rows.append(
+            f"{name:6} {metrics[f'map_{d}']:8.4f} {metrics[f'mapr_{d}']:7.4f} "
+            + " ".join(f"{metrics[f'r{k}_{d}']:6.3f}" for k in RECALL_KS)
+            + f" {metrics[f'medr_{d}']:6.0f}"
+        )
+    rows.append(
+        f"{'avg':6} {metrics['map_avg']:8.4f}   (chance MAP@all {metrics['chance_map']:.4f}; {metrics.get('images', '?')} images, {metrics.get('texts', '?')} texts)"
+    )
     for name, b in scored_baselines(metrics).items():
         rows.append(f"{name:6.6} {b['map_i2t']:8.4f} / {b['map_t2i']:.4f}  avg {b['map_avg']:.4f}  (baseline {name})")
     return "\n" + "\n".join(rows)
@@ -317,11 +388,23 @@ def _draw(path: Path, dataset: DatasetInfo, cfg: EvalConfig, emb: Embedded, metr
     has_pixels = emb.img_feat is None and _split_has_pixels(dataset, cfg.split)
     loader = None
     if has_pixels:
-        wanted = {int(i) for i in top_images(emb.img_emb, emb.txt_emb, pick_text_queries(emb.txt_owner, cfg.report_queries)).ravel()}
+        wanted = {
+            int(i)
+            for i in top_images(emb.img_emb, emb.txt_emb, pick_text_queries(emb.txt_owner, cfg.report_queries)).ravel()
+        }
         images = _read_images(dataset, cfg.split, {emb.keys[i] for i in wanted})
         loader = lambda i: images.get(emb.keys[i])  # noqa: E731
-    draw_report(path, metrics, emb.img_emb, emb.txt_emb, emb.img_cat, emb.txt_owner, emb.texts, loader,
-                title=f"{'/'.join(run_dir.resolve().parts[-2:])} on {dataset.name}/{cfg.split}")
+    draw_report(
+        path,
+        metrics,
+        emb.img_emb,
+        emb.txt_emb,
+        emb.img_cat,
+        emb.txt_owner,
+        emb.texts,
+        loader,
+        title=f"{'/'.join(run_dir.resolve().parts[-2:])} on {dataset.name}/{cfg.split}",
+    )
 
 
 def _split_has_pixels(dataset: DatasetInfo, split: str) -> bool:

@@ -20,6 +20,7 @@ Queries with no relevant item are skipped and counted (``skipped``).
 
 Work is done in blocks of queries, so memory is ``block × gallery`` whatever the data size.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,9 +97,12 @@ def relevance_by_category(q_cat: np.ndarray, g_cat: np.ndarray, q_own: np.ndarra
 
 
 def direction(
-    q_emb: np.ndarray, g_emb: np.ndarray,
-    q_cat: np.ndarray, g_cat: np.ndarray,
-    q_own: np.ndarray, g_own: np.ndarray,
+    q_emb: np.ndarray,
+    g_emb: np.ndarray,
+    q_cat: np.ndarray,
+    g_cat: np.ndarray,
+    q_own: np.ndarray,
+    g_own: np.ndarray,
     block: int = 512,
 ) -> Direction:
     """All metrics of one direction: queries ``q_*`` against gallery ``g_*``."""
@@ -147,7 +151,12 @@ def chance_map(img_cat: np.ndarray, txt_cat: np.ndarray, txt_owner: np.ndarray) 
         "i2t": (img_cat, txt_cat, img_own, txt_owner),
         "t2i": (txt_cat, img_cat, txt_owner, img_own),
     }.items():
-        n_rel = np.concatenate([relevance_by_category(qc[s:s + 1024], gc, qo[s:s + 1024], go).sum(axis=1) for s in range(0, len(qc), 1024)])
+        n_rel = np.concatenate(
+            [
+                relevance_by_category(qc[s : s + 1024], gc, qo[s : s + 1024], go).sum(axis=1)
+                for s in range(0, len(qc), 1024)
+            ]
+        )
         n_rel = n_rel[n_rel > 0]
         out[name] = float(expected_random_ap(n_rel, len(gc)).mean()) if len(n_rel) else float("nan")
     out["avg"] = (out["i2t"] + out["t2i"]) / 2
@@ -155,8 +164,10 @@ def chance_map(img_cat: np.ndarray, txt_cat: np.ndarray, txt_owner: np.ndarray) 
 
 
 def retrieval_metrics(
-    img_emb: np.ndarray, txt_emb: np.ndarray,
-    img_cat: np.ndarray, txt_owner: np.ndarray,
+    img_emb: np.ndarray,
+    txt_emb: np.ndarray,
+    img_cat: np.ndarray,
+    txt_owner: np.ndarray,
 ) -> dict:
     """The flat metrics dictionary written to ``metrics.json`` (plus ``pr_*`` curves).
 
@@ -166,7 +177,9 @@ def retrieval_metrics(
     img_cat = np.asarray(img_cat, dtype=np.int64)
     txt_owner = np.asarray(txt_owner, dtype=np.int64)
     if len(img_emb) != len(img_cat) or len(txt_emb) != len(txt_owner):
-        raise ValueError(f"{len(img_emb)} images with {len(img_cat)} categories, {len(txt_emb)} texts with {len(txt_owner)} owners")
+        raise ValueError(
+            f"{len(img_emb)} images with {len(img_cat)} categories, {len(txt_emb)} texts with {len(txt_owner)} owners"
+        )
     if len(txt_owner) and (txt_owner.min() < 0 or txt_owner.max() >= len(img_emb)):
         raise ValueError("a text's owner is not an image index")
     txt_cat = img_cat[txt_owner]

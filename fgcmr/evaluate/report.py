@@ -5,6 +5,7 @@ and histograms of positive vs negative pair similarities. Below: for a few text 
 images retrieved first, framed green when relevant and red when not. Datasets that hold only image
 features (no pixels) get a panel saying so instead of thumbnails.
 """
+
 from __future__ import annotations
 
 import io
@@ -70,8 +71,14 @@ def draw_report(
     if load_image is None:
         ax = fig.add_subplot(grid[1:, :])
         ax.axis("off")
-        ax.text(0.5, 0.5, "No thumbnails: this dataset holds image features only (no pixels).",
-                ha="center", va="center", fontsize=13)
+        ax.text(
+            0.5,
+            0.5,
+            "No thumbnails: this dataset holds image features only (no pixels).",
+            ha="center",
+            va="center",
+            fontsize=13,
+        )
     else:
         tops = top_images(img_emb, txt_emb, q)
         for row, (t, top) in enumerate(zip(q, tops), start=1):
@@ -94,7 +101,9 @@ def _pr_panel(ax, metrics: dict) -> None:
 
 
 def _hist_panel(ax, pos: np.ndarray, neg: np.ndarray) -> None:
-    bins = np.linspace(min(pos.min(initial=1), neg.min(initial=1)), max(pos.max(initial=-1), neg.max(initial=-1)) + 1e-6, 50)
+    bins = np.linspace(
+        min(pos.min(initial=1), neg.min(initial=1)), max(pos.max(initial=-1), neg.max(initial=-1)) + 1e-6, 50
+    )
     ax.hist(neg, bins=bins, alpha=0.6, density=True, label=f"irrelevant pairs ({len(neg)})")
     ax.hist(pos, bins=bins, alpha=0.6, density=True, label=f"relevant pairs ({len(pos)})")
     ax.set(xlabel="cosine similarity", ylabel="density", title="Pair similarities")

@@ -8,6 +8,7 @@ when the shards carry them — the published text features (``txt.npy``, e.g. Wi
 else an LSA reduction of TF-IDF. Fitted on ``baseline_train_split``; hyperparameters by
 cross-validation on that split only.
 """
+
 from __future__ import annotations
 
 import io
@@ -81,11 +82,20 @@ def _train_split(dataset: DatasetInfo, split: str, image_features: ImageFeatures
             cat.append(-1 if sample.category is None else int(sample.category))
             texts.extend(sample.texts)
             owner.extend([i] * len(sample.texts))
-            txt_feat.append(None if sample.text_feature is None else np.asarray(sample.text_feature, np.float64).reshape(-1))
-    return {
-        "img": np.stack(img), "cat": np.array(cat), "texts": texts, "owner": np.array(owner),
-        "txt_feat": np.stack(txt_feat) if all(f is not None for f in txt_feat) and len(texts) == len(img) else None,
-    } if img else {}
+            txt_feat.append(
+                None if sample.text_feature is None else np.asarray(sample.text_feature, np.float64).reshape(-1)
+            )
+    return (
+        {
+            "img": np.stack(img),
+            "cat": np.array(cat),
+            "texts": texts,
+            "owner": np.array(owner),
+            "txt_feat": np.stack(txt_feat) if all(f is not None for f in txt_feat) and len(texts) == len(img) else None,
+        }
+        if img
+        else {}
+    )
 
 
 def baseline_metrics(dataset: DatasetInfo, cfg, emb) -> dict:
@@ -96,7 +106,9 @@ def baseline_metrics(dataset: DatasetInfo, cfg, emb) -> dict:
     if test_img is None:
         image_features = frozen_tower_features(Path(cfg.run))
         if image_features is None:
-            return {"skipped": "the dataset holds images and the image tower has no pretrained weights to take frozen features from"}
+            return {
+                "skipped": "the dataset holds images and the image tower has no pretrained weights to take frozen features from"
+            }
         image_input = "frozen pretrained image tower"
         by_key = {s.key: f for path in dataset.shards(cfg.split) for s, f in image_features(iter_samples(path))}
         test_img = np.stack([by_key[k] for k in emb.keys])
@@ -114,13 +126,21 @@ def baseline_metrics(dataset: DatasetInfo, cfg, emb) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=FutureWarning)  # sklearn's multi_class deprecation notice
         i_cca, t_cca = B.cca(img, cca_text, train["owner"], dim=cfg.baseline_cca_dim)
-        out["cca"] = _score(i_cca, t_cca, emb, {"image_input": image_input, "text_input": cca_text_name, "dim": cfg.baseline_cca_dim})
+        out["cca"] = _score(
+            i_cca, t_cca, emb, {"image_input": image_input, "text_input": cca_text_name, "dim": cfg.baseline_cca_dim}
+        )
         if (train["cat"] >= 0).all():
             i_sm, t_sm, info = B.semantic_matching(img, tfidf, train["cat"], train["cat"][train["owner"]])
-            out["semantic_matching"] = _score(i_sm, t_sm, emb, {"image_input": image_input, "text_input": "TF-IDF", **info})
+            out["semantic_matching"] = _score(
+                i_sm, t_sm, emb, {"image_input": image_input, "text_input": "TF-IDF", **info}
+            )
         else:
             out["semantic_matching"] = {"skipped": "needs categories"}
-    log.info("baselines in %.0fs: %s", time.time() - started, {k: round(v.get("map_avg", float("nan")), 4) for k, v in out.items()})
+    log.info(
+        "baselines in %.0fs: %s",
+        time.time() - started,
+        {k: round(v.get("map_avg", float("nan")), 4) for k, v in out.items()},
+    )
     return out
 
 

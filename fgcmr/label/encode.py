@@ -3,6 +3,7 @@
 Sorting by token length keeps padding small, which is most of the speed on real text; mean pooling
 ignores padding, so the result does not depend on how texts were grouped into batches.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,13 +30,29 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: 
     """
     limit = QUICK_CHARS_PER_TOKEN * max_length
     cut = [t[:limit] for t in texts]
-    enc = tokenizer(cut, truncation=True, max_length=max_length, return_offsets_mapping=True, return_token_type_ids=False, return_attention_mask=False)
+    enc = tokenizer(
+        cut,
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=True,
+        return_token_type_ids=False,
+        return_attention_mask=False,
+    )
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    redo = [i for i, t in enumerate(texts) if len(t) > limit
-            and not (len(ids[i]) == max_length and max(end for _, end in offsets[i]) <= _last_space(cut[i]))]
+    redo = [
+        i
+        for i, t in enumerate(texts)
+        if len(t) > limit
+        and not (len(ids[i]) == max_length and max(end for _, end in offsets[i]) <= _last_space(cut[i]))
+    ]
     if redo:
-        again = tokenizer(clip_chars([texts[i] for i in redo], max_length), truncation=True, max_length=max_length,
-                          return_token_type_ids=False, return_attention_mask=False)["input_ids"]
+        again = tokenizer(
+            clip_chars([texts[i] for i in redo], max_length),
+            truncation=True,
+            max_length=max_length,
+            return_token_type_ids=False,
+            return_attention_mask=False,
+        )["input_ids"]
         for i, x in zip(redo, again):
             ids[i] = x
     return ids
@@ -50,7 +67,9 @@ def _last_space(text: str) -> int:
 _LAST_SPACE = re.compile(r"\s\S*\Z")
 
 
-def length_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, batch_size: int, first: int = 0) -> list[Batch]:
+def length_batches(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, batch_size: int, first: int = 0
+) -> list[Batch]:
     """(positions in ``texts`` plus ``first``, padded batch) in order of decreasing token length."""
     ids = token_ids(tokenizer, texts, max_length)
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
@@ -62,18 +81,27 @@ def length_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len
         mask = np.arange(width) < lengths[rows, None]
         input_ids = np.full((len(rows), width), tokenizer.pad_token_id, dtype=np.int64)
         input_ids[mask] = np.concatenate([ids[i] for i in rows])
-        batches.append((torch.from_numpy(rows + first), {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}))
+        batches.append(
+            (
+                torch.from_numpy(rows + first),
+                {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))},
+            )
+        )
     return batches
 
 
 @torch.inference_mode()
-def encode_batch(model: SiameseLabeler, batch: dict[str, torch.Tensor], device: torch.device, dtype: str = "auto") -> torch.Tensor:
+def encode_batch(
+    model: SiameseLabeler, batch: dict[str, torch.Tensor], device: torch.device, dtype: str = "auto"
+) -> torch.Tensor:
     """Normalised fp32 embeddings of one padded batch, on the CPU."""
     with autocast(device, dtype):
         return model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).float().cpu()
 
 
-def embed_batches(model: SiameseLabeler, batches: list[Batch], n: int, device: torch.device, dtype: str = "auto") -> torch.Tensor:
+def embed_batches(
+    model: SiameseLabeler, batches: list[Batch], n: int, device: torch.device, dtype: str = "auto"
+) -> torch.Tensor:
     """Normalised fp32 embeddings [n, dim] on the CPU, rows placed by each batch's positions."""
     out = torch.empty((n, model.proj.out_features), dtype=torch.float32)
     for rows, batch in batches:
@@ -81,7 +109,14 @@ def embed_batches(model: SiameseLabeler, batches: list[Batch], n: int, device: t
     return out
 
 
-def embed_texts(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
-                batch_size: int, device: torch.device, dtype: str = "auto") -> torch.Tensor:
+def embed_texts(
+    model: SiameseLabeler,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: str = "auto",
+) -> torch.Tensor:
     """Normalised fp32 embeddings [len(texts), dim] on the CPU, in the order of ``texts``."""
     return embed_batches(model, length_batches(tokenizer, texts, max_length, batch_size), len(texts), device, dtype)

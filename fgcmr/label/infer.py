@@ -10,6 +10,7 @@ write the same files. Rank 0 then writes
 ``head.npz``, ``manifest.json`` (labeler, metrics, counts, per-sidecar sha256), the resolved config,
 and TensorBoard histograms of ``p`` on relevant vs irrelevant image-text pairs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,20 @@ from fgcmr.io import atomic_write_json, atomic_write_text, read_json, sha256_fil
 from fgcmr.label.encode import encode_batch
 from fgcmr.label.model import SiameseLabeler, load_labeler
 from fgcmr.label.stream import ShardEnd, ShardTexts, TextBatch, prefetch, shard_items
-from fgcmr.labels import (SidecarError, labeler_identity, labels_dir, pair_scores, read_head, read_sidecar, relevance,
-                          sidecar_path, sidecars_current, verify_labels, write_head, write_sidecar)
+from fgcmr.labels import (
+    SidecarError,
+    labeler_identity,
+    labels_dir,
+    pair_scores,
+    read_head,
+    read_sidecar,
+    relevance,
+    sidecar_path,
+    sidecars_current,
+    verify_labels,
+    write_head,
+    write_sidecar,
+)
 from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 
 log = logging.getLogger("fgcmr.label")
@@ -64,7 +77,9 @@ class LabelInferConfig:
         return self.name or Path(self.labeler).resolve().name
 
 
-def embed_shard(data: ShardTexts, pieces: list[tuple[torch.Tensor, torch.Tensor]], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def embed_shard(
+    data: ShardTexts, pieces: list[tuple[torch.Tensor, torch.Tensor]], dim: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(text_emb, text_offsets, desc_emb) of one shard from its embedded batches (positions, embeddings);
     a description is the mean of its texts' embeddings."""
     counts = np.array([len(t) for t in data.texts], dtype=np.int64)
@@ -73,12 +88,23 @@ def embed_shard(data: ShardTexts, pieces: list[tuple[torch.Tensor, torch.Tensor]
     for rows, e in pieces:
         emb[rows] = e
     owner = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))
-    desc = torch.zeros((len(counts), emb.shape[1])).index_add_(0, owner, emb) / torch.from_numpy(counts).clamp_min(1)[:, None]
+    desc = (
+        torch.zeros((len(counts), emb.shape[1])).index_add_(0, owner, emb)
+        / torch.from_numpy(counts).clamp_min(1)[:, None]
+    )
     return emb.numpy(), offsets, desc.numpy()
 
 
-def finish_shard(end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]], dim: int, seconds: float, waited: float,
-                 cfg: LabelInferConfig, d: DistEnv, identity: str) -> dict:
+def finish_shard(
+    end: ShardEnd,
+    pieces: list[tuple[torch.Tensor, torch.Tensor]],
+    dim: int,
+    seconds: float,
+    waited: float,
+    cfg: LabelInferConfig,
+    d: DistEnv,
+    identity: str,
+) -> dict:
     """Write an embedded shard's sidecar (unless kept); returns its manifest record, with categories for histograms."""
     data, path = end.data, sidecar_path(cfg.shards, cfg.labeler_name, end.shard.name)
     n_texts = sum(len(t) for t in data.texts)
@@ -88,10 +114,27 @@ def finish_shard(end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]],
     if not end.kept:
         write_sidecar(path, data.keys, *embed_shard(data, pieces, dim), labeler=identity)
     status = "kept" if end.kept else "written"
-    log.info("label infer rank %d/%d: %s %s: %d samples, %d texts, %.1fs (%.1f samples/s; %.1fs waiting for input)",
-             d.rank, d.world_size, end.shard.name, status, len(data.keys), n_texts, seconds, len(data.keys) / max(seconds, 1e-9), waited)
-    return {"file": path.name, "items": len(data.keys), "texts": n_texts, "empty": empty, "status": status,
-            "sha256": sha256_file(path), "categories": data.categories}
+    log.info(
+        "label infer rank %d/%d: %s %s: %d samples, %d texts, %.1fs (%.1f samples/s; %.1fs waiting for input)",
+        d.rank,
+        d.world_size,
+        end.shard.name,
+        status,
+        len(data.keys),
+        n_texts,
+        seconds,
+        len(data.keys) / max(seconds, 1e-9),
+        waited,
+    )
+    return {
+        "file": path.name,
+        "items": len(data.keys),
+        "texts": n_texts,
+        "empty": empty,
+        "status": status,
+        "sha256": sha256_file(path),
+        "categories": data.categories,
+    }
 
 
 def sidecar_check(cfg: LabelInferConfig, shard: Path, identity: str) -> Callable[[ShardTexts], bool] | None:
@@ -108,19 +151,35 @@ def sidecar_check(cfg: LabelInferConfig, shard: Path, identity: str) -> Callable
             log.warning("label infer: redoing %s", e)
             return False
         if sc.labeler != identity:
-            log.warning("label infer: redoing %s: written by another labeler (%s, now %s)", path, sc.labeler[:12] or "unrecorded", identity[:12])
+            log.warning(
+                "label infer: redoing %s: written by another labeler (%s, now %s)",
+                path,
+                sc.labeler[:12] or "unrecorded",
+                identity[:12],
+            )
             return False
         return True
 
     return matches
 
 
-def label_shards(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, max_length: int, shards: list[Path],
-                 cfg: LabelInferConfig, d: DistEnv, identity: str = "") -> list[dict]:
+def label_shards(
+    model: SiameseLabeler,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    shards: list[Path],
+    cfg: LabelInferConfig,
+    d: DistEnv,
+    identity: str = "",
+) -> list[dict]:
     """Label shards in order while a helper thread reads and tokenises ahead, batch by batch (``fgcmr.label.stream``)."""
-    items = (item for shard in shards
-             for item in shard_items(shard, tokenizer, max_length, cfg.batch_size, cfg.window_batches,
-                                     sidecar_check(cfg, shard, identity)))
+    items = (
+        item
+        for shard in shards
+        for item in shard_items(
+            shard, tokenizer, max_length, cfg.batch_size, cfg.window_batches, sidecar_check(cfg, shard, identity)
+        )
+    )
     records, pieces, waited = [], [], 0.0
     start = t = time.monotonic()
     with contextlib.closing(prefetch(items, cfg.prefetch_batches)) as stream:
@@ -130,15 +189,26 @@ def label_shards(model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, max_
                 rows, batch = item.batch
                 pieces.append((rows, encode_batch(model, batch, d.device, cfg.dtype)))
             else:
-                records.append(finish_shard(item, pieces, model.proj.out_features, time.monotonic() - start, waited, cfg, d, identity))
+                records.append(
+                    finish_shard(
+                        item, pieces, model.proj.out_features, time.monotonic() - start, waited, cfg, d, identity
+                    )
+                )
                 pieces, waited, start = [], 0.0, time.monotonic()
             t = time.monotonic()
     return records
 
 
 # Options that change how inference runs, never the sidecars it writes.
-EXECUTION_FIELDS = ("verify_only", "batch_size", "tensorboard", "hist_max_images", "threads", "window_batches",
-                    "prefetch_batches")
+EXECUTION_FIELDS = (
+    "verify_only",
+    "batch_size",
+    "tensorboard",
+    "hist_max_images",
+    "threads",
+    "window_batches",
+    "prefetch_batches",
+)
 
 
 def infer_fingerprint(cfg: LabelInferConfig) -> Fingerprint:
@@ -155,8 +225,12 @@ def done(cfg: LabelInferConfig) -> Check:
     if not check.done:
         return check
     ds = open_dataset(cfg.shards)
-    missing = [s.file for split in (cfg.splits or ds.split_names) for s in ds.shard_infos(split)
-               if not sidecar_path(cfg.shards, cfg.labeler_name, s.file).is_file()]
+    missing = [
+        s.file
+        for split in (cfg.splits or ds.split_names)
+        for s in ds.shard_infos(split)
+        if not sidecar_path(cfg.shards, cfg.labeler_name, s.file).is_file()
+    ]
     if missing:
         return Check(False, f"{len(missing)} sidecars missing (first: {missing[0]})", exists=True)
     problem = sidecars_current(cfg.shards, cfg.labeler_name, cfg.labeler)
@@ -172,7 +246,11 @@ def run(cfg: LabelInferConfig) -> dict:
         from fgcmr.verify import verify_shards
 
         shard_problems = [r.problem for r in verify_shards(ds) if r.problem]
-        return _report(shard_problems, verify_labels(cfg.shards, cfg.labeler_name, check_keys=not shard_problems, identity=identity), out)
+        return _report(
+            shard_problems,
+            verify_labels(cfg.shards, cfg.labeler_name, check_keys=not shard_problems, identity=identity),
+            out,
+        )
     model, tokenizer, max_length = load_labeler(cfg.labeler)
     model.to(d.device)
     if d.is_main:
@@ -187,13 +265,20 @@ def run(cfg: LabelInferConfig) -> dict:
     gathered = {k: v for part in all_gather_objects(records) for k, v in part.items()}
     manifest = None
     if d.is_main:
-        write_head(cfg.shards, cfg.labeler_name, model.w.detach().float().numpy(), float(model.c.detach().float()), identity)
+        write_head(
+            cfg.shards, cfg.labeler_name, model.w.detach().float().numpy(), float(model.c.detach().float()), identity
+        )
         manifest = _manifest(cfg, ds, splits, gathered, d, identity)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
         atomic_write_json(out / "manifest.json", manifest)
         write_stamp(out, infer_fingerprint(cfg))
-        log.info("label infer: %d sidecars (%d written, %d kept) → %s", len(gathered),
-                 sum(r["status"] == "written" for r in gathered.values()), sum(r["status"] == "kept" for r in gathered.values()), out)
+        log.info(
+            "label infer: %d sidecars (%d written, %d kept) → %s",
+            len(gathered),
+            sum(r["status"] == "written" for r in gathered.values()),
+            sum(r["status"] == "kept" for r in gathered.values()),
+            out,
+        )
     barrier()
     return manifest
 
@@ -205,10 +290,15 @@ def _manifest(cfg: LabelInferConfig, ds, splits: list[str], records: dict, d: Di
         "labeler": {"name": cfg.labeler_name, "path": str(Path(cfg.labeler).resolve()), "identity": identity},
         "metrics": read_json(metrics_path) if metrics_path.is_file() else None,
         "dataset": ds.name,
-        "counts": {split: {"sidecars": sum(r["split"] == split for r in ordered),
-                           "items": sum(r["items"] for r in ordered if r["split"] == split),
-                           "texts": sum(r["texts"] for r in ordered if r["split"] == split),
-                           "items_without_text": sum(r["empty"] for r in ordered if r["split"] == split)} for split in splits},
+        "counts": {
+            split: {
+                "sidecars": sum(r["split"] == split for r in ordered),
+                "items": sum(r["items"] for r in ordered if r["split"] == split),
+                "texts": sum(r["texts"] for r in ordered if r["split"] == split),
+                "items_without_text": sum(r["empty"] for r in ordered if r["split"] == split),
+            }
+            for split in splits
+        },
         "pair_scores": _histograms(cfg, ds, splits, records),
         "sidecars": {Path(r["file"]).name: {k: r[k] for k in ("split", "items", "texts", "sha256")} for r in ordered},
         "world_size": d.world_size,
@@ -252,7 +342,11 @@ def _histograms(cfg: LabelInferConfig, ds, splits: list[str], records: dict) -> 
         valid = torch.ones_like(p, dtype=torch.bool)
         valid[own, cols] = n > 1
         y = relevance(cat, cat[own], torch.arange(len(desc)), own) > 0
-        summary[split] = {"images": len(desc), "texts": len(own), "single_text_images": int((torch.bincount(own) == 1).sum())}
+        summary[split] = {
+            "images": len(desc),
+            "texts": len(own),
+            "single_text_images": int((torch.bincount(own) == 1).sum()),
+        }
         for name, scores in (("positive", p[y & valid]), ("negative", p[~y])):  # a one-image split has no negatives
             summary[split][f"mean_p_{name}"] = float(scores.mean()) if scores.numel() else None
             if writer and scores.numel():
@@ -266,9 +360,13 @@ def _report(shard_problems: list[str], problems: list[str], out: Path) -> dict:
     for p in shard_problems + problems:
         log.error("%s", p)
     if shard_problems:
-        raise SystemExit(f"fgcmr: {len(shard_problems)} data shard(s) damaged (not the labels): re-shard with the same "
-                         f"`fgcmr shard` command, then rerun `fgcmr label infer`")
+        raise SystemExit(
+            f"fgcmr: {len(shard_problems)} data shard(s) damaged (not the labels): re-shard with the same "
+            f"`fgcmr shard` command, then rerun `fgcmr label infer`"
+        )
     if problems:
-        raise SystemExit(f"fgcmr: {len(problems)} problem(s) with the labels in {out}; rerun `fgcmr label infer` to repair them")
+        raise SystemExit(
+            f"fgcmr: {len(problems)} problem(s) with the labels in {out}; rerun `fgcmr label infer` to repair them"
+        )
     log.info("label infer: every sidecar in %s is present, intact and aligned with its shard", out)
     return {"problems": []}

@@ -3,6 +3,7 @@
 Every unordered pair of distinct texts counts once. Large sets are subsampled to ``max_texts`` texts
 (deterministically), which keeps the pair count quadratic in a bounded number.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,10 @@ class PairStats:
 
     def summary(self) -> dict:
         return {
-            "auc": self.auc, "texts": self.texts, "positive_pairs": self.positives, "negative_pairs": self.negatives,
+            "auc": self.auc,
+            "texts": self.texts,
+            "positive_pairs": self.positives,
+            "negative_pairs": self.negatives,
             "mean_p_positive": float(self.p_pos.mean()) if self.positives else None,
             "mean_p_negative": float(self.p_neg.mean()) if self.negatives else None,
             "hardness_std": float(np.concatenate([1 - self.p_pos, self.p_neg]).std()),
@@ -62,7 +66,10 @@ def fit_platt(z: torch.Tensor, y: torch.Tensor, iters: int = 100) -> tuple[float
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = (weight * torch.nn.functional.binary_cross_entropy_with_logits(params[0] * z + params[1], y, reduction="none")).sum()
+        loss = (
+            weight
+            * torch.nn.functional.binary_cross_entropy_with_logits(params[0] * z + params[1], y, reduction="none")
+        ).sum()
         loss.backward()
         return loss
 

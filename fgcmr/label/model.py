@@ -11,6 +11,7 @@ A labeler directory is self-contained::
     labeler.json        pooling, dim, max_length
     config.yaml, metrics.json   written by ``fgcmr label train``
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,7 +107,14 @@ def clip_chars(texts: list[str], max_length: int) -> list[str]:
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    enc = tokenizer(clip_chars(texts, max_length), padding=True, truncation=True, max_length=max_length, return_tensors="pt", return_token_type_ids=False)
+    enc = tokenizer(
+        clip_chars(texts, max_length),
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+        return_token_type_ids=False,
+    )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
@@ -128,9 +136,14 @@ def save_labeler(out: str | Path, model: SiameseLabeler, tokenizer: PreTrainedTo
     out = Path(out)
     model.encoder.save_pretrained(out / "encoder")
     tokenizer.save_pretrained(out / "tokenizer")
-    atomic_write_bytes(out / "head.safetensors", save({k: v.detach().float().cpu().contiguous() for k, v in model.head_state().items()}))
+    atomic_write_bytes(
+        out / "head.safetensors",
+        save({k: v.detach().float().cpu().contiguous() for k, v in model.head_state().items()}),
+    )
     honour_umask(out)  # transformers' safetensors writer makes 0600 files
-    atomic_write_json(out / "labeler.json", {"pooling": model.pooling, "dim": model.proj.out_features, "max_length": max_length})
+    atomic_write_json(
+        out / "labeler.json", {"pooling": model.pooling, "dim": model.proj.out_features, "max_length": max_length}
+    )
 
 
 def load_labeler(path: str | Path) -> tuple[SiameseLabeler, PreTrainedTokenizerBase, int]:

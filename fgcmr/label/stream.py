@@ -8,6 +8,7 @@ grow 1, 2, 4, … batches up to ``window_batches``: a quick start, then almost t
 whole-shard sort. Batching depends only on the shard and the batch size, so 1 rank and N ranks embed
 the same batches.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,14 @@ def window_texts(batch_size: int, window_batches: int) -> Iterator[int]:
         n = min(2 * n, max(1, window_batches))
 
 
-def shard_items(shard: Path, tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int, window_batches: int,
-                kept: Callable[[ShardTexts], bool] | None = None) -> Iterator[TextBatch | ShardEnd]:
+def shard_items(
+    shard: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    batch_size: int,
+    window_batches: int,
+    kept: Callable[[ShardTexts], bool] | None = None,
+) -> Iterator[TextBatch | ShardEnd]:
     """A shard's text batches, window by window as it is read, then its ``ShardEnd``.
 
     With ``kept`` the shard is read whole first and ``kept(data)`` decides whether its existing

@@ -3,6 +3,7 @@
 Every text keeps its image's category (−1 when the data set has none) and its image index, so the
 pair targets are exactly ``fgcmr.labels.relevance``: same category, or same image without categories.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """``fgcmr label tokenizer``: fit the labeler's WordPiece tokenizer (``fgcmr.text``) on a split's texts."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -9,6 +9,7 @@ hardness it will later report; then the head's scale and offset are calibrated o
 (Platt scaling), since the training pairs' scores are overconfident. ROC-AUC on train, validation and
 test goes to ``metrics.json`` and TensorBoard.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,7 +75,9 @@ class LabelTrainConfig:
         if self.batch_size < 4 or self.batch_size % 2:
             raise ValueError(f"batch_size={self.batch_size} must be even and ≥ 4")
         if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
-            raise ValueError(f"val_fraction={self.val_fraction} must lie in (0, 1) and test_fraction={self.test_fraction} in [0, 1)")
+            raise ValueError(
+                f"val_fraction={self.val_fraction} must lie in (0, 1) and test_fraction={self.test_fraction} in [0, 1)"
+            )
 
 
 class PairSampler:
@@ -108,9 +111,11 @@ def check_positive_pairs(texts: TextSet, where: str) -> None:
     negatives only."""
     group = np.where(texts.category >= 0, texts.category, -1 - texts.image)
     if len(group) and np.unique(group).size == len(group):
-        raise ConfigError(f"{where}: every image has one text and there are no categories, so the labeler has no "
-                          "positive pairs to learn from; train with --loss.name=pairwise (or clip), or shard a "
-                          "corpus with several captions per image or a --category_col")
+        raise ConfigError(
+            f"{where}: every image has one text and there are no categories, so the labeler has no "
+            "positive pairs to learn from; train with --loss.name=pairwise (or clip), or shard a "
+            "corpus with several captions per image or a --category_col"
+        )
 
 
 def balanced_bce(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -158,7 +163,9 @@ def average_gradients(model: torch.nn.Module, world_size: int) -> None:
         offset += g.numel()
 
 
-def train_step(model: SiameseLabeler, texts: TextSet, idx: np.ndarray, tokenizer, cfg: LabelTrainConfig, d: DistEnv) -> torch.Tensor:
+def train_step(
+    model: SiameseLabeler, texts: TextSet, idx: np.ndarray, tokenizer, cfg: LabelTrainConfig, d: DistEnv
+) -> torch.Tensor:
     """Loss of one batch: local rows against the texts of every rank."""
     batch = tokenize(tokenizer, [texts.texts[i] for i in idx], cfg.model.max_length)
     with autocast(d.device, cfg.dtype):
@@ -195,14 +202,19 @@ def lr_lambda(cfg: LabelTrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))))
+        return 0.5 * (
+            1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)))
+        )
+
     return f
 
 
 def labeler_fingerprint(cfg: LabelTrainConfig) -> Fingerprint:
     """The config, the dataset and the tokenizer it is given (``init`` is a path in the config)."""
-    inputs = {"manifest": file_hash(Path(cfg.shards) / "manifest.json"),
-              "tokenizer": file_hash(Path(cfg.tokenizer) / "tokenizer.json") if cfg.tokenizer else None}
+    inputs = {
+        "manifest": file_hash(Path(cfg.shards) / "manifest.json"),
+        "tokenizer": file_hash(Path(cfg.tokenizer) / "tokenizer.json") if cfg.tokenizer else None,
+    }
     return fingerprint("label", cfg, inputs, ("out", "threads", "tensorboard"))
 
 
@@ -262,7 +274,9 @@ def run(cfg: LabelTrainConfig) -> dict:
             else:
                 stale += 1
                 if stale >= cfg.patience:
-                    log.info("label train: early stop at step %d (best val AUC %.4f at step %d)", step, best_auc, best_step)
+                    log.info(
+                        "label train: early stop at step %d (best val AUC %.4f at step %d)", step, best_auc, best_step
+                    )
                     break
     model.load_state_dict(best_state)
     calibration = calibrate(model, tokenizer, val, cfg, d) if cfg.calibrate else None
@@ -273,7 +287,13 @@ def run(cfg: LabelTrainConfig) -> dict:
         atomic_write_text(Path(cfg.out) / "config.yaml", dump_yaml(cfg))
         atomic_write_json(Path(cfg.out) / "metrics.json", metrics)
         write_stamp(Path(cfg.out), labeler_fingerprint(cfg))
-        log.info("label train: AUC train %.4f val %.4f test %s → %s", metrics["train"]["auc"], metrics["val"]["auc"], metrics.get("auc"), cfg.out)
+        log.info(
+            "label train: AUC train %.4f val %.4f test %s → %s",
+            metrics["train"]["auc"],
+            metrics["val"]["auc"],
+            metrics.get("auc"),
+            cfg.out,
+        )
     if tb:
         tb.close()
     barrier()
@@ -284,7 +304,9 @@ def calibrate(model: SiameseLabeler, tokenizer, val: TextSet, cfg: LabelTrainCon
     """Platt-scale the head on the held-out part: ``w ← a·w``, ``c ← a·c + b`` (every rank computes the same)."""
     model.eval()
     sub = subsample(val, cfg.max_eval_texts, cfg.seed)
-    emb = embed_texts(model, tokenizer, sub.texts, cfg.model.max_length, cfg.eval_batch_size, d.device, cfg.dtype).float()
+    emb = embed_texts(
+        model, tokenizer, sub.texts, cfg.model.max_length, cfg.eval_batch_size, d.device, cfg.dtype
+    ).float()
     model.train()
     with torch.no_grad():
         z = model.logits(emb.to(d.device), emb.to(d.device)).float().cpu()
@@ -304,7 +326,9 @@ def calibrate(model: SiameseLabeler, tokenizer, val: TextSet, cfg: LabelTrainCon
     return {"scale": a, "shift": b}
 
 
-def _final_metrics(model, tokenizer, parts: dict[str, TextSet | None], cfg: LabelTrainConfig, d: DistEnv, tb, step: int) -> dict:
+def _final_metrics(
+    model, tokenizer, parts: dict[str, TextSet | None], cfg: LabelTrainConfig, d: DistEnv, tb, step: int
+) -> dict:
     """Pair statistics per part, logged at the last step; ``auc`` and the counts at top level are the test split's."""
     metrics: dict = {}
     for name, texts in parts.items():
@@ -319,7 +343,12 @@ def _final_metrics(model, tokenizer, parts: dict[str, TextSet | None], cfg: Labe
             tb.add_histogram(f"label/{name}/hardness", np.concatenate([1 - stats.p_pos, stats.p_neg]), step)
     top = metrics.get("test")
     if top:
-        metrics.update(auc=top["auc"], texts=top["texts"], positive_pairs=top["positive_pairs"], negative_pairs=top["negative_pairs"])
+        metrics.update(
+            auc=top["auc"],
+            texts=top["texts"],
+            positive_pairs=top["positive_pairs"],
+            negative_pairs=top["negative_pairs"],
+        )
     else:
         metrics["auc"] = None
     return metrics

@@ -16,6 +16,7 @@
   ``model_config.json`` + ``tokenizer/``; loads without DeepSpeed on any world size.
 - ``train_wordpiece(texts, dir)``: an offline tokenizer for configs without a pretrained one.
 """
+
 from fgcmr.model.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from fgcmr.model.export import load_export, save_export
 from fgcmr.model.inputs import Inputs, build_inputs
@@ -23,6 +24,14 @@ from fgcmr.model.tokenizer import train_wordpiece
 from fgcmr.model.two_tower import TwoTower, build_model
 
 __all__ = [
-    "ImageTowerConfig", "Inputs", "ModelConfig", "TextTowerConfig", "TwoTower",
-    "build_inputs", "build_model", "load_export", "save_export", "train_wordpiece",
+    "ImageTowerConfig",
+    "Inputs",
+    "ModelConfig",
+    "TextTowerConfig",
+    "TwoTower",
+    "build_inputs",
+    "build_model",
+    "load_export",
+    "save_export",
+    "train_wordpiece",
 ]

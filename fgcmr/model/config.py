@@ -1,4 +1,5 @@
 """The two-tower model's configuration: data, loaded once from ``configs/models/*.yaml``."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,7 +70,17 @@ class TextTowerConfig:
 @dataclasses.dataclass
 class ModelConfig:
     image: ImageTowerConfig = dataclasses.field(default_factory=ImageTowerConfig)
-    text: TextTowerConfig = dataclasses.field(default_factory=lambda: TextTowerConfig(config={"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}))
+    text: TextTowerConfig = dataclasses.field(
+        default_factory=lambda: TextTowerConfig(
+            config={
+                "model_type": "bert",
+                "hidden_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "intermediate_size": 128,
+            }
+        )
+    )
     embed_dim: int = 256
     # "batch": BatchNorm (no affine) on the projections before L2 normalisation. A from-scratch model's
     # embeddings start nearly identical; the pairwise loss's variance terms then pull it into a collapsed

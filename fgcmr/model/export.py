@@ -8,6 +8,7 @@ is the ``ModelConfig`` plus one ``"fgcmr"`` block (version, embedding dim, max t
 dir, training provenance: run, checkpoint tag, step, data manifest sha256); the safetensors header
 carries the same JSON, so the weights file alone still says what it is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,11 @@ def standalone_config(model: TwoTower, cfg: ModelConfig) -> ModelConfig:
     text = cfg.text
     if text.kind == "transformers":
         arch = model.text_tower.encoder.config.to_dict()
-        arch = {k: v for k, v in arch.items() if k not in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")}
+        arch = {
+            k: v
+            for k, v in arch.items()
+            if k not in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
+        }
         text = dataclasses.replace(text, pretrained_dir=None, config=arch, tokenizer_dir=TOKENIZER)
     return dataclasses.replace(cfg, image=image, text=text)
 
@@ -49,14 +54,23 @@ def standalone_config(model: TwoTower, cfg: ModelConfig) -> ModelConfig:
 def export_config(model: TwoTower, cfg: ModelConfig, provenance: dict | None = None) -> dict:
     """``model_config.json``'s content: the standalone ``ModelConfig`` and the ``"fgcmr"`` info block."""
     info = {
-        "version": fgcmr.__version__, "embed_dim": cfg.embed_dim, "max_text_length": cfg.max_text_length,
-        "tokenizer": TOKENIZER if cfg.text.kind == "transformers" else None, "provenance": provenance or {},
+        "version": fgcmr.__version__,
+        "embed_dim": cfg.embed_dim,
+        "max_text_length": cfg.max_text_length,
+        "tokenizer": TOKENIZER if cfg.text.kind == "transformers" else None,
+        "provenance": provenance or {},
     }
     return {**to_dict(standalone_config(model, cfg)), INFO: info}
 
 
-def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None,
-                provenance: dict | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+def save_export(
+    out_dir: str | Path,
+    model: TwoTower,
+    cfg: ModelConfig,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    provenance: dict | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Write the export atomically: a fresh hidden sibling directory ``.<name>.<id>``, then ``<name>`` (a
     relative symlink) switched to it in one rename, so there is never a moment without a whole export.
     ``provenance``: where the weights come from (``run``, ``tag``, ``step``, ``data_manifest_sha256``…);
@@ -71,14 +85,20 @@ def save_export(out_dir: str | Path, model: TwoTower, cfg: ModelConfig, state_di
     tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         config = export_config(model, cfg, provenance)
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "fgcmr_version": fgcmr.__version__,
-                                                        "model_config": json.dumps(config)})
+        save_file(
+            state,
+            str(tmp / WEIGHTS),
+            metadata={"format": "pt", "fgcmr_version": fgcmr.__version__, "model_config": json.dumps(config)},
+        )
         if cfg.text.kind == "transformers":
             shutil.copytree(cfg.tokenizer_dir, tmp / TOKENIZER)
         atomic_write_json(tmp / CONFIG, config)
         if extra is not None:
             extra(tmp)
-        atomic_write_json(tmp / CHECKSUMS, {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()})
+        atomic_write_json(
+            tmp / CHECKSUMS,
+            {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()},
+        )
         honour_umask(tmp)
         _switch(out_dir, tmp)
     except BaseException:

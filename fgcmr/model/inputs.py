@@ -6,6 +6,7 @@ workers pass 4× fewer bytes and skip the float conversion, which ``normalize`` 
 on the device, with the same arithmetic as torchvision's ToTensor + Normalize. Pure CPU work, safe
 in DataLoader workers (picklable).
 """
+
 from __future__ import annotations
 
 import io

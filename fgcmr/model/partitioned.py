@@ -13,6 +13,7 @@ re-initialisation that timm runs after building (e.g. ViT's truncated normals) s
 and is skipped, so from-scratch timm towers start from a different (still standard) init than
 without ZeRO-3. Pretrained weights are the same either way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -134,7 +135,9 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str 
 
 def _checked(value: torch.Tensor, target: torch.Tensor, name: str, source: str | Path) -> torch.Tensor:
     if tuple(value.shape) != tuple(target.shape):
-        raise ValueError(f"{source}: tensor for {name} has shape {tuple(value.shape)}, the model needs {tuple(target.shape)}")
+        raise ValueError(
+            f"{source}: tensor for {name} has shape {tuple(value.shape)}, the model needs {tuple(target.shape)}"
+        )
     return value
 
 

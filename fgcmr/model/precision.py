@@ -9,6 +9,7 @@ fp32 from a low-precision input: its input and (differentiable) copies of its we
 its output back to the input's dtype, and its running statistics are kept in fp32 (``zero.Init`` creates
 every floating tensor in the training dtype). In fp32 the layer is untouched. The state dict is unchanged.
 """
+
 from __future__ import annotations
 
 import torch

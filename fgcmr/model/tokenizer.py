@@ -1,4 +1,5 @@
 """The text tower's tokenizer, when its model has none: WordPiece fitted on the corpus and saved."""
+
 from __future__ import annotations
 
 from pathlib import Path

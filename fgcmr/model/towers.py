@@ -3,6 +3,7 @@
 Image: any timm model (classifier removed) or an MLP over a precomputed feature.
 Text: any transformers encoder, pooled (mean over tokens or CLS), or an MLP over a feature.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,7 +31,11 @@ class FeatureMLP(nn.Module):
         super().__init__()
         self.sqrt = sqrt
         self.net = nn.Sequential(
-            nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim)
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, hidden_dim),
         )
         self.out_dim = hidden_dim
 
@@ -44,8 +49,10 @@ class TimmTower(nn.Module):
         import timm
 
         if cfg.pretrained and constructing_partitioned():
-            raise ConfigError(f"image.pretrained: timm's own weights cannot load into a ZeRO-3-partitioned {cfg.name}; "
-                              "set image.checkpoint to a local weights file instead (it loads partition by partition)")
+            raise ConfigError(
+                f"image.pretrained: timm's own weights cannot load into a ZeRO-3-partitioned {cfg.name}; "
+                "set image.checkpoint to a local weights file instead (it loads partition by partition)"
+            )
         self.backbone = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0, **cfg.model_kwargs)
         if cfg.checkpoint:
             load_weights_in_order(self.backbone, resolve_path(cfg.checkpoint))

@@ -1,4 +1,5 @@
 """The two-tower retrieval model: towers → linear projections → L2-normalised joint space."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,7 +63,9 @@ class TwoTower(nn.Module):
 
 def _projection(in_dim: int, cfg: ModelConfig) -> nn.Module:
     linear = nn.Linear(in_dim, cfg.embed_dim, bias=False)
-    return nn.Sequential(linear, nn.BatchNorm1d(cfg.embed_dim, affine=False)) if cfg.projection_norm == "batch" else linear
+    return (
+        nn.Sequential(linear, nn.BatchNorm1d(cfg.embed_dim, affine=False)) if cfg.projection_norm == "batch" else linear
+    )
 
 
 def build_model(cfg: ModelConfig) -> TwoTower:

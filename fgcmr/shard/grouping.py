@@ -14,6 +14,7 @@ Per group: rows that already failed (a download error) stay row skips; empty cap
 comes from its first row. Two groups that would get the same sample key are adjacent (same hash), so
 the second one's rows become ``duplicate_id`` skips without a corpus-wide set of keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,8 +69,13 @@ class GroupSpill:
         if f is None:
             f = self._files[prefix] = open(self.directory / f"{prefix}.jsonl", "w", encoding="utf-8")
         skip = list(row.skip) if row.skip else None
-        f.write(json.dumps([h, row.group, row.text, row.row_id, row.item_id, row.image, row.source, row.split, row.category, skip],
-                           ensure_ascii=False) + "\n")
+        f.write(
+            json.dumps(
+                [h, row.group, row.text, row.row_id, row.item_id, row.image, row.source, row.split, row.category, skip],
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
         if row.category is not None and row.skip is None:
             self.categories.add(row.category)
         self.rows += 1
@@ -141,5 +147,10 @@ def grouped_refs(spill: GroupSpill, default_split: str, categories: list[str]) -
                 first = (item_id, image, source, split, category)
         if first is not None:
             item_id, image, source, split, category = first
-            yield Ref(id=item_id, split=split, category=None if category is None else cat_ids[category],
-                      data=(image, tuple(texts), source), rows=len(texts))
+            yield Ref(
+                id=item_id,
+                split=split,
+                category=None if category is None else cat_ids[category],
+                data=(image, tuple(texts), source),
+                rows=len(texts),
+            )

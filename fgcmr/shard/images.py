@@ -5,6 +5,7 @@ resize/re-encode is configured (a PNG named ``.jpg`` is stored as ``.png``). Whe
 modes (CMYK, 16-bit, palette, alpha) are converted to RGB first. Anything that does not decode is a
 ``Skip`` with a stable reason, never an exception that escapes a worker.
 """
+
 from __future__ import annotations
 
 import io

@@ -6,6 +6,7 @@ to task ``g % num_tasks``. Loading, checking and encoding items (the expensive p
 chunk in worker processes. Completed chunks are kept across reruns, so a killed job resumes, and the
 result never depends on the number of workers or tasks.
 """
+
 from __future__ import annotations
 
 import collections
@@ -89,8 +90,12 @@ class Holdout:
 class ShardConfig:
     """What to shard, where to, and how to split the work."""
 
-    source: Literal["wikipedia", "folder", "karpathy", "jsonl", "csv", "parquet", "img2dataset", "webdataset", "synthetic"] = "synthetic"
-    root: str | None = None  # input directory (wikipedia, folder, img2dataset, webdataset) or file(s) (karpathy, jsonl, csv, parquet)
+    source: Literal[
+        "wikipedia", "folder", "karpathy", "jsonl", "csv", "parquet", "img2dataset", "webdataset", "synthetic"
+    ] = "synthetic"
+    root: str | None = (
+        None  # input directory (wikipedia, folder, img2dataset, webdataset) or file(s) (karpathy, jsonl, csv, parquet)
+    )
     out: str = "shards/synthetic"
     name: str | None = None  # dataset name in the manifest; default: the out directory's name
     features: str | None = None  # wikipedia: .mat with I_tr/I_te (image) and/or T_tr/T_te (text) rows in list order
@@ -148,7 +153,10 @@ def run(cfg: ShardConfig) -> dict:
     done = _write_chunks(cfg, reader, work)
     if not done["chunks"]:
         _discard(out, work)
-        raise ConfigError(f"source={cfg.source!r} root={cfg.root}: no items found" + (f" in splits {cfg.splits}" if cfg.splits else ""))
+        raise ConfigError(
+            f"source={cfg.source!r} root={cfg.root}: no items found"
+            + (f" in splits {cfg.splits}" if cfg.splits else "")
+        )
     plan = {
         "name": cfg.name or out.resolve().name,
         "num_tasks": cfg.num_tasks,
@@ -160,7 +168,12 @@ def run(cfg: ShardConfig) -> dict:
     atomic_write_json(plan_path(work, cfg.task_index, cfg.num_tasks), plan)
     if cfg.num_tasks == 1:
         return _report(finalize(out))
-    log.info("task %d of %d done; after all tasks finish run `fgcmr shard --merge --out=%s`", cfg.task_index, cfg.num_tasks, out)
+    log.info(
+        "task %d of %d done; after all tasks finish run `fgcmr shard --merge --out=%s`",
+        cfg.task_index,
+        cfg.num_tasks,
+        out,
+    )
     return plan
 
 
@@ -192,7 +205,9 @@ def _prepare(work: Path, cfg: ShardConfig) -> dict:
         previous = read_json(stamp)
         if previous != dataset_config:
             changed = sorted(k for k in set(previous) | set(dataset_config) if previous.get(k) != dataset_config.get(k))
-            raise ConfigError(f"{work.parent} holds shards made with a different config (changed: {', '.join(changed)}); use another --out or delete it")
+            raise ConfigError(
+                f"{work.parent} holds shards made with a different config (changed: {', '.join(changed)}); use another --out or delete it"
+            )
     else:
         atomic_write_json(stamp, dataset_config)
     return dataset_config
@@ -226,7 +241,9 @@ def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
             ref = dataclasses.replace(ref, split=make_key(ref.split))
         if seen is not None and ref.skip is None:
             if ref.key in seen:
-                ref = dataclasses.replace(ref, skip=("duplicate_id", f"key {ref.key!r} already seen; the first occurrence wins"))
+                ref = dataclasses.replace(
+                    ref, skip=("duplicate_id", f"key {ref.key!r} already seen; the first occurrence wins")
+                )
             else:
                 seen.add(ref.key)
         buffer = buffers.setdefault(ref.split, [])
@@ -291,7 +308,9 @@ def _write_chunks(cfg: ShardConfig, reader, work: Path) -> dict:
 
 
 def _write(reader, chunk: Chunk, work: Path, data: DataOptions) -> dict:
-    return write_chunk(chunk, work, reader.load, lambda item, cats: encode_sample(item, cats, data), data.max_bytes_per_shard)
+    return write_chunk(
+        chunk, work, reader.load, lambda item, cats: encode_sample(item, cats, data), data.max_bytes_per_shard
+    )
 
 
 _worker: dict = {}
@@ -310,7 +329,8 @@ def _report(manifest: dict) -> dict:
     line = f"items_in {manifest['items_in']} = items_written {manifest['items_written']} + items_skipped {manifest['items_skipped']}"
     if manifest["skipped"]:
         line += " (" + ", ".join(f"{reason}: {n}" for reason, n in manifest["skipped"].items()) + ")"
-    splits = ", ".join(f"{s}: {info['items']} items in {len(info['shards'])} shards" for s, info in manifest["splits"].items())
+    splits = ", ".join(
+        f"{s}: {info['items']} items in {len(info['shards'])} shards" for s, info in manifest["splits"].items()
+    )
     print(f"{manifest['name']}: {splits}\n{line}", file=sys.stdout, flush=True)
     return manifest
-

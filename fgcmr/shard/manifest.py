@@ -6,6 +6,7 @@ merging checks that all tasks finished and every chunk verifies, then links the 
 split and in chunk order, onto sequential names ``<split>-NNNNNN.tar``. Linking is idempotent, so a
 rerun rebuilds exactly the same directory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,12 +31,16 @@ def load_plan(work: Path) -> dict:
     """The corpus plan shared by all tasks, after checking that every task of the array has finished."""
     plans = sorted(work.glob("plan-*.json")) if work.is_dir() else []
     if not plans:
-        raise FileNotFoundError(f"{work.parent}: no finished shard task found (no {WORK_DIR}/plan-*.json); run the shard tasks first")
+        raise FileNotFoundError(
+            f"{work.parent}: no finished shard task found (no {WORK_DIR}/plan-*.json); run the shard tasks first"
+        )
     plan = read_json(plans[0])
     num_tasks = plan["num_tasks"]
     missing = [i for i in range(num_tasks) if not plan_path(work, i, num_tasks).is_file()]
     if missing:
-        raise FileNotFoundError(f"{work.parent}: shard tasks {missing} of {num_tasks} have not finished; rerun them, then merge")
+        raise FileNotFoundError(
+            f"{work.parent}: shard tasks {missing} of {num_tasks} have not finished; rerun them, then merge"
+        )
     return plan
 
 
@@ -47,7 +52,9 @@ def finalize(out: Path) -> dict:
     for split, index in plan["chunks"]:
         record = verified_record(work, chunk_stem(split, index), check_hash=False)
         if record is None:
-            raise ConfigError(f"{out}: chunk {chunk_stem(split, index)} is missing or incomplete; rerun the shard task that owns it")
+            raise ConfigError(
+                f"{out}: chunk {chunk_stem(split, index)} is missing or incomplete; rerun the shard task that owns it"
+            )
         records.append(record)
     for tmp in work.glob(".*.tmp"):  # left by killed runs; every task has finished, so none is in use
         tmp.unlink(missing_ok=True)
@@ -55,7 +62,9 @@ def finalize(out: Path) -> dict:
     skipped, rows_skipped = _write_skips(out, records)
     categories = plan["categories"] or []
     for info in splits.values():
-        info["category_counts"] = {categories[int(k)]: n for k, n in sorted(info["category_counts"].items(), key=lambda kv: int(kv[0]))}
+        info["category_counts"] = {
+            categories[int(k)]: n for k, n in sorted(info["category_counts"].items(), key=lambda kv: int(kv[0]))
+        }
     items_in = sum(r["items_in"] for r in records)
     items_written = sum(info["items"] for info in splits.values())
     manifest = {
@@ -93,7 +102,9 @@ def _place_shards(out: Path, work: Path, split_order: list[str], records: list[d
         for part in record["parts"]:
             name = f"{record['split']}-{len(info['shards']):06d}.tar"
             _link(work / part["file"], out / name)
-            info["shards"].append({"file": name, "items": part["items"], "bytes": part["bytes"], "sha256": part["sha256"]})
+            info["shards"].append(
+                {"file": name, "items": part["items"], "bytes": part["bytes"], "sha256": part["sha256"]}
+            )
             info["items"] += part["items"]
         info["category_counts"].update(record["category_counts"])
     return splits

@@ -1,4 +1,5 @@
 """What flows through the sharder: references from a reader's listing pass, loaded items, and skips."""
+
 from __future__ import annotations
 
 import dataclasses

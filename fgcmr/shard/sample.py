@@ -1,4 +1,5 @@
 """One loaded item → the tar members of one sample, in the layout ``fgcmr.dataset`` reads."""
+
 from __future__ import annotations
 
 import io

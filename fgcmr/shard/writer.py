@@ -6,6 +6,7 @@ limit may cut a chunk into several parts. Parts and the record are written under
 and renamed; the record is written last, so a chunk is complete exactly when its record exists and
 its parts match the recorded sha256.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,7 +81,9 @@ class PartWriter:
         self._stack.close()
         self._tar = self._stack = None
         path = self._path
-        self.parts.append({"file": path.name, "items": self._items, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        self.parts.append(
+            {"file": path.name, "items": self._items, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        )
 
     def close(self) -> list[dict]:
         if self._tar is not None:
@@ -94,7 +97,11 @@ class PartWriter:
 
 
 def write_chunk(
-    chunk: Chunk, work: Path, load: Callable[[Ref], Item], encode: Callable[[Item, list[str] | None], list], max_bytes: int
+    chunk: Chunk,
+    work: Path,
+    load: Callable[[Ref], Item],
+    encode: Callable[[Item, list[str] | None], list],
+    max_bytes: int,
 ) -> dict:
     """Load, check and encode every item of ``chunk``; write its parts and record; return the record."""
     writer = PartWriter(work, chunk.stem, max_bytes)
@@ -109,7 +116,9 @@ def write_chunk(
                 item = load(ref)
                 writer.add(encode(item, chunk.categories))
             except Skip as s:
-                skipped.append({"id": ref.id, "split": ref.split, "reason": s.reason, "detail": s.detail, "rows": ref.rows})
+                skipped.append(
+                    {"id": ref.id, "split": ref.split, "reason": s.reason, "detail": s.detail, "rows": ref.rows}
+                )
                 continue
             rows_written += ref.rows
             if item.category is not None:

@@ -6,6 +6,7 @@ Scripts are the templates in ``fgcmr/slurm/templates/`` (``slurm/`` at the repos
 filled from the ``slurm:`` section; every job calls the same ``fgcmr`` commands as a local run,
 under ``srun``, each rank resolving itself through ``fgcmr.distributed``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,7 +76,11 @@ def header(job: Job, cfg: SlurmConfig, name: str, logs: Path) -> str:
         f"--time={r.time}",
     ]
     opts += [f"--gpus-per-node={r.gpus_per_node}"] if r.gpus_per_node else []
-    opts += [f"--{k}={v}" for k, v in (("partition", r.partition), ("account", cfg.account), ("qos", cfg.qos), ("mem", r.mem)) if v]
+    opts += [
+        f"--{k}={v}"
+        for k, v in (("partition", r.partition), ("account", cfg.account), ("qos", cfg.qos), ("mem", r.mem))
+        if v
+    ]
     opts += [f"--array=0-{job.array - 1}"] if job.array else []
     opts += ["--requeue", f"--signal=B:USR1@{cfg.signal_seconds}"] if job.requeue else []
     lines = [f"#SBATCH {o}" for o in opts]
@@ -91,7 +96,9 @@ def render(job: Job, cfg: SlurmConfig, name: str, config: Path, workdir: Path, l
         "fgcmr": f"{shlex.quote(cfg.python)} -m fgcmr.cli",
         "setup": "\n".join(cfg.setup),
         # double quotes: the value may name the node's own variables ($TMPDIR, $SLURM_JOB_ID), expanded on the node
-        "scratch": f'export FGCMR_SCRATCH="{cfg.scratch}"' if cfg.scratch else "# no slurm.scratch: the default temp dir",
+        "scratch": f'export FGCMR_SCRATCH="{cfg.scratch}"'
+        if cfg.scratch
+        else "# no slurm.scratch: the default temp dir",
     }
     values = {**common, **job.values}
     values["prologue"] = fill((TEMPLATES / "prologue.sh").read_text(), values, "prologue.sh").rstrip("\n")

@@ -5,6 +5,7 @@ Top-level fields apply to every job; ``shard``, ``merge``, ``label``, ``infer``,
 ``nodes × tasks_per_node`` ranks, one per GPU when ``gpus_per_node > 0``; shard array tasks and
 the merge job run one task on one node each.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,9 @@ from fgcmr.stages import STAGES
 
 TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")  # Slurm's [days-]hours[:minutes[:seconds]] or minutes
 # The chain's jobs: each stage's Slurm job (fgcmr.stages), the shard array's merge job after the shard job.
-JOBS = tuple(dict.fromkeys(j for s in STAGES for j in ((s.slurm_job, "merge") if s.slurm_job == "shard"
-                                                       else (s.slurm_job,))))
+JOBS = tuple(
+    dict.fromkeys(j for s in STAGES for j in ((s.slurm_job, "merge") if s.slurm_job == "shard" else (s.slurm_job,)))
+)
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ The jobs read ``<out>/experiment.yaml``, the experiment resolved as ``fgcmr pipe
 them). ``<out>/slurm/`` holds one sbatch script per job, ``logs/`` and ``chain.json`` (job ids,
 scripts, log paths), which ``submit status`` reads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,9 @@ def resolve(config_path: str, out: str | None, overrides: dict[str, Any]) -> tup
     return exp, layout, cfg
 
 
-def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str, Any] | None = None, out: str | None = None) -> list[dict]:
+def submit_pipeline(
+    config_path: str, dry_run: bool = False, overrides: dict[str, Any] | None = None, out: str | None = None
+) -> list[dict]:
     """Render the chain's scripts and submit them with ``afterok`` dependencies (or only print them).
 
     Jobs whose stages are already done (the same checks as ``fgcmr pipeline``) are left out, so
@@ -62,7 +65,9 @@ def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str
             print(scripts[job.name])
         return []
     if not shutil.which("sbatch"):
-        raise FileNotFoundError("sbatch not found: submit from a Slurm login node (or use --dry-run to see the scripts)")
+        raise FileNotFoundError(
+            "sbatch not found: submit from a Slurm login node (or use --dry-run to see the scripts)"
+        )
     atomic_write_text(layout.experiment, dump_yaml(exp))
     logs.mkdir(parents=True, exist_ok=True)
     submitted: list[dict] = []
@@ -71,15 +76,29 @@ def submit_pipeline(config_path: str, dry_run: bool = False, overrides: dict[str
             script = chain_dir / f"{job.name}.sbatch"
             atomic_write_text(script, scripts[job.name])
             job_id = sbatch(script, submitted[-1]["job_id"] if submitted else None)
-            submitted.append({"name": job.name, "job_id": job_id, "array": job.array, "script": str(script),
-                              "log": job.log_pattern(logs).replace("%A", job_id).replace("%j", job_id)})
+            submitted.append(
+                {
+                    "name": job.name,
+                    "job_id": job_id,
+                    "array": job.array,
+                    "script": str(script),
+                    "log": job.log_pattern(logs).replace("%A", job_id).replace("%j", job_id),
+                }
+            )
     except (OSError, subprocess.CalledProcessError) as e:
         if submitted:
             subprocess.run(["scancel", *(j["job_id"] for j in submitted)], check=False)
         detail = (getattr(e, "stderr", "") or str(e)).strip()
-        raise RuntimeError(f"sbatch failed for job {job.name!r} ({detail}); cancelled the jobs already submitted") from None
-    chain = {"name": exp["name"], "experiment": str(layout.experiment), "out": str(layout.out),
-             "submitted": datetime.datetime.now().isoformat(timespec="seconds"), "jobs": submitted}
+        raise RuntimeError(
+            f"sbatch failed for job {job.name!r} ({detail}); cancelled the jobs already submitted"
+        ) from None
+    chain = {
+        "name": exp["name"],
+        "experiment": str(layout.experiment),
+        "out": str(layout.out),
+        "submitted": datetime.datetime.now().isoformat(timespec="seconds"),
+        "jobs": submitted,
+    }
     atomic_write_json(chain_dir / "chain.json", chain)
     for j in submitted:
         print(f"{j['name']:<6} job {j['job_id']:<8} log {j['log']}")
@@ -119,7 +138,9 @@ def chain_status(out: str) -> list[TaskState]:
     """Print the state of every job (and array task) of the chain under ``out``; name failures and their logs."""
     chain_file = Path(out) / "slurm" / "chain.json"
     if not chain_file.is_file():
-        raise FileNotFoundError(f"{chain_file} not found: submit with `fgcmr submit pipeline <experiment.yaml> --out={out}`")
+        raise FileNotFoundError(
+            f"{chain_file} not found: submit with `fgcmr submit pipeline <experiment.yaml> --out={out}`"
+        )
     chain = read_json(chain_file)
     states = [t for j in chain["jobs"] for t in query(j)]
     print(f"chain {chain['name']} submitted {chain['submitted']}")
@@ -155,7 +176,11 @@ def query(job: dict) -> list[TaskState]:
         job_id = f"{r.get('ArrayJobId', job['job_id'])}_{task}" if task else r.get("JobId", job["job_id"])
         log_path = job["log"].replace("%a", task or "*")
         log_shown = log_path if Path(log_path).exists() else "- (none yet)"
-        out.append(TaskState(job["name"], job_id, r.get("JobState", "?"), r.get("ExitCode", "-"), r.get("Reason", ""), log_shown))
+        out.append(
+            TaskState(
+                job["name"], job_id, r.get("JobState", "?"), r.get("ExitCode", "-"), r.get("Reason", ""), log_shown
+            )
+        )
     return out
 
 
@@ -163,17 +188,31 @@ def _scontrol(job_id: str) -> list[dict[str, str]]:
     done = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
     if done.returncode != 0:
         return []
-    return [dict(tok.split("=", 1) for tok in line.split() if "=" in tok) for line in done.stdout.splitlines() if line.strip()]
+    return [
+        dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+        for line in done.stdout.splitlines()
+        if line.strip()
+    ]
 
 
 def _sacct(job_id: str) -> list[dict[str, str]]:
-    done = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode,Reason"], capture_output=True, text=True)
+    done = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode,Reason"], capture_output=True, text=True
+    )
     if done.returncode != 0:
         return []
     rows = []
     for line in done.stdout.splitlines():
         jid, state, code, reason = (line.split("|") + ["", "", "", ""])[:4]
         base, _, task = jid.partition("_")
-        rows.append({"JobId": jid, "ArrayJobId": base, "ArrayTaskId": task, "JobState": state.split()[0] if state else "?",
-                     "ExitCode": code, "Reason": reason})
+        rows.append(
+            {
+                "JobId": jid,
+                "ArrayJobId": base,
+                "ArrayTaskId": task,
+                "JobState": state.split()[0] if state else "?",
+                "ExitCode": code,
+                "Reason": reason,
+            }
+        )
     return rows

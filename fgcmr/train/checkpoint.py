@@ -7,6 +7,7 @@ mid-save therefore leaves ``latest`` on the previous complete tag, and a truncat
 before DeepSpeed reads it. Resuming takes the newest complete tag (whatever ``latest`` says, saying so);
 one that still fails to load is reported by path and the next older one is used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -137,7 +138,9 @@ def _check_world_size(tag_dir: Path, zero_stage: int) -> None:
             "`fgcmr export --run=<run>`, load on any number)."
         )
     if saved != world:
-        log.warning("checkpoint %s was written by %d ranks, resuming on %d: the data order changes", tag_dir, saved, world)
+        log.warning(
+            "checkpoint %s was written by %d ranks, resuming on %d: the data order changes", tag_dir, saved, world
+        )
 
 
 def candidates(ckpt_dir: Path, resume: str) -> list[Path]:
@@ -152,8 +155,12 @@ def candidates(ckpt_dir: Path, resume: str) -> list[Path]:
         pointer = ckpt_dir / "latest"
         named = pointer.read_text().strip() if pointer.is_file() else None
         if good and named != good[0].name:
-            log.warning("%s names %s; resuming from the newest complete tag %s", pointer,
-                        named or "nothing (missing)", good[0].name)
+            log.warning(
+                "%s names %s; resuming from the newest complete tag %s",
+                pointer,
+                named or "nothing (missing)",
+                good[0].name,
+            )
         return good
     path = Path(resume) if Path(resume).is_dir() or not (ckpt_dir / resume).is_dir() else ckpt_dir / resume
     if not path.is_dir():
@@ -186,8 +193,9 @@ def _load(engine, tag_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     """Every rank loads its part; all fail together if any rank's part is unreadable (so all fall back)."""
     client, failure = None, None
     try:
-        loaded, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+        loaded, client = engine.load_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if loaded is None:
             raise RuntimeError("DeepSpeed found nothing to load")
         set_rng_state(torch.load(tag_dir / f"rng_rank{_rank()}.pt", weights_only=False))

@@ -1,4 +1,5 @@
 """The training job's configuration (``fgcmr train``), and where named model / DeepSpeed configs live."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,7 +67,9 @@ class TrainConfig:
         if not self.shards or not self.out:
             raise ValueError("--shards=<dataset dir> and --out=<run dir> are required")
         if self.loss.needs_labels and not self.labels:
-            raise ValueError(f"loss {self.loss.name!r} needs label sidecars: pass --labels=<labeler name> (or --loss.name=pairwise)")
+            raise ValueError(
+                f"loss {self.loss.name!r} needs label sidecars: pass --labels=<labeler name> (or --loss.name=pairwise)"
+            )
         for name in ("checkpoint_every", "keep_last", "log_every", "hist_every", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1")

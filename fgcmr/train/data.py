@@ -13,6 +13,7 @@ uint8 pixels; the training side normalises each batch on the device (``Inputs.no
 Data position on resume: the stream is reseeded from the resume step, so a resumed run continues
 with fresh (not repeated) samples; the exact within-shard position is not restored.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,16 @@ import webdataset as wds
 
 from fgcmr.config import ConfigError
 from fgcmr.dataset import DatasetInfo, OnCorrupt, iter_records, sample_from_fields
-from fgcmr.labels import (LABEL_FIELDS, SidecarError, join_labels, labels_dir, read_head_with_identity, read_sidecar,
-                          read_sidecar_identity, sidecar_path)
+from fgcmr.labels import (
+    LABEL_FIELDS,
+    SidecarError,
+    join_labels,
+    labels_dir,
+    read_head_with_identity,
+    read_sidecar,
+    read_sidecar_identity,
+    sidecar_path,
+)
 from fgcmr.model.inputs import Inputs
 from fgcmr.train.signals import ignore_stop_signals, kill_workers_at_exit
 
@@ -62,12 +71,14 @@ def check_shard_split(dataset: DatasetInfo, split: str, world_size: int, workers
     if len(infos) % need:
         raise ConfigError(
             f"{dataset.root}: {len(infos)} {split} shards do not divide evenly among {world_size} ranks × {max(1, workers)} "
-            f"workers without resampling (ranks would see unequal batch counts); {fix} into a multiple of {need} shards")
+            f"workers without resampling (ranks would see unequal batch counts); {fix} into a multiple of {need} shards"
+        )
     fewest = min(sum(s.items for s in infos[i::need]) for i in range(need))
     if fewest < micro_batch:
         raise ConfigError(
             f"{dataset.root}: a worker's share of the {split} shards holds {fewest} samples, less than one micro-batch of "
-            f"{micro_batch}, so it would never yield a batch; {fix} into fewer, larger shards, or lower --data.micro_batch")
+            f"{micro_batch}, so it would never yield a batch; {fix} into fewer, larger shards, or lower --data.micro_batch"
+        )
 
 
 class LabelJoin:
@@ -94,9 +105,11 @@ class LabelJoin:
 
     def check(self, path: Path, identity: str) -> None:
         if identity != self.identity:
-            raise SidecarError(f"label sidecar {path} was written by another labeler than its head.npz "
-                               f"({identity[:12] or 'unrecorded'} vs {self.identity[:12] or 'unrecorded'}); "
-                               f"rerun `fgcmr label infer --shards={self.root}` with the labeler you mean")
+            raise SidecarError(
+                f"label sidecar {path} was written by another labeler than its head.npz "
+                f"({identity[:12] or 'unrecorded'} vs {self.identity[:12] or 'unrecorded'}); "
+                f"rerun `fgcmr label infer --shards={self.root}` with the labeler you mean"
+            )
 
 
 class MakeItem:
@@ -158,9 +171,18 @@ class ShardRecords:
                 yield {"__key__": key, "__url__": url, **fields}
 
 
-def build_pipeline(urls: list[str], inputs: Inputs, micro_batch: int, batches_per_worker: int, *, resampled: bool = True,
-                   shuffle_buffer: int = 500, labels: LabelJoin | None = None, seed: int = 0,
-                   on_corrupt: OnCorrupt = "error") -> wds.DataPipeline:
+def build_pipeline(
+    urls: list[str],
+    inputs: Inputs,
+    micro_batch: int,
+    batches_per_worker: int,
+    *,
+    resampled: bool = True,
+    shuffle_buffer: int = 500,
+    labels: LabelJoin | None = None,
+    seed: int = 0,
+    on_corrupt: OnCorrupt = "error",
+) -> wds.DataPipeline:
     if resampled:
         shards = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
@@ -174,9 +196,21 @@ def build_pipeline(urls: list[str], inputs: Inputs, micro_batch: int, batches_pe
     ).with_epoch(nbatches=batches_per_worker)
 
 
-def build_loader(dataset: DatasetInfo, inputs: Inputs, *, split: str, micro_batch: int, workers: int, batches_per_rank: int,
-                 world_size: int, resampled: bool, shuffle_buffer: int, labeler: str | None, seed: int,
-                 on_corrupt: OnCorrupt = "error") -> torch.utils.data.DataLoader:
+def build_loader(
+    dataset: DatasetInfo,
+    inputs: Inputs,
+    *,
+    split: str,
+    micro_batch: int,
+    workers: int,
+    batches_per_rank: int,
+    world_size: int,
+    resampled: bool,
+    shuffle_buffer: int,
+    labeler: str | None,
+    seed: int,
+    on_corrupt: OnCorrupt = "error",
+) -> torch.utils.data.DataLoader:
     """A DataLoader yielding ``batches_per_rank`` micro-batches per pass (rounded up to whole workers)."""
     urls = [str(p) for p in dataset.shards(split)]
     if not resampled:
@@ -186,12 +220,25 @@ def build_loader(dataset: DatasetInfo, inputs: Inputs, *, split: str, micro_batc
         check_sidecars(dataset, split, labeler)
         labels = LabelJoin(dataset.root, labeler)
     per_worker = math.ceil(batches_per_rank / max(1, workers))
-    pipeline = build_pipeline(urls, inputs, micro_batch, per_worker, resampled=resampled, shuffle_buffer=shuffle_buffer,
-                              labels=labels, seed=seed, on_corrupt=on_corrupt)
+    pipeline = build_pipeline(
+        urls,
+        inputs,
+        micro_batch,
+        per_worker,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        labels=labels,
+        seed=seed,
+        on_corrupt=on_corrupt,
+    )
     if workers > 0:
         kill_workers_at_exit()
     return torch.utils.data.DataLoader(
-        pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available(),
+        pipeline,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_stop_signals,
     )

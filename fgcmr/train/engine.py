@@ -4,6 +4,7 @@ The optimizer is a plain ``torch.optim.AdamW`` passed in (``zero_allow_untested_
 own Adam JIT-compiles ``fused_adam`` for minutes on CPU. Parameter groups split towers (lr ×
 ``tower_lr_mult``) from the new heads, and weight-decayed matrices from biases, norms and the temperature.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,18 +49,24 @@ def param_groups(model: TwoTower, optim: OptimConfig) -> list[dict[str, Any]]:
         if p.requires_grad:
             groups.setdefault((id(p) in towers, len(full_shape(p)) >= 2), []).append(p)
     return [
-        {"params": ps, "lr": optim.lr * (optim.tower_lr_mult if tower else 1.0), "weight_decay": optim.weight_decay if decay else 0.0}
+        {
+            "params": ps,
+            "lr": optim.lr * (optim.tower_lr_mult if tower else 1.0),
+            "weight_decay": optim.weight_decay if decay else 0.0,
+        }
         for (tower, decay), ps in sorted(groups.items())
     ]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float):
     """Learning-rate factor: linear warm-up, then cosine decay to ``min_ratio``."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor
 
 
@@ -69,8 +76,10 @@ def check_supported(ds_cfg: dict[str, Any]) -> None:
 
     accel = get_accelerator()
     if compute_dtype(ds_cfg) == torch.float16 and not accel.is_fp16_supported():
-        raise ConfigError(f"fp16 is not supported by DeepSpeed on this {accel.device_name()} device: "
-                          "use a *_bf16 or *_fp32 DeepSpeed config")
+        raise ConfigError(
+            f"fp16 is not supported by DeepSpeed on this {accel.device_name()} device: "
+            "use a *_bf16 or *_fp32 DeepSpeed config"
+        )
 
 
 def offloads_optimizer(ds_cfg: dict[str, Any]) -> bool:
@@ -98,7 +107,9 @@ def build_engine(model: TwoTower, ds_cfg: dict[str, Any], optim: OptimConfig, to
     optimizer = build_optimizer(model, ds_cfg, optim)
     factor = warmup_cosine(total_steps, optim.warmup_steps, optim.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_cfg,
+        model=model,
+        optimizer=optimizer,
+        config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
     )
     _cache_zero_grad(engine)

@@ -1,4 +1,5 @@
 """``fgcmr export``: a (ZeRO) checkpoint of any world size → ``<run>/export/`` that loads without DeepSpeed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,13 @@ def run(cfg: ExportConfig) -> Path:
     state = consolidated_state_dict(ckpt_dir, tag)
     model = build_model(model_cfg)
     model.load_state_dict(state, strict=True)
-    out = save_export(export_dir(cfg), model, model_cfg, provenance=provenance(run_dir, run_cfg, tag),
-                      extra=lambda d: write_stamp(d, fp))
+    out = save_export(
+        export_dir(cfg),
+        model,
+        model_cfg,
+        provenance=provenance(run_dir, run_cfg, tag),
+        extra=lambda d: write_stamp(d, fp),
+    )
     log.info("exported %s (%s, %d tensors) → %s", run_dir, tag, len(state), out)
     return out
 
@@ -88,7 +94,11 @@ def provenance(run_dir: Path, run_cfg: dict, tag: str) -> dict:
     manifest = Path(shards) / "manifest.json" if shards else None
     step = tag.rpartition("_")[2]
     return {
-        "run": str(run_dir.resolve()), "tag": tag, "step": int(step) if step.isdigit() else None,
-        "data": shards, "data_manifest_sha256": sha256_file(manifest) if manifest and manifest.is_file() else None,
-        "loss": (train.get("loss") or {}).get("name"), "seed": train.get("seed"),
+        "run": str(run_dir.resolve()),
+        "tag": tag,
+        "step": int(step) if step.isdigit() else None,
+        "data": shards,
+        "data_manifest_sha256": sha256_file(manifest) if manifest and manifest.is_file() else None,
+        "loss": (train.get("loss") or {}).get("name"),
+        "seed": train.get("seed"),
     }

@@ -5,6 +5,7 @@ Run directory: ``config.yaml`` (the resolved train, model and DeepSpeed configs)
 ``train_metrics.json`` (the last logged figures), ``fgcmr-stage.json`` (its fingerprint, ``train.state``).
 Exit code ``EXIT_REQUEUE`` (75) after a SIGTERM/SIGUSR1/SIGINT-triggered checkpoint; rerun with ``--resume=auto``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,7 +76,15 @@ def init_distributed() -> DistEnv:
     return env
 
 
-def ensure_tokenizer(model_cfg: ModelConfig, dataset: DatasetInfo, run_dir: Path, env: DistEnv, split: str, max_texts: int, vocab_size: int) -> ModelConfig:
+def ensure_tokenizer(
+    model_cfg: ModelConfig,
+    dataset: DatasetInfo,
+    run_dir: Path,
+    env: DistEnv,
+    split: str,
+    max_texts: int,
+    vocab_size: int,
+) -> ModelConfig:
     """A transformers tower built from a config gets a WordPiece tokenizer trained on the split's texts
     (once, by rank 0, kept in the run dir for resumes and export), and the tokenizer's vocabulary size."""
     text = model_cfg.text
@@ -83,7 +92,9 @@ def ensure_tokenizer(model_cfg: ModelConfig, dataset: DatasetInfo, run_dir: Path
         return model_cfg
     tok_dir = run_dir / "tokenizer"
     if env.is_main and not (tok_dir / "tokenizer.json").is_file():
-        texts = itertools.islice((t for shard in dataset.shards(split) for s in iter_samples(shard) for t in s.texts), max_texts)
+        texts = itertools.islice(
+            (t for shard in dataset.shards(split) for s in iter_samples(shard) for t in s.texts), max_texts
+        )
         train_wordpiece(texts, tok_dir, vocab_size)
         log.info("trained a WordPiece tokenizer on %s texts → %s", split, tok_dir)
     barrier()
@@ -100,11 +111,14 @@ def forever(loader) -> Iterator[dict]:
             empty = False
             yield batch
         if empty:  # would spin forever without a step or a message
-            raise RuntimeError("the training loader yielded no batch in a whole pass; check the split's shards and micro_batch")
+            raise RuntimeError(
+                "the training loader yielded no batch in a whole pass; check the split's shards and micro_batch"
+            )
 
 
-def build_model_for(model_cfg: ModelConfig, loss: LossConfig, ds_cfg: dict[str, Any] | None = None,
-                    init_from: str | None = None) -> TwoTower:
+def build_model_for(
+    model_cfg: ModelConfig, loss: LossConfig, ds_cfg: dict[str, Any] | None = None, init_from: str | None = None
+) -> TwoTower:
     """The model with the temperature frozen unless the loss uses it (an unused trainable parameter
     gets no gradient, which DDP-style reducers reject). Under ZeRO-3 (``ds_cfg``) it is built
     partitioned (``partitioned_construction``); ``init_from`` (an fgcmr export) loads its weights."""
@@ -129,9 +143,22 @@ class Trainer:
     """One optimizer step (``grad_accum`` micro-steps) with its timing and monitoring: the unit the
     training loop repeats and ``fgcmr bench train`` measures."""
 
-    def __init__(self, engine, loss_fn: RetrievalLoss, monitor: Monitor, dtype: torch.dtype, grad_accum: int,
-                 normalize: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.engine, self.loss_fn, self.monitor, self.dtype, self.grad_accum = engine, loss_fn, monitor, dtype, grad_accum
+    def __init__(
+        self,
+        engine,
+        loss_fn: RetrievalLoss,
+        monitor: Monitor,
+        dtype: torch.dtype,
+        grad_accum: int,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.engine, self.loss_fn, self.monitor, self.dtype, self.grad_accum = (
+            engine,
+            loss_fn,
+            monitor,
+            dtype,
+            grad_accum,
+        )
         self.normalize = normalize  # uint8 pixels → the image tower's input (``Inputs.normalize``)
 
     def step(self, batches: Iterator[dict], step: int) -> int:
@@ -159,13 +186,23 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if env.is_main:
         clean_leftovers(run_dir, ckpt_dir, *checkpoint.step_tags(ckpt_dir))
     model_cfg = load_model_config(cfg.model, cfg.model_overrides)
-    model_cfg = ensure_tokenizer(model_cfg, dataset, run_dir, env, cfg.data.split, cfg.data.tokenizer_samples, model_cfg.text.vocab_size)
-    sched = Schedule(env.world_size, cfg.data.micro_batch, cfg.optim.grad_accum,
-                     cfg.data.samples_per_epoch or dataset.items(cfg.data.split), cfg.epochs, cfg.max_steps)
+    model_cfg = ensure_tokenizer(
+        model_cfg, dataset, run_dir, env, cfg.data.split, cfg.data.tokenizer_samples, model_cfg.text.vocab_size
+    )
+    sched = Schedule(
+        env.world_size,
+        cfg.data.micro_batch,
+        cfg.optim.grad_accum,
+        cfg.data.samples_per_epoch or dataset.items(cfg.data.split),
+        cfg.epochs,
+        cfg.max_steps,
+    )
 
     torch.manual_seed(cfg.seed)
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.data.micro_batch, cfg.optim)
-    engine, _ = build_engine(build_model_for(model_cfg, cfg.loss, ds_cfg, cfg.init_from), ds_cfg, cfg.optim, sched.total_steps)
+    engine, _ = build_engine(
+        build_model_for(model_cfg, cfg.loss, ds_cfg, cfg.init_from), ds_cfg, cfg.optim, sched.total_steps
+    )
     head = None
     if cfg.loss.needs_labels:
         w, c = read_head(dataset.root, cfg.labels)
@@ -174,7 +211,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     client = checkpoint.resume(engine, ckpt_dir, cfg.resume) if cfg.resume else None
     step, samples_seen = (client["step"], client["samples_seen"]) if client else (0, 0)
-    resolved = {"train": to_dict(cfg), "model": to_dict(model_cfg), "deepspeed": ds_cfg, "schedule": {**dataclasses.asdict(sched), "total_steps": sched.total_steps}}
+    resolved = {
+        "train": to_dict(cfg),
+        "model": to_dict(model_cfg),
+        "deepspeed": ds_cfg,
+        "schedule": {**dataclasses.asdict(sched), "total_steps": sched.total_steps},
+    }
     if env.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(resolved))
         state.record(cfg, fp, step, sched.total_steps, complete=False)
@@ -184,33 +226,64 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # restarted every worker's pipeline (empty prefetch queue, shuffle buffer refilled) and stalled the step.
     steps_per_pass = sched.total_steps - step if cfg.data.resampled else sched.steps_per_epoch
     loader = build_loader(
-        dataset, inputs, split=cfg.data.split, micro_batch=cfg.data.micro_batch,
-        workers=cfg.data.workers, batches_per_rank=max(1, steps_per_pass) * sched.grad_accum, world_size=env.world_size,
-        resampled=cfg.data.resampled, shuffle_buffer=cfg.data.shuffle_buffer,
-        labeler=cfg.labels if cfg.loss.needs_labels else None, seed=cfg.seed + 1_000_003 * step, on_corrupt=cfg.data.on_corrupt,
+        dataset,
+        inputs,
+        split=cfg.data.split,
+        micro_batch=cfg.data.micro_batch,
+        workers=cfg.data.workers,
+        batches_per_rank=max(1, steps_per_pass) * sched.grad_accum,
+        world_size=env.world_size,
+        resampled=cfg.data.resampled,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        labeler=cfg.labels if cfg.loss.needs_labels else None,
+        seed=cfg.seed + 1_000_003 * step,
+        on_corrupt=cfg.data.on_corrupt,
     )
     monitor = Monitor(run_dir, env.is_main, sched.total_steps, sched.samples_per_step, cfg.log_every, cfg.hist_every)
     monitor.text("config", dump_yaml(resolved))
     trainer = Trainer(engine, loss_fn, monitor, compute_dtype(ds_cfg), sched.grad_accum, inputs.normalize)
     stop = StopRequest(engine.device)
     saved_at = step if client else None
-    validator = Validator(dataset, cfg.eval_split, cfg.eval_max_images, build_inputs(model_cfg, train=False)) if cfg.eval_every else None
+    validator = (
+        Validator(dataset, cfg.eval_split, cfg.eval_max_images, build_inputs(model_cfg, train=False))
+        if cfg.eval_every
+        else None
+    )
 
     def validate() -> None:
         scores = validator(engine.module, engine.device, compute_dtype(ds_cfg))
         monitor.scalars("val", scores, step)
-        log.info("step %d: validation on %s: MAP@all %.4f (chance %.4f), R@1 i→t %.3f t→i %.3f",
-                 step, cfg.eval_split, scores["map_avg"], scores["chance_map"], scores["r1_i2t"], scores["r1_t2i"])
+        log.info(
+            "step %d: validation on %s: MAP@all %.4f (chance %.4f), R@1 i→t %.3f t→i %.3f",
+            step,
+            cfg.eval_split,
+            scores["map_avg"],
+            scores["chance_map"],
+            scores["r1_i2t"],
+            scores["r1_t2i"],
+        )
 
     def save() -> None:
         nonlocal saved_at
         if saved_at != step:
-            state = {"step": step, "samples_seen": samples_seen, "epoch": samples_seen / sched.samples_per_epoch, "world_size": env.world_size}
+            state = {
+                "step": step,
+                "samples_seen": samples_seen,
+                "epoch": samples_seen / sched.samples_per_epoch,
+                "world_size": env.world_size,
+            }
             checkpoint.save(engine, ckpt_dir, step, state, cfg.keep_last)
             saved_at = step
 
-    log.info("training %d steps of %d samples (%d ranks × %d × accum %d) from step %d",
-             sched.total_steps, sched.samples_per_step, env.world_size, cfg.data.micro_batch, cfg.optim.grad_accum, step)
+    log.info(
+        "training %d steps of %d samples (%d ranks × %d × accum %d) from step %d",
+        sched.total_steps,
+        sched.samples_per_step,
+        env.world_size,
+        cfg.data.micro_batch,
+        cfg.optim.grad_accum,
+        step,
+    )
     batches = forever(loader)
     try:
         while step < sched.total_steps:
@@ -221,12 +294,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             if validator is not None and (step % cfg.eval_every == 0 or step == sched.total_steps):
                 validate()
             if stop.agreed():
-                log.warning("stop signal received: checkpointing at step %d, exiting %d for requeue", step, EXIT_REQUEUE)
+                log.warning(
+                    "stop signal received: checkpointing at step %d, exiting %d for requeue", step, EXIT_REQUEUE
+                )
                 save()
                 record_requeue(step)
                 if env.is_main:
-                    log.warning("stopped at step %d of %d; continue with the same command and --resume=auto",
-                                step, sched.total_steps)
+                    log.warning(
+                        "stopped at step %d of %d; continue with the same command and --resume=auto",
+                        step,
+                        sched.total_steps,
+                    )
                 sys.exit(EXIT_REQUEUE)
         save()
     finally:

@@ -3,6 +3,7 @@
 Per-step values stay tensors and are summed on the device; they are read (one sync) only every
 ``log_every`` steps, so monitoring does not slow the step it measures.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,9 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, samples_per_step: int, log_every: int, hist_every: int):
+    def __init__(
+        self, run_dir: Path, enabled: bool, total_steps: int, samples_per_step: int, log_every: int, hist_every: int
+    ):
         self.enabled, self.total_steps, self.samples_per_step = enabled, total_steps, samples_per_step
         self.log_every, self.hist_every = log_every, hist_every
         self.writer = None
@@ -55,7 +58,9 @@ class Monitor:
     def logs_at(self, step: int) -> bool:
         return self.enabled and (step % self.log_every == 0 or step == self.total_steps)
 
-    def update(self, step: int, out: LossOutput, step_time: float, data_time: float, lr: float, grad_norm: float | None) -> None:
+    def update(
+        self, step: int, out: LossOutput, step_time: float, data_time: float, lr: float, grad_norm: float | None
+    ) -> None:
         if not self.enabled:
             return
         self.n += 1
@@ -79,13 +84,15 @@ class Monitor:
         """``label_stats``: how much the fine-grained labels can move the loss, on the step's last batch."""
         values = {f"train/{k}": (v / self.n).item() for k, v in self.sums.items()} | label_stats
         step_s = self.step_time / self.n
-        values.update({
-            "train/lr": lr,
-            "perf/samples_per_s": self.samples_per_step / step_s,
-            "perf/step_time_s": step_s,
-            "perf/data_wait_s": self.data_time / self.n,
-            "perf/data_wait_frac": self.data_time / max(self.step_time, 1e-9),
-        })
+        values.update(
+            {
+                "train/lr": lr,
+                "perf/samples_per_s": self.samples_per_step / step_s,
+                "perf/step_time_s": step_s,
+                "perf/data_wait_s": self.data_time / self.n,
+                "perf/data_wait_frac": self.data_time / max(self.step_time, 1e-9),
+            }
+        )
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
         for tag, value in values.items():
@@ -94,8 +101,14 @@ class Monitor:
         eta = (self.total_steps - step) * step_s
         log.info(
             "step %d/%d loss %.4f lr %.2e %.1f samples/s step %.3fs data-wait %.0f%% eta %s",
-            step, self.total_steps, values["train/loss"], values["train/lr"], values["perf/samples_per_s"],
-            step_s, 100 * values["perf/data_wait_frac"], _fmt_duration(eta),
+            step,
+            self.total_steps,
+            values["train/loss"],
+            values["train/lr"],
+            values["perf/samples_per_s"],
+            step_s,
+            100 * values["perf/data_wait_frac"],
+            _fmt_duration(eta),
         )
         self.last_values = values
         self._reset()

@@ -12,6 +12,7 @@ signals; their parent shuts them down, and kills them when it exits (``kill_work
 multiprocessing's exit hook would SIGTERM them, which they ignore, then wait for them forever: a rank
 that failed would never end).
 """
+
 from __future__ import annotations
 
 import atexit

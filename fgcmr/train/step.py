@@ -1,4 +1,5 @@
 """One training micro-step through the DeepSpeed engine: the code both ``fgcmr train`` and the bench run."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -8,10 +9,15 @@ import torch
 from fgcmr.losses import LossOutput, RetrievalLoss
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype,
-              normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+def to_device(
+    batch: dict,
+    device: torch.device,
+    dtype: torch.dtype,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict:
     """Move a collated batch; uint8 pixels are normalised there (``Inputs.normalize``), and floating
     inputs of the towers take the engine's compute dtype."""
+
     def move(x: torch.Tensor, cast: bool) -> torch.Tensor:
         x = x.to(device, non_blocking=True)
         return x.to(dtype) if cast and x.is_floating_point() else x
@@ -21,7 +27,9 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype,
     image = batch["image"]
     if image.dtype == torch.uint8:
         if normalize is None:
-            raise ValueError("uint8 pixels need the input pipeline's normalisation: to_device(..., normalize=inputs.normalize)")
+            raise ValueError(
+                "uint8 pixels need the input pipeline's normalisation: to_device(..., normalize=inputs.normalize)"
+            )
         image = normalize(image.to(device, non_blocking=True))
     out["image"] = move(image, True)
     out["text"] = {k: move(v, False) for k, v in text.items()} if isinstance(text, dict) else move(text, True)
@@ -33,7 +41,9 @@ def reports_grad_norm(engine) -> bool:
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
 
 
-def micro_step(engine, loss_fn: RetrievalLoss, batch: dict, measure_grad_norm: bool = False) -> tuple[LossOutput, float | None]:
+def micro_step(
+    engine, loss_fn: RetrievalLoss, batch: dict, measure_grad_norm: bool = False
+) -> tuple[LossOutput, float | None]:
     """Forward, global-batch loss, backward, and ``engine.step`` (an optimizer step at accumulation
     boundaries). With ``measure_grad_norm``, also the pre-clipping gradient norm of this step."""
     image_emb, text_emb, logit_scale = engine(batch["image"], batch["text"])

@@ -6,6 +6,7 @@ seam) is embedded every ``eval_every`` steps. Every rank embeds the same samples
 forward needs every rank — and rank 0 scores them with the metric functions of
 ``fgcmr.evaluate.metrics`` (pure math: MAP@all by category, Recall@K by image).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,7 +25,9 @@ LOGGED = ("map_i2t", "map_t2i", "map_avg", "r1_i2t", "r1_t2i", "r10_i2t", "r10_t
 
 class Validator:
     def __init__(self, dataset: DatasetInfo, split: str, max_images: int, inputs: Inputs, batch_size: int = 64):
-        samples = list(itertools.islice((s for shard in dataset.shards(split) for s in iter_samples(shard)), max_images))
+        samples = list(
+            itertools.islice((s for shard in dataset.shards(split) for s in iter_samples(shard)), max_images)
+        )
         if not samples:
             raise ValueError(f"validation split {split!r} of {dataset.root} has no samples")
         texts_per_sample = [1 if inputs.tokenizer is None else len(s.texts) for s in samples]
@@ -39,8 +42,15 @@ class Validator:
         was_training = module.training
         module.eval()
         try:
-            img = torch.cat([module.encode_image(torch.stack(b).to(device, dtype)) for b in _chunks(self.images, self.batch_size)])
-            txt = torch.cat([module.encode_text(_move(self.inputs.collate_texts(b), device, dtype)) for b in _chunks(self.texts, self.batch_size)])
+            img = torch.cat(
+                [module.encode_image(torch.stack(b).to(device, dtype)) for b in _chunks(self.images, self.batch_size)]
+            )
+            txt = torch.cat(
+                [
+                    module.encode_text(_move(self.inputs.collate_texts(b), device, dtype))
+                    for b in _chunks(self.texts, self.batch_size)
+                ]
+            )
         finally:
             module.train(was_training)
         metrics = retrieval_metrics(img.float().cpu().numpy(), txt.float().cpu().numpy(), self.categories, self.owner)

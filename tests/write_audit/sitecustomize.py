@@ -6,6 +6,7 @@ files opened for writing (``open``, ``os.open``: Python's audit events), rename 
 removals, and the paths given to ``torch.save`` (written from C++, invisible to audit hooks). The rank
 is the launcher's (``RANK`` or ``SLURM_PROCID``), read when the write happens.
 """
+
 import json
 import os
 import sys
@@ -22,7 +23,9 @@ def _emit(op, path):
     try:
         if _state["pid"] != os.getpid():  # first write, or a forked DataLoader worker
             _state["pid"] = os.getpid()
-            _state["fd"] = os.open(os.path.join(_DIR, f"{os.getpid()}.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            _state["fd"] = os.open(
+                os.path.join(_DIR, f"{os.getpid()}.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+            )
         rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "?"
         record = {"rank": rank, "pid": os.getpid(), "op": op, "path": os.path.abspath(os.fsdecode(os.fspath(path)))}
         os.write(_state["fd"], (json.dumps(record) + "\n").encode())

@@ -2,6 +2,7 @@
 pass, run in the main process) and ``load(ref)`` (the expensive part, run in workers; raises ``Skip``).
 A reader may set ``total`` (items, when known without listing) and ``unique_ids`` (no duplicate
 check needed). ``make_reader`` checks paths and layout, so a wrong input fails before any work starts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,9 @@ def make_reader(cfg):
         from fgcmr.shard.readers.synthetic import SyntheticReader
 
         try:
-            return SyntheticReader(cfg.items, cfg.seed, cfg.image_size, cfg.captions, cfg.data.jpeg_quality,
-                                   cfg.atypical, cfg.mislabel)
+            return SyntheticReader(
+                cfg.items, cfg.seed, cfg.image_size, cfg.captions, cfg.data.jpeg_quality, cfg.atypical, cfg.mislabel
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
     root = Path(cfg.root)
@@ -47,4 +49,6 @@ def make_reader(cfg):
         return WebDatasetReader(root, cfg, spill)
     from fgcmr.shard.readers.captions import CaptionReader
 
-    return CaptionReader(root, cfg.source, images=cfg.images, splits_file=cfg.splits_file, default_split=cfg.default_split)
+    return CaptionReader(
+        root, cfg.source, images=cfg.images, splits_file=cfg.splits_file, default_split=cfg.default_split
+    )

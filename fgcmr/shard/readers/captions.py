@@ -7,6 +7,7 @@ An item's split is its entry's ``split``, else the one given for its image in ``
 ``default_split``. Images are looked up under ``images`` (default: an ``images/`` folder beside the
 JSON file, else its folder).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,20 @@ KARPATHY_SPLITS = {"restval": "train"}
 class CaptionReader:
     unique_ids = False
 
-    def __init__(self, root: Path, kind: str, images: str | None = None, splits_file: str | None = None, default_split: str = "train"):
+    def __init__(
+        self,
+        root: Path,
+        kind: str,
+        images: str | None = None,
+        splits_file: str | None = None,
+        default_split: str = "train",
+    ):
         if not root.is_file():
             raise ConfigError(f"--root {root} must be the {kind} caption file for source={kind!r}")
         self.root, self.kind, self.default_split = root, kind, default_split
-        self.images = Path(images) if images else (root.parent / "images" if (root.parent / "images").is_dir() else root.parent)
+        self.images = (
+            Path(images) if images else (root.parent / "images" if (root.parent / "images").is_dir() else root.parent)
+        )
         if not self.images.is_dir():
             raise FileNotFoundError(f"--images {self.images} does not exist")
         self.splits = read_splits(Path(splits_file)) if splits_file else {}
@@ -52,7 +62,9 @@ class CaptionReader:
             raise ConfigError(f"{self.root}: not a Karpathy JSON file (no top-level 'images' list)")
         for n, entry in enumerate(data["images"]):
             if not isinstance(entry, dict) or not entry.get("filename"):
-                yield Ref(id=f"images{n}", split=self.default_split, skip=("bad_record", f"images[{n}] has no filename"))
+                yield Ref(
+                    id=f"images{n}", split=self.default_split, skip=("bad_record", f"images[{n}] has no filename")
+                )
                 continue
             image = str(Path(entry.get("filepath") or "") / entry["filename"])
             split = str(entry.get("split") or self.splits.get(image) or self.default_split)

@@ -4,6 +4,7 @@ same-stem ``.txt`` or ``.html`` beside each image (HTML is stripped to its visib
 Categories are the sorted folder names. When ``root`` holds ``train``/``val``/``test`` folders, those
 are the splits; otherwise every item is in ``default_split``.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,9 @@ class FolderReader:
         split_dirs = [s for s in SPLIT_DIRS if (root / s).is_dir()]
         self.split_roots = [(s, root / s) for s in split_dirs] or [(default_split, root)]
         self.id_prefix = bool(split_dirs)  # the same stem may appear in two splits
-        names = {d.name for _, base in self.split_roots for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")}
+        names = {
+            d.name for _, base in self.split_roots for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")
+        }
         if not names:
             raise ConfigError(f"{root} is not a class-folder corpus: no category folders")
         self.root = root
@@ -49,11 +52,26 @@ class FolderReader:
         for stem, files in stems.items():
             item_id = f"{split}/{folder.name}/{stem}" if self.id_prefix else f"{folder.name}/{stem}"
             if "image" not in files:
-                yield Ref(id=item_id, split=split, category=category, skip=("missing_image", f"{folder / files['text']} has no image beside it"))
+                yield Ref(
+                    id=item_id,
+                    split=split,
+                    category=category,
+                    skip=("missing_image", f"{folder / files['text']} has no image beside it"),
+                )
             elif "text" not in files:
-                yield Ref(id=item_id, split=split, category=category, skip=("missing_text", f"{folder / files['image']} has no .txt/.html beside it"))
+                yield Ref(
+                    id=item_id,
+                    split=split,
+                    category=category,
+                    skip=("missing_text", f"{folder / files['image']} has no .txt/.html beside it"),
+                )
             else:
-                yield Ref(id=item_id, split=split, category=category, data=(str(folder / files["image"]), str(folder / files["text"])))
+                yield Ref(
+                    id=item_id,
+                    split=split,
+                    category=category,
+                    data=(str(folder / files["image"]), str(folder / files["text"])),
+                )
 
     def load(self, ref: Ref) -> Item:
         image_path, text_path = map(Path, ref.data)
@@ -62,6 +80,10 @@ class FolderReader:
         except OSError as e:
             raise Skip("missing_image", f"{image_path}: {e}") from None
         return Item(
-            id=ref.id, split=ref.split, category=ref.category, texts=[read_text_file(text_path)],
-            source=str(image_path.relative_to(self.root)), image=image,
+            id=ref.id,
+            split=ref.split,
+            category=ref.category,
+            texts=[read_text_file(text_path)],
+            source=str(image_path.relative_to(self.root)),
+            image=image,
         )

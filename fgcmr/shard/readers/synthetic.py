@@ -13,6 +13,7 @@ paraphrase (``RARE``; paraphrases of a confusable pair share words, so they are 
 make hard negatives), ``mislabel`` the chance that a caption names the confusable partner's shape
 instead (a wrong text: a suspected mismatch that down-weighting should discount).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,21 +40,38 @@ SYNONYMS = {
     "arrow": ["arrow", "pointer", "arrowhead"],
 }
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
-    "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
 }
 SIZES = {"small": 0.24, "medium": 0.34, "large": 0.46}  # diameter / image side
-POSITIONS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7), "center": (0.5, 0.5)}
+POSITIONS = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+    "center": (0.5, 0.5),
+}
 COUNTS = {1: "one", 2: "two", 3: "three"}
 BACKGROUNDS = [(128, 128, 128), (90, 110, 130), (170, 160, 140), (60, 60, 70), (200, 200, 210)]
 TEST_EVERY = 5  # every 5th item is a test item: an 80/20 split
 PARTNER = {0: 7, 7: 0, 1: 3, 3: 1, 2: 9, 9: 2, 4: 6, 6: 4, 5: 8, 8: 5}  # confusable shape pairs (by index)
 RARE = {  # a confusable pair's paraphrases share words
-    "circle": "perfectly round figure", "ring": "round hollow band",
-    "square": "four equal sided figure", "diamond": "four sided tilted figure",
-    "triangle": "three cornered figure", "arrow": "three cornered pointing figure",
-    "star": "pointed spiky figure", "cross": "pointed crossed figure",
-    "hexagon": "six cornered flat figure", "crescent": "curved flat figure",
+    "circle": "perfectly round figure",
+    "ring": "round hollow band",
+    "square": "four equal sided figure",
+    "diamond": "four sided tilted figure",
+    "triangle": "three cornered figure",
+    "arrow": "three cornered pointing figure",
+    "star": "pointed spiky figure",
+    "cross": "pointed crossed figure",
+    "hexagon": "six cornered flat figure",
+    "crescent": "curved flat figure",
 }
 
 
@@ -115,14 +133,19 @@ def draw(spec: Spec, side: int) -> Image.Image:
     return img
 
 
-def _polygon(points: list[tuple[float, float]], x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
+def _polygon(
+    points: list[tuple[float, float]], x: float, y: float, r: float, angle: float
+) -> list[tuple[float, float]]:
     c, s = math.cos(angle), math.sin(angle)
     return [(x + r * (px * c - py * s), y + r * (px * s + py * c)) for px, py in points]
 
 
 def _regular(n: int, start: float = -math.pi / 2, radii: tuple[float, ...] = (1.0,)) -> list[tuple[float, float]]:
     return [
-        (radii[i % len(radii)] * math.cos(start + 2 * math.pi * i / n), radii[i % len(radii)] * math.sin(start + 2 * math.pi * i / n))
+        (
+            radii[i % len(radii)] * math.cos(start + 2 * math.pi * i / n),
+            radii[i % len(radii)] * math.sin(start + 2 * math.pi * i / n),
+        )
         for i in range(n)
     ]
 
@@ -156,7 +179,22 @@ _SHAPE_DRAWERS = {
     "diamond": _poly_drawer([(0, -1), (0.6, 0), (0, 1), (-0.6, 0)]),
     "star": _poly_drawer(_regular(10, radii=(1.0, 0.42))),
     "hexagon": _poly_drawer(_regular(6, start=0)),
-    "cross": _poly_drawer([(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)]),
+    "cross": _poly_drawer(
+        [
+            (-0.3, -1),
+            (0.3, -1),
+            (0.3, -0.3),
+            (1, -0.3),
+            (1, 0.3),
+            (0.3, 0.3),
+            (0.3, 1),
+            (-0.3, 1),
+            (-0.3, 0.3),
+            (-1, 0.3),
+            (-1, -0.3),
+            (-0.3, -0.3),
+        ]
+    ),
     "ring": _ring,
     "crescent": _crescent,
     "arrow": _poly_drawer([(-1, -0.25), (0.1, -0.25), (0.1, -0.7), (1, 0), (0.1, 0.7), (0.1, 0.25), (-1, 0.25)]),
@@ -170,7 +208,13 @@ TEMPLATES = [
     "{colour} {shape_n}, {size}, {position}",
     "an image of {count_word} {shape_n} coloured {colour}",
 ]
-BG_NAMES = {(128, 128, 128): "grey", (90, 110, 130): "slate", (170, 160, 140): "beige", (60, 60, 70): "dark", (200, 200, 210): "light"}
+BG_NAMES = {
+    (128, 128, 128): "grey",
+    (90, 110, 130): "slate",
+    (170, 160, 140): "beige",
+    (60, 60, 70): "dark",
+    (200, 200, 210): "light",
+}
 
 
 def captions(spec: Spec, n: int, atypical: float = 0.0, mislabel: float = 0.0) -> list[str]:
@@ -208,8 +252,16 @@ class SyntheticReader:
 
     unique_ids = True
 
-    def __init__(self, items: int, seed: int = 0, image_size: int = 64, num_captions: int = 5, quality: int = 90,
-                 atypical: float = 0.0, mislabel: float = 0.0):
+    def __init__(
+        self,
+        items: int,
+        seed: int = 0,
+        image_size: int = 64,
+        num_captions: int = 5,
+        quality: int = 90,
+        atypical: float = 0.0,
+        mislabel: float = 0.0,
+    ):
         if not (0 <= atypical <= 1 and 0 <= mislabel <= 1):
             raise ValueError(f"atypical={atypical} and mislabel={mislabel} are probabilities: each in [0, 1]")
         self.atypical, self.mislabel = atypical, mislabel
@@ -231,6 +283,10 @@ class SyntheticReader:
         buf = io.BytesIO()
         draw(spec, self.image_size).save(buf, format="JPEG", quality=self.quality)
         return Item(
-            id=ref.id, split=ref.split, category=spec.shape, texts=captions(spec, self.num_captions, self.atypical, self.mislabel),
-            source=f"synthetic:seed={self.seed}:index={ref.data}", image=buf.getvalue(),
+            id=ref.id,
+            split=ref.split,
+            category=spec.shape,
+            texts=captions(spec, self.num_captions, self.atypical, self.mislabel),
+            source=f"synthetic:seed={self.seed}:index={ref.data}",
+            image=buf.getvalue(),
         )

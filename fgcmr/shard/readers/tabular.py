@@ -12,6 +12,7 @@ An item's split is its row's split column, else the one given for its image in `
 unassigned image lands in a split named ``none``), else ``default_split``. Category values are names,
 numbered in sorted order.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,8 +26,12 @@ from fgcmr.shard.grouping import GroupSpill, Row, grouped_refs
 from fgcmr.shard.records import Item, Ref, Skip
 
 SUFFIXES = {"csv": (".csv", ".txt", ".tsv"), "jsonl": (".jsonl", ".json", ".ndjson"), "parquet": (".parquet",)}
-_MAGIC = {b"PAR1": "a parquet file (use --source=parquet)", b"\x1f\x8b": "gzip-compressed (decompress it first)",
-          b"PK\x03\x04": "a zip archive", b"ustar": "a tar archive (use --source=webdataset)"}
+_MAGIC = {
+    b"PAR1": "a parquet file (use --source=parquet)",
+    b"\x1f\x8b": "gzip-compressed (decompress it first)",
+    b"PK\x03\x04": "a zip archive",
+    b"ustar": "a tar archive (use --source=webdataset)",
+}
 
 
 class TabularReader:
@@ -63,7 +68,9 @@ class TabularReader:
                     raise ConfigError(f"{path}: is {what}, not a {self.kind.upper()} text file")
             text = head.decode("utf-8", errors="replace")
             if "\0" in text or text.count("\ufffd") > max(8, len(text) // 100):
-                raise ConfigError(f"{path}: not UTF-8 text; convert it to UTF-8 (e.g. `iconv -t UTF-8`) for source={self.kind!r}")
+                raise ConfigError(
+                    f"{path}: not UTF-8 text; convert it to UTF-8 (e.g. `iconv -t UTF-8`) for source={self.kind!r}"
+                )
             if self.kind == "jsonl":
                 return
             names = set(next(csv.reader(text.lstrip("\ufeff").splitlines()[:1]), []))
@@ -87,7 +94,15 @@ class TabularReader:
                     continue
                 image, caption = str(record.get(c.image_col) or "").strip(), record.get(c.caption_col)
                 if not image or caption is None:
-                    yield Row("", row_id, "", None, row_id, row_id, skip=("bad_record", f"{row_id}: needs {c.image_col!r} and {c.caption_col!r}"))
+                    yield Row(
+                        "",
+                        row_id,
+                        "",
+                        None,
+                        row_id,
+                        row_id,
+                        skip=("bad_record", f"{row_id}: needs {c.image_col!r} and {c.caption_col!r}"),
+                    )
                     continue
                 split = _value(record.get(c.split_col)) or self.splits.get(image)
                 category = _value(record.get(c.category_col))
@@ -101,7 +116,16 @@ class TabularReader:
             try:
                 group = hashlib.sha256((self.images / image).read_bytes()).hexdigest()
             except OSError:
-                return Row(image, item_id, caption, None, image, row_id, split, skip=("missing_image", str(self.images / image)))
+                return Row(
+                    image,
+                    item_id,
+                    caption,
+                    None,
+                    image,
+                    row_id,
+                    split,
+                    skip=("missing_image", str(self.images / image)),
+                )
             item_id = group[:20]
         skip = ("text_not_utf8", f"{row_id}: the caption is not valid UTF-8") if "\ufffd" in caption else None
         return Row(group, item_id, caption, image, image, row_id, split, category, skip)
@@ -111,8 +135,11 @@ class TabularReader:
             import pyarrow.parquet as pq
 
             f = pq.ParquetFile(path)
-            wanted = [c for c in (self.cfg.image_col, self.cfg.caption_col, self.cfg.split_col, self.cfg.category_col)
-                      if c in f.schema_arrow.names]
+            wanted = [
+                c
+                for c in (self.cfg.image_col, self.cfg.caption_col, self.cfg.split_col, self.cfg.category_col)
+                if c in f.schema_arrow.names
+            ]
             n = 0
             for batch in f.iter_batches(columns=wanted):
                 for record in batch.to_pylist():

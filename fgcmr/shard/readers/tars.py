@@ -14,6 +14,7 @@ Rows are grouped into one item per image (``group_by``: ``url``, ``sha256`` or `
 of the sha256), so ids do not depend on where in the corpus its rows were. Images are read back by
 (tar, offset, size), so loading needs no tar iteration.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,7 +34,7 @@ def member_key(name: str) -> tuple[str, str]:
     """WebDataset's split of a member name: key = path up to the first dot of the base name, ext = the rest."""
     slash = name.rfind("/")
     dot = name.find(".", slash + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
 def tar_members(path: Path) -> Iterator[tuple[str, int, int]]:
@@ -170,7 +171,15 @@ class WebDatasetReader(_TarReader):
                 except ValueError:
                     meta = None
                 if not isinstance(meta, dict):
-                    yield Row("", row_id, "", None, row_id, row_id, skip=("bad_record", f"{row_id}: its json is not an object"))
+                    yield Row(
+                        "",
+                        row_id,
+                        "",
+                        None,
+                        row_id,
+                        row_id,
+                        skip=("bad_record", f"{row_id}: its json is not an object"),
+                    )
                     continue
                 text = meta.get(self.text_json) if self.text_json else fields.get(self.text_ext)
                 text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
@@ -192,7 +201,16 @@ class WebDatasetReader(_TarReader):
                         f.seek(image[1][0])
                         sha = hashlib.sha256(f.read(image[1][1])).hexdigest()
                 group, item_id = group_of(c.group_by, _str(meta.get("url")), sha, key, row_id)
-                yield Row(group, item_id, str(text), [tar, *image[1]], _str(meta.get("url")) or row_id, row_id, split, category)
+                yield Row(
+                    group,
+                    item_id,
+                    str(text),
+                    [tar, *image[1]],
+                    _str(meta.get("url")) or row_id,
+                    row_id,
+                    split,
+                    category,
+                )
 
 
 class Img2DatasetReader(_TarReader):
@@ -202,7 +220,9 @@ class Img2DatasetReader(_TarReader):
         super().__init__(root, cfg, spill_dir)
         self.parquets = sorted(root.glob("*.parquet"))
         if not self.parquets:
-            raise ConfigError(f"--root {root}: no NNNNN.parquet files; is this img2dataset output (--output_format=webdataset)?")
+            raise ConfigError(
+                f"--root {root}: no NNNNN.parquet files; is this img2dataset output (--output_format=webdataset)?"
+            )
         import pyarrow.parquet as pq
 
         need = {"key", "status", "url", cfg.caption_col} | ({"sha256"} if cfg.group_by == "sha256" else set())
@@ -212,9 +232,13 @@ class Img2DatasetReader(_TarReader):
             except Exception as e:
                 raise ConfigError(f"{path}: not a parquet file ({type(e).__name__}: {e})") from None
             if not need <= names:
-                raise ConfigError(f"{path}: img2dataset parquet lacks columns {sorted(need - names)} (has {sorted(names)})")
+                raise ConfigError(
+                    f"{path}: img2dataset parquet lacks columns {sorted(need - names)} (has {sorted(names)})"
+                )
             if not path.with_suffix(".tar").is_file() and pq.ParquetFile(path).metadata.num_rows:
-                raise ConfigError(f"{path}: no {path.with_suffix('.tar').name} beside it; run img2dataset with --output_format=webdataset")
+                raise ConfigError(
+                    f"{path}: no {path.with_suffix('.tar').name} beside it; run img2dataset with --output_format=webdataset"
+                )
 
     def _rows(self) -> Iterator[Row]:
         import pyarrow.parquet as pq
@@ -230,8 +254,11 @@ class Img2DatasetReader(_TarReader):
                         images[key] = image[1]
             f = pq.ParquetFile(path)
             names = f.schema_arrow.names
-            columns = [n for n in ("key", "url", c.caption_col, "status", "error_message", "sha256", c.split_col, c.category_col)
-                       if n in names]
+            columns = [
+                n
+                for n in ("key", "url", c.caption_col, "status", "error_message", "sha256", c.split_col, c.category_col)
+                if n in names
+            ]
             for batch in f.iter_batches(columns=list(dict.fromkeys(columns))):
                 for r in batch.to_pylist():
                     yield self._row(r, images, tar.name)

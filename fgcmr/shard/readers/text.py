@@ -1,4 +1,5 @@
 """Reading texts leniently: strict UTF-8 (BOM allowed), XML sections by regex, HTML stripped to text."""
+
 from __future__ import annotations
 
 import html

@@ -5,6 +5,7 @@ categories 1-based), ``categories.list``, ``texts/<text_id>.xml|.txt``, ``images
 With ``features`` (a .mat with ``I_tr``/``I_te`` and/or ``T_tr``/``T_te``, rows in list order) the
 image (and text) features are stored as ``.npy`` instead of / beside the files.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,18 +56,32 @@ class WikipediaReader:
         fields = line.split()
         where = f"{LISTS[split]}:{row + 1}"
         if len(fields) != 3 or not fields[2].isdigit():
-            return Ref(id=f"{split}-line{row + 1}", split=split, skip=("bad_list_line", f"{where}: {line.strip()[:200]!r}"))
+            return Ref(
+                id=f"{split}-line{row + 1}", split=split, skip=("bad_list_line", f"{where}: {line.strip()[:200]!r}")
+            )
         text_id, image_id, cat = fields
         category = int(cat) - 1
         if not 0 <= category < len(self.categories):
-            return Ref(id=text_id, split=split, skip=("unknown_category", f"{where}: category {cat} not in categories.list (1..{len(self.categories)})"))
-        return Ref(id=text_id, split=split, category=category, data=(image_id, split, row))  # the list's split: a holdout may rename ref.split
+            return Ref(
+                id=text_id,
+                split=split,
+                skip=(
+                    "unknown_category",
+                    f"{where}: category {cat} not in categories.list (1..{len(self.categories)})",
+                ),
+            )
+        return Ref(
+            id=text_id, split=split, category=category, data=(image_id, split, row)
+        )  # the list's split: a holdout may rename ref.split
 
     def load(self, ref: Ref) -> Item:
         image_id, list_split, row = ref.data
         text_path = self._text_path(ref.id)
         item = Item(
-            id=ref.id, split=ref.split, category=ref.category, texts=[read_text_file(text_path)],
+            id=ref.id,
+            split=ref.split,
+            category=ref.category,
+            texts=[read_text_file(text_path)],
             source=str(text_path.relative_to(self.root)),
         )
         if self.features is not None:
