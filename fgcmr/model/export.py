@@ -90,6 +90,7 @@ def save_export(
             str(tmp / WEIGHTS),
             metadata={"format": "pt", "fgcmr_version": fgcmr.__version__, "model_config": json.dumps(config)},
         )
+        canonical_header(tmp / WEIGHTS)
         if cfg.text.kind == "transformers":
             shutil.copytree(cfg.tokenizer_dir, tmp / TOKENIZER)
         atomic_write_json(tmp / CONFIG, config)
@@ -126,6 +127,19 @@ def clean_old_exports(out_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys, in place: safetensors writes its metadata map in hash
+    order, which differs from process to process, so identical weights would give files that differ."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen for the same content; never grow the header (offsets follow it)
+            raise RuntimeError(f"{path}: canonical safetensors header is longer than the original")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TwoTower, ModelConfig, Inputs]:
