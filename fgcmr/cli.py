@@ -169,7 +169,8 @@ def search(config: str | None = None, **options: Any) -> None:
 
 
 def serve(config: str | None = None, **options: Any) -> None:
-    """A local search page (text → image grid, image upload → captions): --index=<dir> [--port=8765] [--host=127.0.0.1]."""
+    """A local search page (text → image grid, image upload → captions):
+    --index=<dir> [--port=8765] [--host=127.0.0.1]."""
     _run("fgcmr.retrieval.serve:ServeConfig:run", "serve", config, options, serve)
 
 
@@ -253,11 +254,13 @@ class Bench:
         _run("fgcmr.bench.embed:BenchEmbedConfig:run", None, config, options, self.embed)
 
     def index(self, config: str | None = None, **options: Any) -> None:
-        """The IVF index at --vectors=1000000 synthetic embeddings: recall@10 vs exact, memory, p50 latency per query."""
+        """The IVF index at --vectors=1000000 synthetic embeddings: recall@10 vs exact, memory,
+        p50 latency per query."""
         _run("fgcmr.bench.index:BenchIndexConfig:run", None, config, options, self.index)
 
     def memory(self, config: str | None = None, **options: Any) -> None:
-        """Per-rank peak memory of a few steps, model state vs activations, vs ZeRO's bytes/param: --model= --deepspeed= --nproc=."""
+        """Per-rank peak memory of a few steps, model state vs activations, vs ZeRO's bytes/param:
+        --model= --deepspeed= --nproc=."""
         _run("fgcmr.bench.memory:BenchMemoryConfig:run", None, config, options, self.memory)
 
     def gpu(self, config: str | None = None, **options: Any) -> None:

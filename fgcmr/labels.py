@@ -109,14 +109,16 @@ def read_sidecar(path: str | Path, expected_keys: list[str] | None = None) -> Si
     n = len(sc.keys)
     if len(sc.text_offsets) != n + 1 or len(sc.desc_emb) != n or sc.text_offsets[-1] != len(sc.text_emb):
         raise SidecarError(
-            f"label sidecar inconsistent: {path}: {n} keys, {len(sc.desc_emb)} descriptions, offsets end {sc.text_offsets[-1]} vs {len(sc.text_emb)} texts"
+            f"label sidecar inconsistent: {path}: {n} keys, {len(sc.desc_emb)} descriptions, "
+            f"offsets end {sc.text_offsets[-1]} vs {len(sc.text_emb)} texts"
         )
     if expected_keys is not None and [str(k) for k in sc.keys] != list(expected_keys):
         mismatch = next(
             (i for i, (a, b) in enumerate(zip(sc.keys, expected_keys)) if str(a) != b), min(n, len(expected_keys))
         )
         raise SidecarError(
-            f"label sidecar keys do not match the data shard: {path}: first difference at position {mismatch} ({n} vs {len(expected_keys)} keys)"
+            f"label sidecar keys do not match the data shard: {path}: first difference at position {mismatch} "
+            f"({n} vs {len(expected_keys)} keys)"
         )
     return sc
 

@@ -157,14 +157,16 @@ def markdown(rows: dict, experiment: str, metric: str) -> str:
         return f"{p['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] ({p['wins']}+/{p['losses']}−)"
 
     lines = [
-        f"Ablation of the fine-grained weighting on `{experiment}` ({metric}, paired seeds, 95 % t-interval, sign count)",
+        f"Ablation of the fine-grained weighting on `{experiment}` "
+        f"({metric}, paired seeds, 95 % t-interval, sign count)",
         "",
         f"| variant | {metric} | Δ vs {BASELINE} | Δ vs {CONTROL} (control) | verdict |",
         "|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
-            f"| {name} | {r['map_avg']:.4f} (n={r['runs']}) | {cell(r['vs_alpha0'])} | {cell(r['vs_control'])} | {r['verdict']} |"
+            f"| {name} | {r['map_avg']:.4f} (n={r['runs']}) | {cell(r['vs_alpha0'])} | "
+            f"{cell(r['vs_control'])} | {r['verdict']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -120,7 +120,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['image']} ({r['image_cv_acc']:.3f}) | {r['text']} ({r['text_cv_acc']:.3f}) | {r['map_i2t']:.4f} | {r['map_t2i']:.4f} | {r['map_avg']:.4f} |"
+            f"| {r['image']} ({r['image_cv_acc']:.3f}) | {r['text']} ({r['text_cv_acc']:.3f}) | "
+            f"{r['map_i2t']:.4f} | {r['map_t2i']:.4f} | {r['map_avg']:.4f} |"
         )
 
 

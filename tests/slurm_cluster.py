@@ -33,7 +33,7 @@ def slurm():
         up = subprocess.run(["bash", str(REPO / ".ci/slurm-up.sh")], capture_output=True, text=True, timeout=600)
         if up.returncode == 3:
             msg = f"SLURM TESTS SKIPPED: slurm-wlm could not be installed here: {up.stderr.strip()}"
-            warnings.warn(msg)
+            warnings.warn(msg, stacklevel=2)
             pytest.skip(msg)
         if up.returncode != 0:
             pytest.fail(f".ci/slurm-up.sh failed ({up.returncode}):\n{up.stdout}\n{up.stderr}")

@@ -84,7 +84,8 @@ def test_tiny_cpu_run_reports_both_modes_and_a_table(synthetic_dataset, tmp_path
     code = (
         "from fgcmr.bench.gpu import BenchGpuConfig, run; from fgcmr.config import load_config; "
         f"run(load_config(BenchGpuConfig, {str(CONFIGS / 'gpu_tiny_cpu.yaml')!r}, "
-        f"{{'shards': {str(synthetic_dataset)!r}, 'steps': 2, 'micro_batch': 8, 'out': {str(tmp_path)!r}, 'peak_tflops': 0.5}}))"
+        f"{{'shards': {str(synthetic_dataset)!r}, 'steps': 2, 'micro_batch': 8, "
+        f"'out': {str(tmp_path)!r}, 'peak_tflops': 0.5}}))"
     )
     res = run_following(
         [sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

@@ -192,14 +192,16 @@ inputs = build_inputs(cfg, train=False)
 ds = open_dataset(dataset)
 
 
-def read(resampled, batches, shuffle):  # the loader dies with this frame: its workers ignore SIGTERM, one alive at exit would hang
+# the loader dies with this frame: its workers ignore SIGTERM, one alive at exit would hang
+def read(resampled, batches, shuffle):
     loader = build_loader(ds, inputs, split="train", micro_batch=8, workers=1, batches_per_rank=batches,
                           world_size=d.world_size, resampled=resampled, shuffle_buffer=shuffle, labeler=None, seed=0)
     return [b["image_id"].tolist() for b in loader]
 
 
 seen = {"False": read(False, 10, 1), "True": read(True, 3, 10)}  # unshuffled: one pass over its shards comes first
-json.dump({"rank": d.rank, "local_rank": d.local_rank, "world": d.world_size, "seen": seen}, open(f"{out}/rank{d.rank}.json", "w"))
+json.dump({"rank": d.rank, "local_rank": d.local_rank, "world": d.world_size, "seen": seen},
+          open(f"{out}/rank{d.rank}.json", "w"))
 """
 
 

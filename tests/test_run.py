@@ -119,7 +119,8 @@ def test_train_refuses_to_clobber_checkpoints(synthetic_dataset, tmp_path):
 
 
 def test_train_checks_its_inputs_before_starting(synthetic_dataset, tmp_path):
-    """Defect 9: a wrong --labels name or a missing dataset failed only after tokenizer training / DeepSpeed start-up."""
+    """Defect 9: a wrong --labels name or a missing dataset failed only after tokenizer training /
+    DeepSpeed start-up."""
     from fgcmr.train.state import train_fingerprint
 
     with pytest.raises(FileNotFoundError, match="no labels 'typo' for .*run `fgcmr label infer` or fix --labels"):

@@ -262,7 +262,7 @@ def test_sigkill_of_the_process_group_at_several_moments_then_rerun_is_identical
         job = subprocess.Popen(
             cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        wait_until(lambda: moment() or job.poll() is not None, [job], [out], early_exit_ok=True)
+        wait_until(lambda moment=moment, job=job: moment() or job.poll() is not None, [job], [out], early_exit_ok=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGKILL)
         job.wait()

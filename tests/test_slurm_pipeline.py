@@ -47,7 +47,8 @@ def wait_for_log(job_id: str, log: Path, pattern: str, timeout: float) -> re.Mat
             break
         time.sleep(0.3)
     pytest.fail(
-        f"{pattern!r} not in {log} ({job_field(job_id, 'JobState')}):\n{log.read_text() if log.exists() else '(no log)'}"
+        f"{pattern!r} not in {log} ({job_field(job_id, 'JobState')}):\n"
+        f"{log.read_text() if log.exists() else '(no log)'}"
     )
 
 

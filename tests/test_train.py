@@ -280,7 +280,12 @@ def test_an_error_in_a_rank_ends_the_job(synthetic_dataset: Path, tmp_path: Path
         logdir = tmp_path / f"logs{nproc}"
         logdir.mkdir()
         procs = launch(args, _port(), logdir, nproc=nproc)
-        wait_until(lambda: "has no entry in its label sidecar" in logs(logdir), procs, [logdir], early_exit_ok=True)
+        wait_until(
+            lambda logdir=logdir: "has no entry in its label sidecar" in logs(logdir),
+            procs,
+            [logdir],
+            early_exit_ok=True,
+        )
         codes = wait_procs(procs, [logdir], stall=300)  # no output for 5 minutes after the error: the old hang
         assert all(c != 0 for c in codes), (codes, logs(logdir))
         assert "SidecarError: sample" in logs(logdir)

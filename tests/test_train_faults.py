@@ -1,9 +1,11 @@
-"""Fault injection for ``fgcmr train`` under ``launchers/torchrun.sh`` on 2 gloo ranks (issue 11, defects 2, 3, 7, 8, 9).
+"""Fault injection for ``fgcmr train`` under ``launchers/torchrun.sh`` on 2 gloo ranks
+(issue 11, defects 2, 3, 7, 8, 9).
 
 One run of 24 steps is interrupted four ways and continued each time with ``--resume=auto``: Ctrl-C
 (SIGINT to the process group), ``kill -9`` of torchrun alone, ``kill -9`` of every process (torchrun puts
-each rank in a session of its own) while a checkpoint is being written, ``kill -9`` of one rank; with ``latest`` deleted and the newest
-checkpoint truncated on the way. The finished run must count exactly what an uninterrupted one does.
+each rank in a session of its own) while a checkpoint is being written, ``kill -9`` of one rank; with
+``latest`` deleted and the newest checkpoint truncated on the way. The finished run must count exactly
+what an uninterrupted one does.
 Waits follow log lines and files; timeouts are hang guards only.
 """
 

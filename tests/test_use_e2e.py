@@ -173,7 +173,10 @@ def _free_port() -> int:
 
 def _browser():
     if not (CHROMIUM and CHROMEDRIVER):
-        why = "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver; .ci/browser-up.sh)"
+        why = (
+            "chromium and chromium-driver are not installed "
+            "(apt-get install chromium chromium-driver; .ci/browser-up.sh)"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI: {why}")
         pytest.skip(why)
@@ -220,7 +223,9 @@ def test_search_page_in_headless_chromium(demo: dict, tmp_path: Path):
             box.clear()
             box.send_keys(caption)
             browser.find_element(By.ID, "go").click()
-            WebDriverWait(browser, 120).until(lambda b: b.find_element(By.ID, "status").text.endswith(f'"{caption}"'))
+            WebDriverWait(browser, 120).until(
+                lambda b, caption=caption: b.find_element(By.ID, "status").text.endswith(f'"{caption}"')
+            )
             hits = browser.find_elements(By.CSS_SELECTOR, "#grid figure.hit")
             assert len(hits) == k and hits[0].get_attribute("data-key") == key
             WebDriverWait(browser, 120).until(

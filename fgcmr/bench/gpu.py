@@ -234,7 +234,7 @@ def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
     for mode in cfg.modes:
         source = sources[mode]
 
-        def step() -> float:
+        def step(source=source, mode=mode) -> float:
             t = time.perf_counter()
             batch = to_device(next(source), device, dtype, normalize.get(mode))
             waited = time.perf_counter() - t
@@ -278,7 +278,8 @@ def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     rows = [
-        f"{'mode':<10} {'samples/s':>10} {'step s':>8} {'data wait':>9} {'peak MB':>9} {'GFLOP/smp':>10} {'TFLOP/s':>8} {'MFU':>6}"
+        f"{'mode':<10} {'samples/s':>10} {'step s':>8} {'data wait':>9} {'peak MB':>9} "
+        f"{'GFLOP/smp':>10} {'TFLOP/s':>8} {'MFU':>6}"
     ]
     for mode, r in result["modes"].items():
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
@@ -289,8 +290,9 @@ def table(result: dict[str, Any]) -> str:
     peak = f"{result['peak_tflops']} TFLOP/s" if result["peak_tflops"] else "unknown (MFU n/a)"
     head = (
         f"machine: {result['machine']}\n"
-        f"{result['image_tower']} + {result['text_tower']}, {result['parameters'] / 1e6:.1f} M parameters, {result['deepspeed']} "
-        f"({result['dtype']}), micro-batch {result['micro_batch']}, {result['steps']} steps per mode on {result['device']}; "
+        f"{result['image_tower']} + {result['text_tower']}, {result['parameters'] / 1e6:.1f} M parameters, "
+        f"{result['deepspeed']} ({result['dtype']}), micro-batch {result['micro_batch']}, "
+        f"{result['steps']} steps per mode on {result['device']}; "
         f"peak {peak}; memory: {result['peak_memory_kind']}"
     )
     return head + "\n" + "\n".join(rows)

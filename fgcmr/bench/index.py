@@ -83,7 +83,8 @@ def run(cfg: BenchIndexConfig) -> dict:
             f"recall@10  : {result['recall_at_10']:.4f} vs exact on {result['queries']} held-out queries\n"
             f"latency    : p50 {result['latency_ms_p50']:.2f} ms, p95 {result['latency_ms_p95']:.2f} ms per query "
             f"({cfg.threads} threads)\n"
-            f"memory     : index {result['bytes'] / 2**20:.0f} MiB; peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB\n"
+            f"memory     : index {result['bytes'] / 2**20:.0f} MiB; "
+            f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB\n"
             f"build      : {result['build_seconds']:.1f} s (train + add + nprobe tuning)"
         )
     return result

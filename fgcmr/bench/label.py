@@ -98,7 +98,8 @@ def run(cfg: BenchLabelConfig) -> dict:
         print(
             f"label infer : {result['infer_samples_per_s']:10.1f} samples/s\n"
             f"bare forward: {result['bare_samples_per_s']:10.1f} samples/s\n"
-            f"ratio       : {result['ratio']:10.3f}  ({samples} samples, {len(batches)} batches of ≤{cfg.batch_size}, {d.device.type}, {cfg.dtype})"
+            f"ratio       : {result['ratio']:10.3f}  ({samples} samples, {len(batches)} batches of "
+            f"≤{cfg.batch_size}, {d.device.type}, {cfg.dtype})"
         )
     return result
 

@@ -141,13 +141,16 @@ def measure(cfg: BenchMemoryConfig) -> dict[str, Any]:
 
 def table(r: dict[str, Any]) -> str:
     head = (
-        f"{r['model']} ({r['parameters'] / 1e6:.1f} M parameters), {r['deepspeed']} ({r['dtype']}), {r['nproc']} ranks × "
-        f"micro-batch {r['micro_batch']}, {r['steps']} steps, grad checkpointing {r['grad_checkpointing']}; {r['memory_kind']}\n"
-        f"expected model state {r['expected_bytes_per_param']:.2f} B/param = {r['expected_model_state_mb']:.0f} MB per rank"
+        f"{r['model']} ({r['parameters'] / 1e6:.1f} M parameters), {r['deepspeed']} ({r['dtype']}), "
+        f"{r['nproc']} ranks × micro-batch {r['micro_batch']}, {r['steps']} steps, "
+        f"grad checkpointing {r['grad_checkpointing']}; {r['memory_kind']}\n"
+        f"expected model state {r['expected_bytes_per_param']:.2f} B/param = "
+        f"{r['expected_model_state_mb']:.0f} MB per rank"
     )
     rows = [f"{'rank':>4} {'base MB':>8} {'model state MB':>15} {'activations MB':>15} {'peak MB':>8}"]
     rows += [
-        f"{x['rank']:>4} {x['base_mb']:>8.0f} {x['model_state_mb']:>15.0f} {x['activations_mb']:>15.0f} {x['peak_mb']:>8.0f}"
+        f"{x['rank']:>4} {x['base_mb']:>8.0f} {x['model_state_mb']:>15.0f} "
+        f"{x['activations_mb']:>15.0f} {x['peak_mb']:>8.0f}"
         for x in r["ranks"]
     ]
     return head + "\n" + "\n".join(rows)

@@ -189,7 +189,8 @@ def run_img2dataset(cfg: BenchShardConfig) -> dict:
     for r in results:
         print(
             f"  {r['rows']:>9} {r['samples']:>9} {r['items']:>8} {r['shard_s']:>8} {r['shard_samples_per_s']:>10}"
-            f" {r['shard_items_per_s']:>8} {r['peak_mb']:>8} {r['webdataset_s']:>7} {r['webdataset_samples_per_s']:>13} {r['ratio']:>6}"
+            f" {r['shard_items_per_s']:>8} {r['peak_mb']:>8} {r['webdataset_s']:>7}"
+            f" {r['webdataset_samples_per_s']:>13} {r['ratio']:>6}"
         )
     print(f"  peak RSS growth {cfg.rows[0]} → {cfg.rows[-1]} rows: {result['peak_growth']}×")
     return result
@@ -251,4 +252,7 @@ def machine() -> str:
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         mem = f", {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM"
     cpu = platform.processor() or platform.machine()
-    return f"{platform.node()} ({cpu}, {os.cpu_count()} CPUs{mem}, Python {platform.python_version()}, {platform.system()})"
+    return (
+        f"{platform.node()} ({cpu}, {os.cpu_count()} CPUs{mem}, "
+        f"Python {platform.python_version()}, {platform.system()})"
+    )

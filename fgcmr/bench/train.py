@@ -54,7 +54,10 @@ class BenchTrainConfig:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), {gpu}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def synthetic_batches(cfg: ModelConfig, n: int, micro_batch: int, seed: int) -> list[dict]:
@@ -239,10 +242,12 @@ def run(cfg: BenchTrainConfig) -> dict | None:
         else:
             print(
                 f"machine: {result['machine']}\n"
-                f"model {cfg.model}, {cfg.deepspeed}, loss {cfg.loss}, {result['processes']} processes × micro-batch {cfg.micro_batch}, {result['steps']} steps per side\n"
+                f"model {cfg.model}, {cfg.deepspeed}, loss {cfg.loss}, {result['processes']} processes × "
+                f"micro-batch {cfg.micro_batch}, {result['steps']} steps per side\n"
                 f"fgcmr train : {result['fgcmr_samples_per_s']:8.1f} samples/s\n"
                 f"bare loop   : {result['bare_samples_per_s']:8.1f} samples/s\n"
-                f"ratio       : {result['ratio']:.3f} (median of {cfg.rounds} alternating rounds; overall {result['ratio_overall']:.3f}; goal ≥ 0.95)",
+                f"ratio       : {result['ratio']:.3f} (median of {cfg.rounds} alternating rounds; "
+                f"overall {result['ratio_overall']:.3f}; goal ≥ 0.95)",
                 flush=True,
             )
     if os.environ.get("FGCMR_BENCH_RANK"):

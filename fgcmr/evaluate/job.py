@@ -375,7 +375,8 @@ def format_table(metrics: dict) -> str:
             + f" {metrics[f'medr_{d}']:6.0f}"
         )
     rows.append(
-        f"{'avg':6} {metrics['map_avg']:8.4f}   (chance MAP@all {metrics['chance_map']:.4f}; {metrics.get('images', '?')} images, {metrics.get('texts', '?')} texts)"
+        f"{'avg':6} {metrics['map_avg']:8.4f}   (chance MAP@all {metrics['chance_map']:.4f}; "
+        f"{metrics.get('images', '?')} images, {metrics.get('texts', '?')} texts)"
     )
     for name, b in scored_baselines(metrics).items():
         rows.append(f"{name:6.6} {b['map_i2t']:8.4f} / {b['map_t2i']:.4f}  avg {b['map_avg']:.4f}  (baseline {name})")

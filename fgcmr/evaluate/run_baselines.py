@@ -107,7 +107,8 @@ def baseline_metrics(dataset: DatasetInfo, cfg, emb) -> dict:
         image_features = frozen_tower_features(Path(cfg.run))
         if image_features is None:
             return {
-                "skipped": "the dataset holds images and the image tower has no pretrained weights to take frozen features from"
+                "skipped": "the dataset holds images and the image tower has no pretrained weights "
+                "to take frozen features from"
             }
         image_input = "frozen pretrained image tower"
         by_key = {s.key: f for path in dataset.shards(cfg.split) for s, f in image_features(iter_samples(path))}

@@ -172,7 +172,8 @@ def label_shards(
     d: DistEnv,
     identity: str = "",
 ) -> list[dict]:
-    """Label shards in order while a helper thread reads and tokenises ahead, batch by batch (``fgcmr.label.stream``)."""
+    """Label shards in order while a helper thread reads and tokenises ahead, batch by batch
+    (``fgcmr.label.stream``)."""
     items = (
         item
         for shard in shards

@@ -1,4 +1,5 @@
-"""The exported model: ``model.safetensors`` + ``model_config.json`` (+ ``tokenizer/``, ``checksums.json``), free of DeepSpeed.
+"""The exported model: ``model.safetensors`` + ``model_config.json`` (+ ``tokenizer/``, ``checksums.json``),
+free of DeepSpeed.
 
 ``<dir>`` is a symlink to a hidden versioned sibling ``.<dir>.<id>/`` (see ``save_export``).
 The config is rewritten to be self-contained: no pretrained-weight paths (the weights are in the

@@ -56,7 +56,8 @@ class Inputs:
             self._encoder.no_padding()
 
     def pixels(self, sample: Sample) -> torch.Tensor:
-        """uint8 ``[3, H, W]`` from the image bytes (format detected from content), or the ``img.npy`` feature (fp32)."""
+        """uint8 ``[3, H, W]`` from the image bytes (format detected from content), or the ``img.npy``
+        feature (fp32)."""
         if self.transform is None:
             if sample.image_feature is None:
                 raise ValueError(f"sample {sample.key}: the image tower needs an img.npy feature")
@@ -69,7 +70,8 @@ class Inputs:
             return self.transform(im if im.mode == "RGB" else im.convert("RGB"))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels ``[..., 3, H, W]`` → fp32 ``(x / 255 − mean) / std`` on their device; features pass as they are."""
+        """uint8 pixels ``[..., 3, H, W]`` → fp32 ``(x / 255 − mean) / std`` on their device;
+        features pass as they are."""
         if images.dtype != torch.uint8:
             return images
         mean = torch.tensor(self.mean, device=images.device).view(3, 1, 1)

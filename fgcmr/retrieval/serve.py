@@ -174,20 +174,23 @@ PAGE = """<!doctype html>
 </style></head><body>
 <h1>fgcmr search</h1>
 <form id="text-form"><input type="text" id="q" placeholder="describe an image…" autofocus>
- k <input type="number" id="k" value="{{K}}" min="1" max="100" style="width:4rem"> <button id="go" type="submit">Search</button></form>
+ k <input type="number" id="k" value="{{K}}" min="1" max="100" style="width:4rem"> \
+<button id="go" type="submit">Search</button></form>
 <form id="image-form">Image → captions: <input type="file" id="upload" accept="image/*"></form>
 <p id="error"></p><p id="status"></p>
 <div id="grid"></div><ol id="texts"></ol>
 <script>
 const $ = (id) => document.getElementById(id);
 function show(err) { $("error").textContent = err || ""; }
-function esc(s) { const d = document.createElement("div"); d.textContent = s == null ? "" : String(s); return d.innerHTML; }
+function esc(s) { const d = document.createElement("div"); \
+d.textContent = s == null ? "" : String(s); return d.innerHTML; }
 $("text-form").addEventListener("submit", async (ev) => {
   ev.preventDefault(); show(""); $("texts").innerHTML = "";
   const r = await fetch(`/api/search?k=${$("k").value}&text=${encodeURIComponent($("q").value)}`);
   const data = await r.json(); if (!r.ok) { show(data.error); return; }
   $("grid").innerHTML = data.results.map((h) => `<figure class="hit" data-key="${esc(h.key)}">
-    <img src="/thumb/${encodeURIComponent(h.key)}" alt="${esc(h.key)}"><figcaption><span class="score">${h.score.toFixed(3)}</span>
+    <img src="/thumb/${encodeURIComponent(h.key)}" alt="${esc(h.key)}"><figcaption>\
+<span class="score">${h.score.toFixed(3)}</span>
     ${esc(h.key)}<br>${esc(h.caption)}</figcaption></figure>`).join("");
   $("status").textContent = `${data.results.length} images for "${$("q").value}"`;
 });

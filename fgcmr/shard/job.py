@@ -206,7 +206,8 @@ def _prepare(work: Path, cfg: ShardConfig) -> dict:
         if previous != dataset_config:
             changed = sorted(k for k in set(previous) | set(dataset_config) if previous.get(k) != dataset_config.get(k))
             raise ConfigError(
-                f"{work.parent} holds shards made with a different config (changed: {', '.join(changed)}); use another --out or delete it"
+                f"{work.parent} holds shards made with a different config (changed: {', '.join(changed)}); "
+                "use another --out or delete it"
             )
     else:
         atomic_write_json(stamp, dataset_config)
@@ -326,7 +327,10 @@ def _write_in_worker(chunk: Chunk, work: str) -> dict:
 
 def _report(manifest: dict) -> dict:
     """Print the accounting equation (and skips by reason) that every run ends with."""
-    line = f"items_in {manifest['items_in']} = items_written {manifest['items_written']} + items_skipped {manifest['items_skipped']}"
+    line = (
+        f"items_in {manifest['items_in']} = items_written {manifest['items_written']} "
+        f"+ items_skipped {manifest['items_skipped']}"
+    )
     if manifest["skipped"]:
         line += " (" + ", ".join(f"{reason}: {n}" for reason, n in manifest["skipped"].items()) + ")"
     splits = ", ".join(

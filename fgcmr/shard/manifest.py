@@ -45,7 +45,8 @@ def load_plan(work: Path) -> dict:
 
 
 def finalize(out: Path) -> dict:
-    """Verify every chunk, place the final shards, write manifest.json, sizes.json, skipped.jsonl; return the manifest."""
+    """Verify every chunk, place the final shards, write manifest.json, sizes.json, skipped.jsonl;
+    return the manifest."""
     work = out / WORK_DIR
     plan = load_plan(work)
     records = []

@@ -2,9 +2,9 @@
 
 The chain is shard (a job array) → merge → label → infer → train → eval, each job depending on the
 one before with ``afterok``; a job is left out when the experiment has no section for its stage.
-Scripts are the templates in ``fgcmr/slurm/templates/`` (``slurm/`` at the repository root) with ``{{name}}`` placeholders
-filled from the ``slurm:`` section; every job calls the same ``fgcmr`` commands as a local run,
-under ``srun``, each rank resolving itself through ``fgcmr.distributed``.
+Scripts are the templates in ``fgcmr/slurm/templates/`` (``slurm/`` at the repository root) with
+``{{name}}`` placeholders filled from the ``slurm:`` section; every job calls the same ``fgcmr``
+commands as a local run, under ``srun``, each rank resolving itself through ``fgcmr.distributed``.
 """
 
 from __future__ import annotations

@@ -133,8 +133,9 @@ def _check_world_size(tag_dir: Path, zero_stage: int) -> None:
     world = _world()
     if saved != world and zero_stage > 0:
         raise ConfigError(
-            f"checkpoint {tag_dir} was written by {saved} ranks under ZeRO stage {zero_stage}, whose optimizer state is "
-            f"partitioned per rank; this job has {world}. Resume it with {saved} ranks (its exported weights, "
+            f"checkpoint {tag_dir} was written by {saved} ranks under ZeRO stage {zero_stage}, "
+            f"whose optimizer state is partitioned per rank; this job has {world}. "
+            f"Resume it with {saved} ranks (its exported weights, "
             "`fgcmr export --run=<run>`, load on any number)."
         )
     if saved != world:

@@ -6,7 +6,8 @@ needs a shard count that is a multiple of ranks × workers and at least one micr
 (checked up front, instead of a silent spin or a hang in a collective). An epoch is an explicit
 number of samples. Shards are read by ``fgcmr.dataset.iter_records``, which checks each against the
 manifest as it streams (a damaged shard fails naming it, or with ``data.on_corrupt=skip`` is skipped
-with a logged count), not by WebDataset's tar reader, which takes a corrupt header for the end. Each image is paired with one of its texts, drawn at random each time.
+with a logged count), not by WebDataset's tar reader, which takes a corrupt header for the end.
+Each image is paired with one of its texts, drawn at random each time.
 Label sidecars (``fgcmr.labels``) are joined by key inside the workers. Images leave the workers as
 uint8 pixels; the training side normalises each batch on the device (``Inputs.normalize``).
 
@@ -50,12 +51,14 @@ def key_id(key: str) -> int:
 
 
 def check_sidecars(dataset: DatasetInfo, split: str, labeler: str) -> None:
-    """Every data shard of the split has its sidecar, from the labeler of the head (keys are checked when each is read)."""
+    """Every data shard of the split has its sidecar, from the labeler of the head
+    (keys are checked when each is read)."""
     missing = [s.name for s in dataset.shards(split) if not sidecar_path(dataset.root, labeler, s.name).is_file()]
     if missing:
         raise SidecarError(
-            f"{len(missing)} of {len(dataset.shards(split))} label sidecars missing in {labels_dir(dataset.root, labeler)} "
-            f"(first: {missing[0]}); run `fgcmr label infer --shards={dataset.root}` or train with --loss.name=pairwise"
+            f"{len(missing)} of {len(dataset.shards(split))} label sidecars missing in "
+            f"{labels_dir(dataset.root, labeler)} (first: {missing[0]}); "
+            f"run `fgcmr label infer --shards={dataset.root}` or train with --loss.name=pairwise"
         )
     join = LabelJoin(dataset.root, labeler)
     for path in (sidecar_path(dataset.root, labeler, s.name) for s in dataset.shards(split)):
@@ -70,14 +73,16 @@ def check_shard_split(dataset: DatasetInfo, split: str, world_size: int, workers
     fix = "use --data.resampled=true, fewer ranks or workers, or reshard"
     if len(infos) % need:
         raise ConfigError(
-            f"{dataset.root}: {len(infos)} {split} shards do not divide evenly among {world_size} ranks × {max(1, workers)} "
-            f"workers without resampling (ranks would see unequal batch counts); {fix} into a multiple of {need} shards"
+            f"{dataset.root}: {len(infos)} {split} shards do not divide evenly among "
+            f"{world_size} ranks × {max(1, workers)} workers without resampling "
+            f"(ranks would see unequal batch counts); {fix} into a multiple of {need} shards"
         )
     fewest = min(sum(s.items for s in infos[i::need]) for i in range(need))
     if fewest < micro_batch:
         raise ConfigError(
-            f"{dataset.root}: a worker's share of the {split} shards holds {fewest} samples, less than one micro-batch of "
-            f"{micro_batch}, so it would never yield a batch; {fix} into fewer, larger shards, or lower --data.micro_batch"
+            f"{dataset.root}: a worker's share of the {split} shards holds {fewest} samples, "
+            f"less than one micro-batch of {micro_batch}, so it would never yield a batch; "
+            f"{fix} into fewer, larger shards, or lower --data.micro_batch"
         )
 
 

@@ -237,7 +237,8 @@ class Img2DatasetReader(_TarReader):
                 )
             if not path.with_suffix(".tar").is_file() and pq.ParquetFile(path).metadata.num_rows:
                 raise ConfigError(
-                    f"{path}: no {path.with_suffix('.tar').name} beside it; run img2dataset with --output_format=webdataset"
+                    f"{path}: no {path.with_suffix('.tar').name} beside it; "
+                    "run img2dataset with --output_format=webdataset"
                 )
 
     def _rows(self) -> Iterator[Row]:

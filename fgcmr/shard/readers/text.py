@@ -44,4 +44,4 @@ def xml_text(raw: str) -> str:
 def html_text(raw: str) -> str:
     """Visible text of an HTML page: scripts and styles dropped, tags removed, entities decoded."""
     text = html.unescape(_TAG.sub(" ", _DROP.sub(" ", raw)))
-    return "\n".join(line for line in (_SPACE.sub(" ", l).strip() for l in text.splitlines()) if line)
+    return "\n".join(line for line in (_SPACE.sub(" ", raw_line).strip() for raw_line in text.splitlines()) if line)

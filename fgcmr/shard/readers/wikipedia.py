@@ -28,7 +28,8 @@ class WikipediaReader:
         lists = [name for name in LISTS.values() if (root / name).is_file()]
         if not root.is_dir() or not (root / "categories.list").is_file() or not lists:
             raise ConfigError(
-                f"{root} is not a Wikipedia-layout corpus: it needs categories.list and at least one of {', '.join(LISTS.values())}"
+                f"{root} is not a Wikipedia-layout corpus: it needs categories.list and at least one of "
+                f"{', '.join(LISTS.values())}"
             )
         if not (root / "texts").is_dir():
             raise ConfigError(f"{root}: no texts/ directory")
