@@ -257,6 +257,18 @@ def test_weighting_edge_cases():
         LossConfig(alpha=2.0, weighting="graded").validate()
 
 
+def _labelled_batch(cat: torch.Tensor, ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A loss batch with random label-sidecar embeddings (every image described by other texts)."""
+    n = len(cat)
+    return {
+        "category": cat,
+        "image_id": ids,
+        "desc_emb": torch.randn(n, 4, generator=gen),
+        "label_text_emb": torch.randn(n, 4, generator=gen),
+        "has_desc": torch.ones(n),
+    }
+
+
 def test_shuffled_hardness_keeps_each_groups_values_and_moves_pairs():
     g = torch.Generator().manual_seed(3)
     h = torch.rand(8, 9, generator=g)
@@ -268,13 +280,7 @@ def test_shuffled_hardness_keeps_each_groups_values_and_moves_pairs():
     assert torch.equal(out, shuffle_within(h, groups, torch.Generator().manual_seed(0)))  # same seed, same permutation
     # through the loss: the control changes the loss but keeps per-class-and-category mean hardness
     img, txt, cat, ids, gen = _batch(n=12)
-    batch = {
-        "category": cat,
-        "image_id": ids,
-        "desc_emb": torch.randn(12, 4, generator=gen),
-        "label_text_emb": torch.randn(12, 4, generator=gen),
-        "has_desc": torch.ones(12),
-    }
+    batch = _labelled_batch(cat, ids, gen)
     head = (torch.randn(4, generator=gen), 0.1)
     real = RetrievalLoss(LossConfig(), head)(img, txt, batch)
     control = RetrievalLoss(LossConfig(shuffle_hardness=True), head)(img, txt, batch)
@@ -288,13 +294,7 @@ def test_shuffled_hardness_keeps_each_groups_values_and_moves_pairs():
 
 def test_hardness_stats():
     img, txt, cat, ids, gen = _batch(n=12)
-    batch = {
-        "category": cat,
-        "image_id": ids,
-        "desc_emb": torch.randn(12, 4, generator=gen),
-        "label_text_emb": torch.randn(12, 4, generator=gen),
-        "has_desc": torch.ones(12),
-    }
+    batch = _labelled_batch(cat, ids, gen)
     out = RetrievalLoss(LossConfig(alpha=1.0), (torch.randn(4, generator=gen), 0.1))(img, txt, batch)
     stats = hardness_stats(out)
     neg = out.y <= 0
