@@ -130,10 +130,12 @@ def test_scratch_holds_each_ranks_temporary_files(monkeypatch):
     import shutil
     import tempfile
 
-    monkeypatch.delenv("FGCMR_SCRATCH", raising=False)
+    monkeypatch.setenv("FGCMR_SCRATCH", "")
+    monkeypatch.delenv("FGCMR_SCRATCH")
     assert use_scratch(3) is None  # no --scratch: nothing changes
-    for var in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.delenv(var, raising=False)
+    for var in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # use_scratch sets them: restore after
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     local = Path(tempfile.mkdtemp(prefix="fgcmr-scratch-")) / "local"  # short: Unix sockets live under it
     monkeypatch.setenv("FGCMR_SCRATCH", str(local))
     monkeypatch.setattr(tempfile, "tempdir", None)
@@ -154,7 +156,8 @@ def test_scratch_holds_each_ranks_temporary_files(monkeypatch):
 def test_cli_scratch_option_reaches_the_environment(tmp_path, monkeypatch):
     from fgcmr import cli
 
-    monkeypatch.delenv("FGCMR_SCRATCH", raising=False)
+    monkeypatch.setenv("FGCMR_SCRATCH", "")  # recorded, so teardown removes what cli._scratch sets
+    monkeypatch.delenv("FGCMR_SCRATCH")  # (a delenv of an absent variable records nothing: it leaked into later tests)
     options = {"scratch": str(tmp_path), "out": "x"}
     cli._scratch(options)
     assert options == {"out": "x"} and os.environ["FGCMR_SCRATCH"] == str(tmp_path)
