@@ -241,10 +241,18 @@ def stream(dataset: Path, tokenizer: Path, rank: int, world: int, monkeypatch) -
         return [b["image_id"].tolist() for b in loader]
 
 
-def test_data_split_follows_the_global_rank_across_nodes(synthetic_dataset, tokenizer, tmp_path, monkeypatch):
+def test_data_split_follows_the_global_rank_across_nodes(tokenizer, tmp_path, monkeypatch):
     """2 nodes × 2 ranks under launchers/deepspeed.sh with a hostfile: without resampling the ranks read
     disjoint shards that together are the split (each sample once); resampled, each rank draws the
-    stream of its global rank (not of its local rank: ranks 0 and 2 differ)."""
+    stream of its global rank (not of its local rank: ranks 0 and 2 differ). 8 train shards: without
+    resampling the shard count must divide among ranks × workers (checked before training)."""
+    from fgcmr.shard.job import ShardConfig, run
+
+    synthetic_dataset = tmp_path / "synth8"
+    cfg = ShardConfig(source="synthetic", out=str(synthetic_dataset), items=240, seed=0)
+    cfg.data.max_items_per_shard = 24
+    run(cfg)
+    assert len(open_dataset(synthetic_dataset).shards("train")) == 8
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=2\nnode1 slots=2\n")
     out = tmp_path / "ranks"
