@@ -95,7 +95,10 @@ def test_dry_run_renders_every_stage_from_the_slurm_section(tmp_path, capsys):
 
 def test_scratch_is_exported_to_every_job(tmp_path, capsys):
     path = write_experiment(
-        tmp_path, shard={"source": "synthetic"}, train={}, slurm={"scratch": "/local/$SLURM_JOB_ID"}
+        tmp_path,
+        shard={"source": "synthetic"},
+        train={"loss": {"name": "pairwise"}},
+        slurm={"scratch": "/local/$SLURM_JOB_ID"},
     )
     scripts = scripts_from_dry_run(capsys, path, tmp_path / "out")
     assert all('export FGCMR_SCRATCH="/local/$SLURM_JOB_ID"' in script for script in scripts.values())
