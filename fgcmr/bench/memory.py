@@ -20,13 +20,13 @@ import dataclasses
 import json
 import os
 import resource
-import subprocess
 import sys
 from typing import Any
 
 import torch
 
-from fgcmr.distributed import all_gather_objects, barrier, free_port
+from fgcmr.bench.ranks import relaunch
+from fgcmr.distributed import all_gather_objects, barrier
 
 
 @dataclasses.dataclass
@@ -157,27 +157,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def _launch(cfg: BenchMemoryConfig) -> int:
-    port = free_port()
-    procs = []
-    for rank in range(cfg.nproc):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(cfg.nproc),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(cfg.nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "fgcmr", "bench", "memory", *sys.argv[3:]],
-                env=env,
-                stdout=None if rank == 0 else subprocess.DEVNULL,
-            )
-        )
-    return max(p.wait() for p in procs)
+    return relaunch("memory", cfg.nproc)
 
 
 def run(cfg: BenchMemoryConfig) -> dict[str, Any] | None:

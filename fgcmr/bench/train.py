@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fgcmr.distributed import all_gather_objects, barrier, free_port
+from fgcmr.bench.ranks import relaunch
+from fgcmr.distributed import all_gather_objects, barrier
 from fgcmr.losses import LossConfig, RetrievalLoss
 from fgcmr.model import ModelConfig
 from fgcmr.train.config import OptimConfig, load_model_config
@@ -190,29 +190,7 @@ def measure(cfg: BenchTrainConfig) -> dict:
 
 
 def _launch(cfg: BenchTrainConfig) -> int:
-    """Re-run this command on ``nproc`` local ranks (torchrun's variables); rank 0's output is ours."""
-    port = free_port()
-    procs = []
-    for rank in range(cfg.nproc):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(cfg.nproc),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(cfg.nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-            FGCMR_BENCH_RANK="1",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "fgcmr", "bench", "train", *sys.argv[3:]],
-                env=env,
-                stdout=None if rank == 0 else subprocess.DEVNULL,
-            )
-        )
-    return max(p.wait() for p in procs)
+    return relaunch("train", cfg.nproc, FGCMR_BENCH_RANK="1")
 
 
 def run(cfg: BenchTrainConfig) -> dict | None:
