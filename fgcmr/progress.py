@@ -2,24 +2,94 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("fgcmr")
 
+# Lines libraries print on every CPU start that say nothing about the run (the loggers, and DeepSpeed's print).
+NOISE = re.compile(r"Setting accelerator to CPU|No CUDA runtime is found|DeepSpeed .* built successfully")
+NOISY_LOGGERS = ("DeepSpeed", "torch.utils.cpp_extension")
+_log_file: Path | None = None  # set by ``log_file``: this process's log also goes there
+_rank = 0  # the rank setup_logging last set up
+
 
 def setup_logging(rank: int = 0) -> None:
-    """One format for every stage; ranks other than 0 log warnings only."""
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
+    """One format for every stage; ranks other than 0 log warnings only (to their own file, if any)."""
+    global _rank
+    _rank = rank
+    fmt = f"%(asctime)s [rank{rank}] %(name)s: %(message)s"
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for name in NOISY_LOGGERS:  # a logger's filters survive the library's setup (DeepSpeed resets level, handlers)
+        logger = logging.getLogger(name)
+        if _drop_noise not in logger.filters:
+            logger.addFilter(_drop_noise)
+    if _log_file is not None:
+        path = _log_file if rank == 0 else _log_file.with_suffix(f".rank{rank}.log")
+        handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)  # delay: no empty rank files
+        handler.setFormatter(logging.Formatter(fmt, "%Y-%m-%d %H:%M:%S"))
+        logging.getLogger().addHandler(handler)
+
+
+def _drop_noise(record: logging.LogRecord) -> bool:
+    return not NOISE.search(record.getMessage())
+
+
+@contextlib.contextmanager
+def log_file(path: Path, header: str) -> Iterator[Path]:
+    """Also write this process's log to ``path`` (appended: a resumed run keeps its history), starting with
+    ``header``; an error that ends the run goes there with its traceback."""
+    global _log_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _log_file = path
+    setup_logging(_rank)
+    log.info(header)
+    try:
+        yield path
+    except Exception:
+        _to_file_only(logging.ERROR, "the run failed:", sys.exc_info())
+        raise
+    except SystemExit as e:
+        if e.code not in (0, None):
+            _to_file_only(logging.WARNING, f"the run exited {e.code}", None)
+        raise
+    finally:
+        _log_file = None
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def _to_file_only(level: int, message: str, exc_info: Any) -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(log.makeRecord(log.name, level, __file__, 0, message, (), exc_info))
+
+
+@contextlib.contextmanager
+def quiet_prints() -> Iterator[None]:
+    """Drop the ``NOISE`` lines a library prints to stdout inside the block; pass every other line on."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True) if not NOISE.search(line)]
+        sys.stdout.write("".join(kept))
+
+
+def figure(x: float | None) -> str:
+    """A metric as a person reads it in a log line (``0.5324``, not ``0.5323640163676424``); ``none`` for None."""
+    return "none" if x is None else f"{x:.4f}"
 
 
 class Progress:
