@@ -93,6 +93,7 @@ def configured(spec: Spec) -> Callable:
 
 def _logged(spec: Spec, cfg: Any, command: str) -> None:
     """Run with the log also in ``<output>/logs/<name>.log``; end with one summary line naming the next command."""
+    from fgcmr.distributed import resolve_env
     from fgcmr.progress import log_file
 
     name = spec.name or spec.stage
@@ -100,7 +101,7 @@ def _logged(spec: Spec, cfg: Any, command: str) -> None:
     task = f".task{cfg.task_index}" if getattr(cfg, "num_tasks", 1) > 1 and not getattr(cfg, "merge", True) else ""
     path = out / "logs" / f"{name}{task}.log"
     t0 = time.monotonic()
-    with log_file(path, f"{command} (pid {os.getpid()})"):
+    with log_file(path, f"started: {command} (pid {os.getpid()})", resolve_env().rank):
         spec.run(cfg)
         after = NEXT[name](cfg) if name in NEXT else ""
         logging.getLogger("fgcmr").info(

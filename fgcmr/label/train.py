@@ -34,7 +34,7 @@ from fgcmr.label.model import EncoderConfig, SiameseLabeler, autocast, build_enc
 from fgcmr.label.texts import TextSet, read_texts
 from fgcmr.text import load_tokenizer, train_wordpiece
 from fgcmr.labels import relevance
-from fgcmr.progress import Progress
+from fgcmr.progress import Progress, figure
 
 log = logging.getLogger("fgcmr.label")
 
@@ -291,7 +291,7 @@ def run(cfg: LabelTrainConfig) -> dict:
             "label train: AUC train %.4f val %.4f test %s → %s",
             metrics["train"]["auc"],
             metrics["val"]["auc"],
-            metrics.get("auc"),
+            figure(metrics.get("auc")),
             cfg.out,
         )
     if tb:

@@ -60,7 +60,7 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines and scalars
     hist_every: int = 100  # steps between TensorBoard histograms
     eval_every: int = 0  # steps between validation scalars (val/* in TensorBoard); 0: off
-    eval_split: str = "test"  # held-out split embedded for them
+    eval_split: str | None = None  # held-out split embedded for them; default: val (a shard holdout) if any, else test
     eval_max_images: int = 256  # images of that split embedded at most
 
     def validate(self) -> None:
