@@ -46,6 +46,7 @@ LOG_MAX_SCALE = math.log(100.0)  # CLIP clamps the temperature's inverse at 100
 
 @dataclasses.dataclass
 class LossConfig:
+    # the loss: weighted_pairwise needs label sidecars (--labels)
     name: Literal["weighted_pairwise", "pairwise", "clip", "vse"] = "weighted_pairwise"
     lam: float = 0.35  # λ: weight of the mean-gap hinge
     margin: float = 0.8  # m: wanted gap μ₊ − μ₋
@@ -53,8 +54,8 @@ class LossConfig:
     weighting: Literal["normalised", "unnormalised", "hinge_only", "graded"] = "normalised"  # how labels enter
     direction: Literal["up", "down"] = "up"  # positives: up = hard ones count more (paper), down = less
     shuffle_hardness: bool = False  # control: h permuted within relevance class × image category
-    shuffle_seed: int = 0
-    vse_margin: float = 0.2
+    shuffle_seed: int = 0  # seed of that permutation
+    vse_margin: float = 0.2  # vse: the hinge's margin
 
     def validate(self) -> None:
         if self.alpha < 0:

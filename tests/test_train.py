@@ -229,6 +229,20 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
     assert res.stdout.split()[-2:] == ["1.0", "False"], res.stderr[-2000:]
 
 
+def assert_log_reads_well(terminal: str, run: Path, validation: bool) -> None:
+    """No library noise on the terminal; the run's own log in <run>/logs/, ending with the next command."""
+    from fgcmr.progress import NOISE
+
+    noise = [line for line in terminal.splitlines() if NOISE.search(line) or "compilers.C.base" in line or "it/s]" in line]
+    assert not noise, noise
+    log = (run / "logs" / "train.log").read_text().splitlines()
+    assert "started: fgcmr train" in log[0] and "[rank0]" in log[0]
+    assert "train: done in" in log[-1] and log[-1].endswith(f"; next: fgcmr export --run={run}")
+    said = "validation: every 6 steps on split 'test'" if validation else "validation: off"
+    assert any(said in line for line in log), log
+    assert not validation or any("step 6: validation on split 'test'" in line for line in log)
+
+
 def test_zero0_and_zero3_loss_goes_down(synthetic_dataset: Path, tmp_path: Path):
     for stage, loss in (("zero0_fp32", "pairwise"), ("zero3_fp32", "clip")):
         run, logdir = tmp_path / stage, tmp_path / f"{stage}-logs"
@@ -247,6 +261,7 @@ def test_zero0_and_zero3_loss_goes_down(synthetic_dataset: Path, tmp_path: Path)
         )
         assert wait(launch(args, _port(), logdir), logdir) == [0, 0], logs(logdir)
         assert_loss_went_down(run)
+        assert_log_reads_well(logs(logdir), run, bool(validation))
     acc = EventAccumulator(str(tmp_path / "zero3_fp32" / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     val = acc.Scalars("val/map_avg")

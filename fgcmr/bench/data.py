@@ -25,17 +25,17 @@ from fgcmr.train.data import MakeItem, build_loader
 
 @dataclasses.dataclass
 class BenchDataConfig:
-    shards: str = ""
-    model: str = "tiny"
+    shards: str = ""  # dataset dir (fgcmr shard output)
+    model: str = "tiny"  # configs/models/<name>.yaml or a path to one
     tokenizer: str | None = (
         None  # tokenizer dir (default: <shards>/../tokenizer is not assumed; one is trained in a temp dir)
     )
-    split: str = "train"
-    workers: int = 2
-    micro_batch: int = 32
+    split: str = "train"  # the split read
+    workers: int = 2  # DataLoader workers
+    micro_batch: int = 32  # samples per batch
     batches: int = 40  # measured batches
-    augment: bool = True
-    json: bool = False
+    augment: bool = True  # timm's training transform (else its eval transform)
+    json: bool = False  # print one JSON object instead of the table
 
     def validate(self) -> None:
         if not self.shards:

@@ -25,13 +25,13 @@ from fgcmr.retrieval.embed import Batch, EmbedConfig, write_part, embed_parts, p
 
 @dataclasses.dataclass
 class BenchEmbedConfig:
-    export: str = ""
-    shards: str = ""
-    split: str = "test"
-    max_shards: int = 2
-    batch_size: int = 64
-    repeats: int = 3
-    json: bool = False
+    export: str = ""  # export dir (fgcmr export)
+    shards: str = ""  # dataset dir (fgcmr shard output)
+    split: str = "test"  # the split embedded
+    max_shards: int = 2  # shards of it read at most
+    batch_size: int = 64  # images per forward
+    repeats: int = 3  # runs per side, alternating; the best counts
+    json: bool = False  # print one JSON object instead of the table
     threads: int | None = None  # torch CPU threads (default: all cores)
 
     def validate(self) -> None:

@@ -51,19 +51,20 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 
 @dataclasses.dataclass
 class BenchGpuConfig:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the model measured
     deepspeed: str = "zero2_bf16"  # configs/deepspeed/<name>.json; a *_fp32 config on CPU
-    loss: str = "pairwise"
-    micro_batch: int = 128
+    loss: str = "pairwise"  # a loss name (as --loss.name of train)
+    micro_batch: int = 128  # samples per step
     steps: int = 30  # measured steps per mode
     warmup: int = 5  # unmeasured steps before each mode
+    # synthetic: in-memory batches; shards: the real input pipeline
     modes: list[str] = dataclasses.field(default_factory=lambda: ["synthetic", "shards"])
     shards: str | None = None  # dataset dir for the shards mode; default: synthetic shards made here
     shard_items: int = 4000  # size of those synthetic shards
     workers: int = 8  # data-loader workers (shards mode)
     peak_tflops: float | None = None  # overrides the table (e.g. for a GPU it does not know)
     out: str | None = None  # writes bench_gpu.json + config.yaml there
-    json: bool = False
+    json: bool = False  # print one JSON object instead of the table
     # Further cases measured after this one, each {name, and fields of this config to change}; a case's
     # ``model`` may name a configs/models/<name>.yaml (e.g. the large model under ZeRO-3 + bf16).
     cases: list[dict[str, Any]] = dataclasses.field(default_factory=list)

@@ -21,17 +21,17 @@ from fgcmr.retrieval.index import IndexConfig, build_index
 
 @dataclasses.dataclass
 class BenchIndexConfig:
-    vectors: int = 1_000_000
-    dim: int = 256
-    clusters: int = 2000
+    vectors: int = 1_000_000  # synthetic embeddings indexed
+    dim: int = 256  # their dimension
+    clusters: int = 2000  # centres the embeddings are drawn around
     noise: float = 1.0  # norm of the Gaussian offset from the (unit) centre: point–centre cosine ≈ 0.7
-    queries: int = 1000
-    latency_queries: int = 1000
-    k: int = 10
-    threads: int = 2
-    target_recall: float = 0.95
-    seed: int = 0
-    json: bool = False
+    queries: int = 1000  # queries for recall@k vs exact search
+    latency_queries: int = 1000  # queries timed one at a time
+    k: int = 10  # neighbours per query
+    threads: int = 2  # faiss OpenMP threads
+    target_recall: float = 0.95  # recall@k that nprobe is raised to reach
+    seed: int = 0  # seed of the vectors and queries
+    json: bool = False  # print one JSON object instead of the table
 
 
 def synthetic(

@@ -27,14 +27,14 @@ from fgcmr.label.stream import ShardEnd, TextBatch, shard_items
 
 @dataclasses.dataclass
 class BenchLabelConfig:
-    shards: str = ""
-    labeler: str = ""
-    split: str = "train"
-    max_shards: int = 2
-    batch_size: int = 64
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    repeats: int = 2
-    json: bool = False
+    shards: str = ""  # dataset dir (fgcmr shard output)
+    labeler: str = ""  # labeler dir (fgcmr label train output)
+    split: str = "train"  # the split whose texts are labelled
+    max_shards: int = 2  # shards of it read at most
+    batch_size: int = 64  # texts per forward
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # compute precision; auto: fp32 on CPU, bf16 on CUDA
+    repeats: int = 2  # runs per side, alternating; the best counts
+    json: bool = False  # print one JSON object instead of the table
     threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
 
     def validate(self) -> None:

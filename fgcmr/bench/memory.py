@@ -32,12 +32,12 @@ from fgcmr.distributed import all_gather_objects, barrier
 @dataclasses.dataclass
 class BenchMemoryConfig:
     model: str = "tiny"  # configs/models/<name>.yaml
-    deepspeed: str = "zero3_fp32"
-    nproc: int = 1
-    micro_batch: int = 2
-    steps: int = 3
+    deepspeed: str = "zero3_fp32"  # configs/deepspeed/<name>.json or a path to one
+    nproc: int = 1  # ranks (started here unless already under a launcher)
+    micro_batch: int = 2  # samples per rank and step
+    steps: int = 3  # measured steps
     grad_checkpointing: bool | None = None  # overrides both towers' setting when given
-    json: bool = False
+    json: bool = False  # print one JSON object instead of the table
 
     def validate(self) -> None:
         if min(self.nproc, self.micro_batch, self.steps) < 1:

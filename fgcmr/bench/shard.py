@@ -34,14 +34,16 @@ from fgcmr.shard.readers.synthetic import SyntheticReader
 
 @dataclasses.dataclass
 class BenchShardConfig:
+    # the corpus sharded: synthetic images, or an img2dataset output
     source: Literal["synthetic", "img2dataset"] = "synthetic"
     rows: list[int] = dataclasses.field(default_factory=lambda: [10_000, 1_000_000])  # img2dataset: corpus sizes
     items: int = 1000  # throughput corpus size
-    image_size: int = 224
-    workers: int = 1
-    max_items_per_shard: int = 500
+    image_size: int = 224  # synthetic image side in pixels (throughput corpus)
+    workers: int = 1  # sharding processes
+    max_items_per_shard: int = 500  # items per shard
+    # corpus sizes whose peak memory is compared
     memory_items: list[int] = dataclasses.field(default_factory=lambda: [10_000, 100_000])
-    memory_image_size: int = 32
+    memory_image_size: int = 32  # image side of those corpora
     out: str | None = None  # scratch directory (default: a temporary one, removed afterwards)
     json: bool = False  # print one JSON object instead of the table
 

@@ -33,18 +33,18 @@ from fgcmr.train.signals import StopRequest
 
 @dataclasses.dataclass
 class BenchTrainConfig:
-    model: str = "tiny"
-    deepspeed: str = "zero0_fp32"
-    loss: str = "pairwise"
+    model: str = "tiny"  # configs/models/<name>.yaml or a path to one
+    deepspeed: str = "zero0_fp32"  # configs/deepspeed/<name>.json or a path to one
+    loss: str = "pairwise"  # a loss name (as --loss.name of train)
     nproc: int = 2  # processes, started here unless already under a launcher
-    micro_batch: int = 32
+    micro_batch: int = 32  # samples per rank and step
     steps: int = 10  # measured steps per round and side
     warmup: int = 5  # unmeasured steps per side before the first round
     rounds: int = 7  # alternating fgcmr / bare rounds; the reported ratio is the median of the rounds' ratios
     batches: int = 8  # distinct in-memory micro-batches, cycled
     peer: str | None = None  # "open_clip": fgcmr train vs open_clip's trainer instead (fgcmr.bench.peer_open_clip)
     shards: str | None = None  # the peer comparison's dataset (default: synthetic shards)
-    json: bool = False
+    json: bool = False  # print one JSON object instead of the table
 
     def validate(self) -> None:
         if min(self.nproc, self.steps, self.rounds, self.batches) < 1:

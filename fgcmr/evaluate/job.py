@@ -50,12 +50,12 @@ class EvalConfig:
     batch_size: int = 64  # images per forward (texts: all their captions)
     embeddings: str | None = None  # an `fgcmr embed` output of this export and dataset: reused, not recomputed
     baselines: bool = False  # CCA and semantic matching on img.npy features (or the frozen pretrained tower) and texts
-    baseline_train_split: str = "train"
+    baseline_train_split: str = "train"  # the split the baselines are fitted on
     baseline_hellinger: bool = False  # square-root the image features first (histograms such as SIFT BoW)
-    baseline_cca_dim: int = 10
-    report: bool = True
-    report_queries: int = 3
-    tensorboard: bool = True
+    baseline_cca_dim: int = 10  # CCA components of the baseline
+    report: bool = True  # write report.png (queries and their top results)
+    report_queries: int = 3  # text queries shown in report.png
+    tensorboard: bool = True  # write the metrics as TensorBoard scalars
 
     def validate(self) -> None:
         if not self.run:

@@ -52,15 +52,15 @@ log = logging.getLogger("fgcmr.label")
 
 @dataclasses.dataclass
 class LabelInferConfig:
-    shards: str = ""
-    labeler: str = ""
+    shards: str = ""  # dataset dir (fgcmr shard output)
+    labeler: str = ""  # labeler dir (fgcmr label train output)
     name: str | None = None  # labels/<name>/; default: the labeler directory's name
-    batch_size: int = 64
+    batch_size: int = 64  # texts per forward
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
     splits: list[str] = dataclasses.field(default_factory=list)  # default: every split
     verify_only: bool = False  # report missing/corrupt sidecars and exit non-zero if any
     hist_max_images: int = 1000  # images per split in the p histograms
-    tensorboard: bool = True
+    tensorboard: bool = True  # write the p histograms to TensorBoard
     threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
     window_batches: int = 16  # texts are sorted by length within windows of up to this many batches
     prefetch_batches: int = 8  # batches tokenised ahead of the encoder

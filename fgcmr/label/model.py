@@ -31,14 +31,14 @@ from fgcmr.io import atomic_write_json, read_json
 class EncoderConfig:
     """Architecture of an encoder built from scratch (ignored for hidden sizes when ``--init`` is given)."""
 
-    model_type: str = "bert"
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 512
-    max_length: int = 128
-    dim: int = 128
-    pooling: Literal["mean", "cls"] = "mean"
+    model_type: str = "bert"  # transformers model type (AutoConfig.for_model)
+    hidden_size: int = 128  # encoder width
+    num_layers: int = 2  # encoder layers
+    num_heads: int = 4  # attention heads
+    intermediate_size: int = 512  # feed-forward width
+    max_length: int = 128  # tokens per text (longer ones are cut)
+    dim: int = 128  # projected embedding size
+    pooling: Literal["mean", "cls"] = "mean"  # sentence vector: mean of tokens or the [CLS] token
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:

@@ -18,12 +18,12 @@ log = logging.getLogger("fgcmr.label")
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    shards: str = ""
-    out: str = ""
-    vocab_size: int = 8000
-    min_frequency: int = 2
-    lowercase: bool = True
-    split: str = "train"
+    shards: str = ""  # dataset dir (fgcmr shard output)
+    out: str = ""  # tokenizer dir written
+    vocab_size: int = 8000  # WordPiece vocabulary size
+    min_frequency: int = 2  # words seen fewer times are not in it
+    lowercase: bool = True  # lowercase texts first
+    split: str = "train"  # the split whose texts it is fitted on
 
     def validate(self) -> None:
         if not self.shards or not self.out:

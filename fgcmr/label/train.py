@@ -34,39 +34,39 @@ from fgcmr.label.model import EncoderConfig, SiameseLabeler, autocast, build_enc
 from fgcmr.label.texts import TextSet, read_texts
 from fgcmr.text import load_tokenizer, train_wordpiece
 from fgcmr.labels import relevance
-from fgcmr.progress import Progress
+from fgcmr.progress import Progress, figure
 
 log = logging.getLogger("fgcmr.label")
 
 
 @dataclasses.dataclass
 class LabelTrainConfig:
-    shards: str = ""
-    out: str = ""
+    shards: str = ""  # dataset dir (fgcmr shard output)
+    out: str = ""  # labeler dir written
     init: str | None = None  # local pretrained encoder dir (its tokenizer is used unless --tokenizer)
     tokenizer: str | None = None  # local tokenizer dir; default: trained on the train split
-    vocab_size: int = 8000
+    vocab_size: int = 8000  # size of a tokenizer trained on the train split
     model: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
     batch_size: int = 32  # texts per rank and step: batch_size / 2 anchors + one partner each
     lr: float = 5e-4  # projection and head
     encoder_lr: float | None = None  # default: lr
     freeze_layers: int = 0  # freeze the embeddings and the first N encoder layers (-1: the whole encoder)
-    weight_decay: float = 0.01
-    max_steps: int = 1000
-    warmup_steps: int = 20
-    eval_every: int = 50
+    weight_decay: float = 0.01  # AdamW weight decay
+    max_steps: int = 1000  # optimizer steps at most (early stopping may end sooner)
+    warmup_steps: int = 20  # linear lr warmup steps
+    eval_every: int = 50  # steps between validation AUCs
     patience: int = 4  # evaluations without a better validation AUC before stopping
     min_delta: float = 0.001  # a validation AUC must beat the best by this much to count as better
     calibrate: bool = True  # fit the head's scale and offset on held-out pairs (Platt scaling) after training
-    val_fraction: float = 0.1
-    max_eval_texts: int = 1500
-    eval_batch_size: int = 64
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    train_split: str = "train"
-    test_split: str = "test"
+    val_fraction: float = 0.1  # share of the train split (whole images) held out for validation
+    max_eval_texts: int = 1500  # texts per AUC evaluation at most (subsampled)
+    eval_batch_size: int = 64  # texts per forward when evaluating
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # compute precision; auto: fp32 on CPU, bf16 on CUDA
+    train_split: str = "train"  # the split it trains on
+    test_split: str = "test"  # the split the test AUC is measured on
     test_fraction: float = 0.0  # > 0: carve the test part from the train split instead (data sets with one split)
-    seed: int = 0
-    tensorboard: bool = True
+    seed: int = 0  # seed of the carve, the batches and the initial weights
+    tensorboard: bool = True  # write TensorBoard scalars under <out>/tensorboard
     threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
 
     def validate(self) -> None:
@@ -291,7 +291,7 @@ def run(cfg: LabelTrainConfig) -> dict:
             "label train: AUC train %.4f val %.4f test %s → %s",
             metrics["train"]["auc"],
             metrics["val"]["auc"],
-            metrics.get("auc"),
+            figure(metrics.get("auc")),
             cfg.out,
         )
     if tb:

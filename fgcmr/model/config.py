@@ -23,7 +23,7 @@ def resolve_path(path: str) -> str:
 class ImageTowerConfig:
     """A timm backbone by name, or an MLP over a precomputed image feature (``img.npy``)."""
 
-    kind: Literal["timm", "feature"] = "timm"
+    kind: Literal["timm", "feature"] = "timm"  # timm backbone, or an MLP over the img.npy feature
     name: str = "test_efficientnet"  # timm model name (timm kind)
     pretrained: bool = False  # timm's own weights (needs the HF hub or its cache)
     checkpoint: str | None = None  # local weights file (.safetensors / .pt / .pth), loaded in order if names differ
@@ -33,7 +33,7 @@ class ImageTowerConfig:
     hidden_dim: int = 512  # MLP hidden width (feature kind)
     feature_sqrt: bool = False  # feature kind: square-root the input first (Hellinger map of histograms, e.g. SIFT BoW)
     dropout: float = 0.0  # feature kind: dropout after the MLP's hidden layer
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, more compute)
     # timm's data config (input_size, interpolation, mean, std, crop_pct, crop_mode); empty: timm's for ``name``.
     # An export stores it, so its preprocessing never depends on what timm's registry says later.
     preprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -47,18 +47,19 @@ class ImageTowerConfig:
 class TextTowerConfig:
     """A transformers encoder (from a config or a local pretrained dir), or an MLP over ``txt.npy``."""
 
+    # transformers encoder, or an MLP over the txt.npy feature
     kind: Literal["transformers", "feature"] = "transformers"
     pretrained_dir: str | None = None  # local HF model dir (AutoModel.from_pretrained)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # AutoConfig.for_model kwargs, incl. model_type
     tokenizer_dir: str | None = None  # local HF tokenizer dir; default: pretrained_dir; trained on the data if absent
     vocab_size: int = 8000  # size of a tokenizer trained on the data
-    max_length: int = 32
-    pooling: Literal["mean", "cls"] = "mean"
-    feature_dim: int = 0
-    hidden_dim: int = 512
-    feature_sqrt: bool = False
-    dropout: float = 0.0
-    grad_checkpointing: bool = False
+    max_length: int = 32  # tokens per caption (longer ones are cut)
+    pooling: Literal["mean", "cls"] = "mean"  # sentence vector: mean of tokens or the [CLS] token
+    feature_dim: int = 0  # input dim (feature kind)
+    hidden_dim: int = 512  # MLP hidden width (feature kind)
+    feature_sqrt: bool = False  # feature kind: square-root the input first (Hellinger map)
+    dropout: float = 0.0  # feature kind: dropout after the MLP's hidden layer
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, more compute)
 
     def validate(self) -> None:
         if self.kind == "feature" and self.feature_dim <= 0:
@@ -69,7 +70,8 @@ class TextTowerConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    image: ImageTowerConfig = dataclasses.field(default_factory=ImageTowerConfig)
+    image: ImageTowerConfig = dataclasses.field(default_factory=ImageTowerConfig)  # the image tower
+    # the text tower
     text: TextTowerConfig = dataclasses.field(
         default_factory=lambda: TextTowerConfig(
             config={
@@ -81,7 +83,7 @@ class ModelConfig:
             }
         )
     )
-    embed_dim: int = 256
+    embed_dim: int = 256  # size of the shared embedding space
     # "batch": BatchNorm (no affine) on the projections before L2 normalisation. A from-scratch model's
     # embeddings start nearly identical; the pairwise loss's variance terms then pull it into a collapsed
     # state (all similarities equal) it cannot leave. Batch-centring keeps the batch spread out.

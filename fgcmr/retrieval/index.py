@@ -37,7 +37,7 @@ class IndexConfig:
     queries: int = 1000  # held-out queries for that measurement
     train_per_list: int = 64  # k-means training vectors per inverted list
     threads: int | None = None  # faiss OpenMP threads (default: all cores)
-    seed: int = 0
+    seed: int = 0  # seed of the k-means training sample and the held-out queries
 
     def validate(self) -> None:
         if not self.embeddings or not self.out:

@@ -21,7 +21,7 @@ class SearchConfig:
     index: str = ""  # fgcmr index output dir
     text: str | None = None  # text query → images
     image: str | None = None  # image file query → captions
-    k: int = 10
+    k: int = 10  # results shown
     json: bool = False  # print {"results": [...]} instead of a table
     export: str | None = None  # default: the export the embeddings were made with (index.json)
     device: str | None = None  # default: cuda if available

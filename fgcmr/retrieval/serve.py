@@ -30,12 +30,12 @@ MAX_UPLOAD = 32 << 20
 @dataclasses.dataclass
 class ServeConfig:
     index: str = ""  # fgcmr index output dir
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # address served on (0.0.0.0: every interface)
     port: int = 8765  # 0: any free port (printed)
     k: int = 12  # results per query (the page can ask for others)
     thumb_size: int = 192  # px, longest side
     export: str | None = None  # default: the index's export
-    device: str | None = None
+    device: str | None = None  # default: cuda if available
 
     def validate(self) -> None:
         if not self.index:

@@ -42,11 +42,11 @@ FAIL_AFTER_ENV = "FGCMR_SHARD_FAIL_AFTER"  # test hook: exit abruptly after this
 class DataOptions:
     """Shard limits and image handling."""
 
-    max_items_per_shard: int = 1000
+    max_items_per_shard: int = 1000  # items per shard (a shard closes at this or max_bytes_per_shard)
     max_bytes_per_shard: int = 1 << 30  # a shard exceeds it only by tar's padding to a 10 KiB record
     max_image_side: int = 0  # > 0: images with a longer side are downscaled and re-encoded as JPEG
     reencode: bool = False  # re-encode every image as RGB JPEG (else original bytes are kept)
-    jpeg_quality: int = 90
+    jpeg_quality: int = 90  # quality of re-encoded JPEGs (1-100)
     max_pixels: int = 64_000_000  # decompression-bomb guard: larger images are skipped
 
     def validate(self) -> None:
@@ -68,10 +68,10 @@ class Holdout:
     wholly on one side. Hyperparameters are chosen on this split, never on the test split.
     """
 
-    fraction: float = 0.0
-    source: str = "train"
-    split: str = "val"
-    seed: int = 0
+    fraction: float = 0.0  # share of the source split's items moved to the holdout split; 0: none
+    source: str = "train"  # the split carved from
+    split: str = "val"  # the split the carved items go to
+    seed: int = 0  # seed of the membership hash
 
     def validate(self) -> None:
         if not 0.0 <= self.fraction < 1.0:
@@ -90,13 +90,14 @@ class Holdout:
 class ShardConfig:
     """What to shard, where to, and how to split the work."""
 
+    # the corpus reader
     source: Literal[
         "wikipedia", "folder", "karpathy", "jsonl", "csv", "parquet", "img2dataset", "webdataset", "synthetic"
     ] = "synthetic"
     root: str | None = (
         None  # input directory (wikipedia, folder, img2dataset, webdataset) or file(s) (karpathy, jsonl, csv, parquet)
     )
-    out: str = "shards/synthetic"
+    out: str = "shards/synthetic"  # dataset dir written (shards + manifest.json)
     name: str | None = None  # dataset name in the manifest; default: the out directory's name
     features: str | None = None  # wikipedia: .mat with I_tr/I_te (image) and/or T_tr/T_te (text) rows in list order
     images: str | None = None  # caption corpora: image directory (default: beside the root file)
@@ -106,15 +107,15 @@ class ShardConfig:
     # across the whole corpus into one item per image (fgcmr.shard.grouping).
     group_by: Literal["url", "sha256", "none"] = "url"  # url: the image column / url; sha256: image content
     image_col: str = "image"  # csv/jsonl/parquet: image path (under --images)
-    caption_col: str = "caption"
+    caption_col: str = "caption"  # csv/jsonl/parquet: caption column
     split_col: str = "split"  # used where present (a saved img2dataset column, a json field)
     category_col: str = "category"  # used where present
     image_exts: str = "jpg;png;webp"  # webdataset: image member extensions, first present wins
     text_field: str = "txt"  # webdataset: the caption member's extension, or json.<field> of the json member
     splits: list[str] = dataclasses.field(default_factory=list)  # shard only these splits (default: all)
-    workers: int = 1
-    task_index: int = 0
-    num_tasks: int = 1
+    workers: int = 1  # processes reading and encoding items
+    task_index: int = 0  # this task's index in a Slurm array of num_tasks tasks
+    num_tasks: int = 1  # tasks sharding the corpus in parallel; then run once with --merge
     merge: bool = False  # assemble the output of a finished Slurm array of num_tasks tasks
     items: int = 1000  # synthetic: number of items
     seed: int = 0  # synthetic: generator seed

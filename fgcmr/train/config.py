@@ -19,23 +19,23 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per rank
     resampled: bool = True  # sample shards with replacement (no shard-count constraint, equal batches per rank)
     samples_per_epoch: int | None = None  # default: the split's item count
-    shuffle_buffer: int = 500
+    shuffle_buffer: int = 500  # samples in each worker's shuffle buffer
     augment: bool = True  # timm's training transform (else its eval transform)
-    split: str = "train"
+    split: str = "train"  # the split trained on
     tokenizer_samples: int = 100_000  # texts read to train a tokenizer when the model has none
     on_corrupt: Literal["error", "skip"] = "error"  # a shard that differs from the manifest: fail, or skip it (logged)
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    warmup_steps: int = 20
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.05  # AdamW weight decay
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
+    eps: float = 1e-6  # AdamW eps
+    warmup_steps: int = 20  # linear warmup steps before the cosine decay
     min_lr_ratio: float = 0.0  # cosine decays to lr × this
     tower_lr_mult: float = 1.0  # lr multiplier of the (pretrained) towers vs the new projection heads
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # 0 disables
 
 
@@ -51,17 +51,17 @@ class TrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    epochs: int = 1
+    epochs: int = 1  # passes over the split (by samples_per_epoch)
     max_steps: int | None = None  # overrides epochs × steps per epoch
-    seed: int = 0
+    seed: int = 0  # seed of the weights and the data order
     resume: str | None = None  # "auto" (or "latest"): the run's newest complete checkpoint; or a tag dir / tag name
     checkpoint_every: int = 500  # optimizer steps
-    keep_last: int = 3
-    log_every: int = 10
-    hist_every: int = 100
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
+    log_every: int = 10  # steps between log lines and scalars
+    hist_every: int = 100  # steps between TensorBoard histograms
     eval_every: int = 0  # steps between validation scalars (val/* in TensorBoard); 0: off
-    eval_split: str = "test"  # held-out split embedded for them
-    eval_max_images: int = 256
+    eval_split: str | None = None  # held-out split embedded for them; default: val (a shard holdout) if any, else test
+    eval_max_images: int = 256  # images of that split embedded at most
 
     def validate(self) -> None:
         if not self.shards or not self.out:

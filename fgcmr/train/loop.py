@@ -28,6 +28,7 @@ from fgcmr.losses import LossConfig, RetrievalLoss
 from fgcmr.model import ModelConfig, TwoTower, build_inputs, build_model, train_wordpiece
 from fgcmr.model.export import WEIGHTS
 from fgcmr.model.partitioned import load_into, open_weights, partitioned_construction
+from fgcmr.progress import quiet_prints
 from fgcmr.run import record_requeue
 from fgcmr.train import checkpoint, state
 from fgcmr.train.config import TrainConfig, load_model_config
@@ -36,7 +37,7 @@ from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
 from fgcmr.train.monitor import Monitor
 from fgcmr.train.signals import EXIT_REQUEUE, StopRequest
 from fgcmr.train.step import micro_step, to_device
-from fgcmr.train.validate import Validator
+from fgcmr.train.validate import Validator, validation_split
 
 __all__ = ["TrainConfig", "run"]
 log = logging.getLogger("fgcmr.train")
@@ -72,7 +73,8 @@ def init_distributed() -> DistEnv:
         os.environ["MASTER_PORT"] = str(free_port())
     env = init()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend=env.backend, timeout=collective_timeout())
+    with quiet_prints():  # DeepSpeed prints that its shared-memory op "built successfully" on every start
+        deepspeed.init_distributed(dist_backend=env.backend, timeout=collective_timeout())
     return env
 
 
@@ -245,7 +247,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     stop = StopRequest(engine.device)
     saved_at = step if client else None
     validator = (
-        Validator(dataset, cfg.eval_split, cfg.eval_max_images, build_inputs(model_cfg, train=False))
+        Validator(
+            dataset,
+            validation_split(dataset, cfg.eval_split),
+            cfg.eval_max_images,
+            build_inputs(model_cfg, train=False),
+        )
         if cfg.eval_every
         else None
     )
@@ -254,9 +261,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         scores = validator(engine.module, engine.device, compute_dtype(ds_cfg))
         monitor.scalars("val", scores, step)
         log.info(
-            "step %d: validation on %s: MAP@all %.4f (chance %.4f), R@1 i→t %.3f t→i %.3f",
+            "step %d: validation on split %r: MAP@all %.4f (chance %.4f), R@1 i→t %.3f t→i %.3f",
             step,
-            cfg.eval_split,
+            validator.split,
             scores["map_avg"],
             scores["chance_map"],
             scores["r1_i2t"],
@@ -276,13 +283,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             saved_at = step
 
     log.info(
-        "training %d steps of %d samples (%d ranks × %d × accum %d) from step %d",
+        "training %d steps of %d samples (%d ranks × %d × accum %d) from step %d; validation: %s",
         sched.total_steps,
         sched.samples_per_step,
         env.world_size,
         cfg.data.micro_batch,
         cfg.optim.grad_accum,
         step,
+        f"every {cfg.eval_every} steps on split {validator.split!r}" if validator else "off (--eval_every=N)",
     )
     batches = forever(loader)
     try:

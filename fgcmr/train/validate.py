@@ -23,6 +23,14 @@ log = logging.getLogger("fgcmr.train")
 LOGGED = ("map_i2t", "map_t2i", "map_avg", "r1_i2t", "r1_t2i", "r10_i2t", "r10_t2i", "chance_map")
 
 
+def validation_split(dataset: DatasetInfo, requested: str | None) -> str:
+    """The split periodic validation embeds: the one asked for, else the validation carve ``val`` where the
+    dataset has one (``fgcmr shard --holdout.fraction``), else ``test``: choices are made on ``val``."""
+    if requested:
+        return requested
+    return "val" if "val" in dataset.split_names else "test"
+
+
 class Validator:
     def __init__(self, dataset: DatasetInfo, split: str, max_images: int, inputs: Inputs, batch_size: int = 64):
         samples = list(
