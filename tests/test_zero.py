@@ -119,6 +119,27 @@ def test_every_config_trains_and_zero3_is_partitioned(tmp_path):
     codes = [p.wait(timeout=1800) for p in procs]  # hang guard only: the worker dumps its stacks and exits first
     assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-5000:]
     check_result(json.loads((tmp_path / "result.json").read_text()))
+    export_streams_as_whole_gather(tmp_path / "work" / "ckpt", tmp_path)
+
+
+def export_streams_as_whole_gather(ckpt: Path, tmp_path: Path) -> None:
+    """The worker's real 2-rank ZeRO-3 checkpoint: the export streamed tensor by tensor is the file that
+    DeepSpeed's whole-model gather gives when safetensors saves it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+    from test_export_stream import assert_same_file
+
+    from fgcmr.model.streaming import write_safetensors
+    from fgcmr.train.checkpoint import latest_tag
+    from fgcmr.train.export import checkpoint_tensors
+
+    tag = latest_tag(ckpt)
+    stats = write_safetensors(tmp_path / "streamed.safetensors", checkpoint_tensors(ckpt, tag), {"format": "pt"})
+    whole = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    whole = {k: v.float().contiguous() for k, v in whole.items()}
+    save_file(whole, str(tmp_path / "whole.safetensors"), {"format": "pt"})
+    assert stats["tensors"] == len(whole) > 50
+    assert_same_file(tmp_path / "streamed.safetensors", tmp_path / "whole.safetensors")
 
 
 def check_result(result: dict) -> None:
