@@ -108,3 +108,25 @@ def test_zero3_checkpoint_streams_with_memory_bounded_by_one_tensor(tmp_path):
     g = torch.Generator().manual_seed(0)  # and the weights are those the partitions were cut from
     first = torch.randn(shapes["layer00.weight"], generator=g)
     assert torch.equal(whole["layer00.weight"], first)
+
+
+def test_skeleton_has_the_model_s_tensors_and_checks_a_checkpoint_against_them():
+    import pytest
+
+    from fgcmr.model import build_model
+    from fgcmr.model.export import skeleton
+    from fgcmr.train.config import load_model_config
+    from fgcmr.train.export import check_tensors
+
+    cfg = load_model_config("tiny")
+    cfg.text.config.setdefault("vocab_size", cfg.text.vocab_size)
+    meta, real = skeleton(cfg), build_model(cfg)
+    assert {p.device.type for p in meta.state_dict().values()} == {"meta"}
+    want = {k: tuple(v.shape) for k, v in real.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == want
+    state = real.state_dict()
+    check_tensors(meta, state, Path("ckpt"))
+    with pytest.raises(ValueError, match="missing \\['image_proj.0.weight'\\]"):
+        check_tensors(meta, {k: v for k, v in state.items() if k != "image_proj.0.weight"}, Path("ckpt"))
+    with pytest.raises(ValueError, match="image_proj.0.weight has shape"):
+        check_tensors(meta, {**state, "image_proj.0.weight": torch.zeros(1)}, Path("ckpt"))

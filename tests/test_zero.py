@@ -191,3 +191,41 @@ def test_expected_bytes_per_param_follow_the_zero_paper():
     assert [b(s, True, 1) for s in range(4)] == [16, 16, 16, 16]
     assert [b(s, True, 4) for s in range(4)] == [16, 7, 5.5, 4]  # 2+2+12/4, 2+14/4, 16/4
     assert [b(s, False, 2) for s in range(4)] == [16, 12, 10, 8]
+
+
+def test_census_counts_16_bytes_per_param_without_zero_and_checkpointing_cuts_saved_activations():
+    """The census of a plain AdamW step (what stage 0 fp32 holds): 4 B weights + 4 B grads + 8 B Adam, each
+    storage once; saved activations fall with checkpointing (non-reentrant, as the towers use it)."""
+    import types
+
+    from torch.utils.checkpoint import checkpoint
+
+    from fgcmr.bench.memory import saved_activations, scaling, tensor_census
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)) for _ in range(4)
+    )
+    opt = torch.optim.AdamW(blocks.parameters())
+    x = torch.randn(64, 256)
+
+    def forward(ckpt: bool) -> torch.Tensor:
+        h = x
+        for b in blocks:
+            h = checkpoint(b, h, use_reentrant=False) if ckpt else b(h)
+        return h.square().mean()
+
+    with saved_activations() as plain:
+        loss = forward(False)
+    loss.backward()
+    opt.step()
+    with saved_activations() as ckpt:
+        forward(True).backward()
+    n = sum(p.numel() for p in blocks.parameters())
+    census = tensor_census(types.SimpleNamespace(module=blocks, optimizer=opt), exclude=[x])
+    assert census["params"] == census["grads"] == 4 * n
+    assert 8 * n <= census["optimizer"] <= 8 * n + 8 * len(opt.state)  # two moments (+ Adam's step counters)
+    assert plain["bytes"] >= 4 * 64 * (1024 * 2 + 256) * 4  # per block: input, pre- and post-GELU
+    assert ckpt["bytes"] <= 5 * 64 * 256 * 4 + 1024 < plain["bytes"] / 2  # each block's input, the output
+    runs = [{"nproc": n, "ranks": [{"model_state_mb": m, "model_state_rss_mb": 2 * m}]} for n, m in ((1, 10), (2, 5))]
+    assert scaling(runs) == {"ratio": 0.5, "ratio_rss": 0.5, "ranks": [1, 2]}
