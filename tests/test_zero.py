@@ -119,6 +119,27 @@ def test_every_config_trains_and_zero3_is_partitioned(tmp_path):
     codes = [p.wait(timeout=1800) for p in procs]  # hang guard only: the worker dumps its stacks and exits first
     assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-5000:]
     check_result(json.loads((tmp_path / "result.json").read_text()))
+    export_streams_as_whole_gather(tmp_path / "work" / "ckpt", tmp_path)
+
+
+def export_streams_as_whole_gather(ckpt: Path, tmp_path: Path) -> None:
+    """The worker's real 2-rank ZeRO-3 checkpoint: the export streamed tensor by tensor is the file that
+    DeepSpeed's whole-model gather gives when safetensors saves it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+    from test_export_stream import assert_same_file
+
+    from fgcmr.model.streaming import write_safetensors
+    from fgcmr.train.checkpoint import latest_tag
+    from fgcmr.train.export import checkpoint_tensors
+
+    tag = latest_tag(ckpt)
+    stats = write_safetensors(tmp_path / "streamed.safetensors", checkpoint_tensors(ckpt, tag), {"format": "pt"})
+    whole = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    whole = {k: v.float().contiguous() for k, v in whole.items()}
+    save_file(whole, str(tmp_path / "whole.safetensors"), {"format": "pt"})
+    assert stats["tensors"] == len(whole) > 50
+    assert_same_file(tmp_path / "streamed.safetensors", tmp_path / "whole.safetensors")
 
 
 def check_result(result: dict) -> None:
@@ -170,3 +191,41 @@ def test_expected_bytes_per_param_follow_the_zero_paper():
     assert [b(s, True, 1) for s in range(4)] == [16, 16, 16, 16]
     assert [b(s, True, 4) for s in range(4)] == [16, 7, 5.5, 4]  # 2+2+12/4, 2+14/4, 16/4
     assert [b(s, False, 2) for s in range(4)] == [16, 12, 10, 8]
+
+
+def test_census_counts_16_bytes_per_param_without_zero_and_checkpointing_cuts_saved_activations():
+    """The census of a plain AdamW step (what stage 0 fp32 holds): 4 B weights + 4 B grads + 8 B Adam, each
+    storage once; saved activations fall with checkpointing (non-reentrant, as the towers use it)."""
+    import types
+
+    from torch.utils.checkpoint import checkpoint
+
+    from fgcmr.bench.memory import saved_activations, scaling, tensor_census
+
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)) for _ in range(4)
+    )
+    opt = torch.optim.AdamW(blocks.parameters())
+    x = torch.randn(64, 256)
+
+    def forward(ckpt: bool) -> torch.Tensor:
+        h = x
+        for b in blocks:
+            h = checkpoint(b, h, use_reentrant=False) if ckpt else b(h)
+        return h.square().mean()
+
+    with saved_activations() as plain:
+        loss = forward(False)
+    loss.backward()
+    opt.step()
+    with saved_activations() as ckpt:
+        forward(True).backward()
+    n = sum(p.numel() for p in blocks.parameters())
+    census = tensor_census(types.SimpleNamespace(module=blocks, optimizer=opt), exclude=[x])
+    assert census["params"] == census["grads"] == 4 * n
+    assert 8 * n <= census["optimizer"] <= 8 * n + 8 * len(opt.state)  # two moments (+ Adam's step counters)
+    assert plain["bytes"] >= 4 * 64 * (1024 * 2 + 256) * 4  # per block: input, pre- and post-GELU
+    assert ckpt["bytes"] <= 5 * 64 * 256 * 4 + 1024 < plain["bytes"] / 2  # each block's input, the output
+    runs = [{"nproc": n, "ranks": [{"model_state_mb": m, "model_state_rss_mb": 2 * m}]} for n, m in ((1, 10), (2, 5))]
+    assert scaling(runs) == {"ratio": 0.5, "ratio_rss": 0.5, "ranks": [1, 2]}

@@ -17,15 +17,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 
 import fgcmr
 from fgcmr.config import build, to_dict
 from fgcmr.io import atomic_write_json, honour_umask, make_temp_dir, sha256_file
-from fgcmr.model.config import ModelConfig
+from fgcmr.model.config import ModelConfig, resolve_path
 from fgcmr.model.inputs import Inputs, build_inputs
+from fgcmr.model.streaming import write_safetensors
 from fgcmr.model.two_tower import TwoTower, build_model
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "model_config.json", "tokenizer"
@@ -42,14 +44,29 @@ def standalone_config(model: TwoTower, cfg: ModelConfig) -> ModelConfig:
         image.preprocess = {k: list(v) if isinstance(v, tuple) else v for k, v in image_data_config(cfg).items()}
     text = cfg.text
     if text.kind == "transformers":
-        arch = model.text_tower.encoder.config.to_dict()
-        arch = {
-            k: v
-            for k, v in arch.items()
-            if k not in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
-        }
+        arch = _architecture(model.text_tower.encoder.config)
         text = dataclasses.replace(text, pretrained_dir=None, config=arch, tokenizer_dir=TOKENIZER)
     return dataclasses.replace(cfg, image=image, text=text)
+
+
+def _architecture(hf_config) -> dict:
+    """A transformers config as ``text.config``: the architecture without where it came from."""
+    drop = ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
+    return {k: v for k, v in hf_config.to_dict().items() if k not in drop}
+
+
+def skeleton(cfg: ModelConfig) -> TwoTower:
+    """The model's structure on the meta device (names, shapes, configs; no memory, no weights read):
+    what an export needs when its weights stream from elsewhere, e.g. a ZeRO-3 checkpoint."""
+    image = dataclasses.replace(cfg.image, pretrained=False, checkpoint=None)
+    text = cfg.text
+    if text.kind == "transformers" and text.pretrained_dir:
+        from transformers import AutoConfig
+
+        arch = _architecture(AutoConfig.from_pretrained(resolve_path(text.pretrained_dir)))
+        text = dataclasses.replace(text, pretrained_dir=None, config=arch)
+    with torch.device("meta"):
+        return build_model(dataclasses.replace(cfg, image=image, text=text))
 
 
 def export_config(model: TwoTower, cfg: ModelConfig, provenance: dict | None = None) -> dict:
@@ -68,30 +85,28 @@ def save_export(
     out_dir: str | Path,
     model: TwoTower,
     cfg: ModelConfig,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    state_dict: Mapping[str, Any] | None = None,
     provenance: dict | None = None,
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the export atomically: a fresh hidden sibling directory ``.<name>.<id>``, then ``<name>`` (a
     relative symlink) switched to it in one rename, so there is never a moment without a whole export.
+    ``state_dict``: the weights when not the model's own, possibly lazy (tensors read one at a time, see
+    ``fgcmr.model.streaming``: a ZeRO-3 checkpoint streams into the file without being gathered whole);
     ``provenance``: where the weights come from (``run``, ``tag``, ``step``, ``data_manifest_sha256``…);
     ``extra(dir)`` adds files (e.g. a stamp) before the switch. Files get the umask's permissions."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_old_exports(out_dir)
     state = state_dict if state_dict is not None else model.state_dict()
-    state = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
     tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         config = export_config(model, cfg, provenance)
-        save_file(
+        write_safetensors(
+            tmp / WEIGHTS,
             state,
-            str(tmp / WEIGHTS),
             metadata={"format": "pt", "fgcmr_version": fgcmr.__version__, "model_config": json.dumps(config)},
         )
-        canonical_header(tmp / WEIGHTS)
         if cfg.text.kind == "transformers":
             shutil.copytree(cfg.tokenizer_dir, tmp / TOKENIZER)
         atomic_write_json(tmp / CONFIG, config)
@@ -128,19 +143,6 @@ def clean_old_exports(out_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-
-
-def canonical_header(path: Path) -> None:
-    """Rewrite a safetensors header with sorted keys, in place: safetensors writes its metadata map in hash
-    order, which differs from process to process, so identical weights would give files that differ."""
-    with open(path, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:  # cannot happen for the same content; never grow the header (offsets follow it)
-            raise RuntimeError(f"{path}: canonical safetensors header is longer than the original")
-        f.seek(8)
-        f.write(text + b" " * (size - len(text)))
 
 
 def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TwoTower, ModelConfig, Inputs]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fgcmr.config import build, read_yaml
 from fgcmr.io import sha256_file
-from fgcmr.model import ModelConfig, build_model, save_export
+from fgcmr.model import ModelConfig, save_export
+from fgcmr.model.export import skeleton
 from fgcmr.progress import setup_logging
 from fgcmr.run import Check, Fingerprint, check_stamp, fingerprint, read_stamp, write_stamp
 from fgcmr.train.checkpoint import latest_tag, problem
@@ -29,17 +32,35 @@ class ExportConfig:
             raise ValueError("--run=<run dir> is required")
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights: merged from ZeRO partitions (stages 1–3, any world size), else the stage-0 module."""
+def checkpoint_tensors(ckpt_dir: Path, tag: str) -> Mapping[str, Any]:
+    """The full weights of a checkpoint (any world size), read lazily: ZeRO-3 parameters are gathered from
+    every rank's memory-mapped fp32 partition one at a time when read (``.contiguous()``), so an export
+    streams them (``fgcmr.model.streaming``) and never holds the whole model. ZeRO-1/2 checkpoints are
+    merged whole by DeepSpeed; stage 0 is the module's own state, memory-mapped."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = ckpt_dir / tag
     if not tag_dir.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {tag_dir}")
     if any("optim_states" in p.name for p in tag_dir.iterdir()):
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in state["module"].items()}
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag, lazy_mode=True)
+    state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False, mmap=True)
+    return state["module"]
+
+
+def check_tensors(model: torch.nn.Module, tensors: Mapping[str, Any], source: Path) -> None:
+    """The checkpoint has exactly the model's tensors, in its shapes (``load_state_dict(strict=True)``'s
+    check, on a skeleton: no weights are read)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    wrong = [k for k in want if tuple(tensors[k].shape) != want[k]]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(f"{source}: {k} has shape {tuple(tensors[k].shape)}, the model needs {want[k]}")
 
 
 def export_dir(cfg: ExportConfig) -> Path:
@@ -73,13 +94,14 @@ def run(cfg: ExportConfig) -> Path:
     why = problem(ckpt_dir / tag)
     if why:
         raise FileNotFoundError(f"cannot export: {why}")
-    state = consolidated_state_dict(ckpt_dir, tag)
-    model = build_model(model_cfg)
-    model.load_state_dict(state, strict=True)
+    state = checkpoint_tensors(ckpt_dir, tag)
+    model = skeleton(model_cfg)
+    check_tensors(model, state, ckpt_dir / tag)
     out = save_export(
         export_dir(cfg),
         model,
         model_cfg,
+        state_dict=state,
         provenance=provenance(run_dir, run_cfg, tag),
         extra=lambda d: write_stamp(d, fp),
     )
