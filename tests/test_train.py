@@ -233,7 +233,9 @@ def assert_log_reads_well(terminal: str, run: Path, validation: bool) -> None:
     """No library noise on the terminal; the run's own log in <run>/logs/, ending with the next command."""
     from fgcmr.progress import NOISE
 
-    noise = [line for line in terminal.splitlines() if NOISE.search(line) or "compilers.C.base" in line or "it/s]" in line]
+    noise = [
+        line for line in terminal.splitlines() if NOISE.search(line) or "compilers.C.base" in line or "it/s]" in line
+    ]
     assert not noise, noise
     log = (run / "logs" / "train.log").read_text().splitlines()
     assert "started: fgcmr train" in log[0] and "[rank0]" in log[0]
