@@ -11,7 +11,9 @@ chosen on a validation carve, before running this), on the same shards and label
 sees the same data order, so differences are paired. Variants are ``alpha0`` (the unweighted twin),
 ``<weighting>-a<α>`` for the formulations of ``fgcmr.losses`` (``normalised``, ``unnormalised``,
 ``hinge_only``, ``graded``), ``down-a<α>`` (hard positives down-weighted) and ``shuffled-a<α>`` (the
-control: normalised weights from hardness permuted within relevance class × category).
+control: normalised weights from hardness permuted within relevance class × category; ``shuffled_down-a<α>``
+is the same control for ``down``). Each variant is compared with the control of its direction and α when
+that was run, else with ``shuffled-a1``.
 
 Writes ``<out>/ablation.json`` and ``<out>/ablation.md``: per variant the mean MAP@all, the per-seed
 paired Δ against ``alpha0`` with its 95 % t-interval and sign count, and the same against the shuffled
@@ -77,6 +79,8 @@ class Variant:
             return cls(name, float(alpha), direction="down")
         if kind == "shuffled":
             return cls(name, float(alpha), shuffle=True)
+        if kind == "shuffled_down":  # the control of down-a<α>
+            return cls(name, float(alpha), direction="down", shuffle=True)
         if kind not in ("normalised", "unnormalised", "hinge_only", "graded"):
             raise SystemExit(f"variant {name!r}: unknown kind {kind!r}")
         return cls(name, float(alpha), weighting=kind)
@@ -151,8 +155,12 @@ def paired(scores: dict[str, dict[int, float]], variant: str, against: str) -> d
 
 
 def control_of(name: str, scores: dict) -> str:
-    """The shuffled control at the variant's α when it was run, else ``CONTROL``."""
-    same_alpha = f"shuffled-a{name.rpartition('-a')[2]}"
+    """The shuffled control of the variant's direction at its α when it was run, else ``CONTROL``."""
+    kind, _, alpha = name.rpartition("-a")
+    for control in (f"shuffled_down-a{alpha}",) if kind == "down" else ():
+        if scores.get(control):
+            return control
+    same_alpha = f"shuffled-a{alpha}"
     return same_alpha if scores.get(same_alpha) else CONTROL
 
 
@@ -163,7 +171,7 @@ def summarise(scores: dict[str, dict[int, float]], variants: list[str]) -> dict:
             continue
         vs_base = paired(scores, name, BASELINE) if name != BASELINE else None
         control = control_of(name, scores)
-        vs_control = paired(scores, name, control) if name != BASELINE and not name.startswith("shuffled-") else None
+        vs_control = paired(scores, name, control) if name != BASELINE and not name.startswith("shuffled") else None
         gain = bool(vs_base and vs_base["ci95"][0] > 0 and vs_control and vs_control["ci95"][0] > 0)
         loss = bool(vs_base and vs_base["ci95"][1] < 0)
         verdict = "gain" if gain else "loss" if loss else "no effect shown" if vs_base else "reference"
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         },
     )
-    setup = "; cached: frozen pretrained towers, projections trained" if args.cached else ""
+    setup = "; cached inputs (feature towers trained whole, pretrained towers frozen)" if args.cached else ""
     setup += "".join(f"; {k}={v}" for k, v in args.set.items()) + (f"; split {args.split}" if args.split else "")
     table = markdown(rows, args.experiment, args.metric, setup)
     atomic_write_text(args.out / "ablation.md", table)
