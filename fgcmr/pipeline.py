@@ -210,19 +210,24 @@ def run_pipeline(
     out: str | None = None,
     overrides: dict[str, Any] | None = None,
     force: bool = False,
+    until: str | None = None,
 ) -> dict:
-    """Run every stage that is not done; print the final metrics table. Returns the metrics."""
+    """Run every stage that is not done; print the final metrics table. Returns the metrics, or ``{}``
+    when ``until`` names the last stage to run (e.g. ``infer``: shards and label sidecars only)."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be ≥ 1, got {nproc}")
     exp, layout = resolve_experiment(config_path, out, overrides)
     configs = stage_configs(exp)
+    if until is not None and until not in configs:
+        raise ConfigError(f"{config_path}: no stage {until!r} to stop after; stages are {', '.join(configs)}")
     plan(exp, layout, configs, force)
     layout.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(layout.experiment, dump_yaml(exp))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     status: dict[str, dict] = {}
     started = time.monotonic()
-    for stage in stages_of(exp):
+    names = [s.name for s in stages_of(exp)]
+    for stage in stages_of(exp)[: names.index(until) + 1 if until else None]:
         c = check(stage, configs[stage.name])  # again: an upstream stage may have just changed its inputs
         if c.done:
             log.info("pipeline: %s already done (same config and inputs), skipped", stage.name)
@@ -270,6 +275,8 @@ def run_pipeline(
         if not c.done:
             raise RuntimeError(f"pipeline stage {stage.name!r} exited 0 but is not done: {c.reason}")
     _write_status(layout, config_path, nproc, overrides, status, started)
+    if until is not None:
+        return {}
     metrics = read_json(layout.eval / "metrics.json")
     from fgcmr.evaluate.job import format_table
 

@@ -51,6 +51,15 @@ def test_paired_interval_and_verdicts():
     # a gain over α = 0 that the shuffled control matches is not claimed
     scores["shuffled-a1"] = scores["normalised-a1"]
     assert ablate.summarise(scores, list(scores))["normalised-a1"]["verdict"] == "no effect shown"
+    assert rows["normalised-a4"]["control"] == "shuffled-a1"  # no control at α = 4: the α = 1 one
+    scores["shuffled-a4"] = scores["normalised-a4"]  # a control at the variant's own α is preferred
+    assert ablate.summarise(scores, list(scores))["normalised-a4"]["control"] == "shuffled-a4"
+    assert ablate.summarise(scores, list(scores))["shuffled-a4"]["vs_control"] is None
+    scores["shuffled_down-a1"] = scores["down-a1"]  # down is judged against its own shuffled control
+    assert ablate.summarise(scores, list(scores))["down-a1"]["control"] == "shuffled_down-a1"
+    assert ablate.Variant.parse("shuffled_down-a1") == ablate.Variant(
+        "shuffled_down-a1", 1.0, "normalised", "down", True
+    )
     table = ablate.markdown(rows, "x.yaml", "map_avg")
     assert "| normalised-a1 |" in table and "5+/0−" in table
 
