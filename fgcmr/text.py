@@ -1,4 +1,5 @@
-"""Tokenizers without a model hub: WordPiece trained offline, or a local tokenizer directory.
+"""Text encoding without a model hub: WordPiece trained offline or a local tokenizer directory, and the
+pooling of an encoder's token states into one vector per text.
 
 Shared by the labeler and the text tower (a library, not a stage). The trained tokenizer uses
 BERT's normalizer and pre-tokenizer, which put spaces around every CJK character, so Chinese text
@@ -16,8 +17,9 @@ from __future__ import annotations
 import heapq
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -116,3 +118,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: Literal["mean", "cls"]) -> torch.Tensor:
+    """[B, T, H] token states → [B, H]: the first token's (``cls``), or the mean over real tokens (padding
+    ignored, so a text's vector does not depend on its batch), taken in fp32 and returned in ``hidden``'s dtype."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).float()
+    return ((hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)).to(hidden.dtype)
