@@ -115,10 +115,20 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: i
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """``auto`` means fp32 on CPU and bf16 on CUDA; fp32 runs without autocast."""
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def precision(dtype: Precision, device: torch.device) -> Literal["fp32", "bf16", "fp16"]:
+    """The labeler's compute precision: ``auto`` means fp32 on CPU and bf16 on CUDA. Its weights stay fp32
+    (training runs the forward under DeepSpeed's torch autocast, inference under ``autocast``)."""
     if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
+    return dtype
+
+
+def autocast(device: torch.device, dtype: Precision) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision(dtype, device)``; fp32 runs without autocast."""
+    dtype = precision(dtype, device)
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from fgcmr.config import dump_yaml, to_dict
 from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
-from fgcmr.distributed import DistEnv, barrier, collective_timeout, free_port, init
+from fgcmr.distributed import DistEnv, barrier
 from fgcmr.io import atomic_write_json, atomic_write_text, clean_leftovers
 from fgcmr.labels import read_head
 from fgcmr.losses import LossConfig, RetrievalLoss
@@ -32,7 +31,7 @@ from fgcmr.run import record_requeue
 from fgcmr.train import checkpoint, state
 from fgcmr.train.config import TrainConfig, load_model_config
 from fgcmr.train.data import build_loader
-from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
+from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config, init_distributed
 from fgcmr.train.monitor import Monitor
 from fgcmr.train.signals import EXIT_REQUEUE, StopRequest
 from fgcmr.train.step import micro_step, to_device
@@ -62,18 +61,6 @@ class Schedule:
     @property
     def total_steps(self) -> int:
         return self.max_steps if self.max_steps is not None else self.epochs * self.steps_per_epoch
-
-
-def init_distributed() -> DistEnv:
-    """Join the process group (a free port for a lone process, so parallel single runs do not collide)."""
-    import deepspeed
-
-    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-    env = init()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend=env.backend, timeout=collective_timeout())
-    return env
 
 
 def ensure_tokenizer(
