@@ -15,12 +15,16 @@ same texts always give a byte-identical ``tokenizer.json``.
 from __future__ import annotations
 
 import heapq
+import os
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Literal
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from fgcmr.io import make_temp_dir
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PREFIX = "##"
@@ -110,6 +114,36 @@ def train_wordpiece(
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+TOKENIZER_FILE = "tokenizer.json"  # written last: a directory with it holds a whole tokenizer
+
+
+def ensure_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | Path,
+    vocab_size: int,
+    min_frequency: int = 2,
+    lowercase: bool = True,
+    refit: bool = False,
+) -> Path:
+    """``out_dir`` holding a WordPiece tokenizer fitted on ``texts`` (``train_wordpiece``): the one there
+    already (a resumed run's; ``texts`` is then not read) unless ``refit``, else fitted and saved, its
+    ``tokenizer.json`` last, so a kill mid-save leaves no tokenizer that looks whole. Every tokenizer
+    fgcmr fits is fitted here."""
+    out_dir = Path(out_dir)
+    if (out_dir / TOKENIZER_FILE).is_file() and not refit:
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}-")
+    try:
+        train_wordpiece(texts, vocab_size, min_frequency, lowercase).save_pretrained(str(tmp))
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == TOKENIZER_FILE):
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

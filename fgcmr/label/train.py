@@ -37,7 +37,7 @@ from fgcmr.label.texts import TextSet, read_texts
 from fgcmr.labels import relevance
 from fgcmr.progress import Progress
 from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
-from fgcmr.text import load_tokenizer, train_wordpiece
+from fgcmr.text import ensure_tokenizer, load_tokenizer
 from fgcmr.train.config import OptimConfig
 from fgcmr.train.engine import build_engine, deepspeed_config, init_distributed
 from fgcmr.train.monitor import Monitor
@@ -245,7 +245,7 @@ def make_tokenizer(cfg: LabelTrainConfig, train: TextSet, d: DistEnv) -> PreTrai
         return load_tokenizer(source)
     path = Path(cfg.out) / "tokenizer"
     if d.is_main:
-        train_wordpiece(train.texts, cfg.vocab_size).save_pretrained(path)
+        ensure_tokenizer(train.texts, path, cfg.vocab_size, refit=True)  # a rerun's split or settings differ
     barrier()
     return load_tokenizer(path)
 

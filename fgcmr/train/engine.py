@@ -104,9 +104,7 @@ def offloads_optimizer(ds_cfg: dict[str, Any]) -> bool:
     return device in ("cpu", "nvme")
 
 
-def build_optimizer(
-    groups: list[dict[str, Any]], ds_cfg: dict[str, Any], optim: OptimConfig
-) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict[str, Any]], ds_cfg: dict[str, Any], optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over parameter ``groups``. With an offloaded optimizer (ZeRO-Offload) on an accelerator it is
     DeepSpeed's ``DeepSpeedCPUAdam`` (SIMD Adam on the host, a C++ op compiled once at first use), as
     DeepSpeed requires; on a CPU-only machine ``torch.optim.AdamW`` (offloading to the host changes
