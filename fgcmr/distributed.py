@@ -153,7 +153,8 @@ def resolve_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         log.warning(
             "SLURM_NTASKS=%s but this process was not started by srun: running as a single process", env["SLURM_NTASKS"]
         )
-    return DistEnv(cpus=_int(env.get("SLURM_CPUS_PER_TASK")))
+    # a lone process keeps a port chosen for it (``init_distributed``: parallel single runs must not collide)
+    return DistEnv(master_port=int(env.get("MASTER_PORT") or 29500), cpus=_int(env.get("SLURM_CPUS_PER_TASK")))
 
 
 def _int(value: str | None) -> int | None:

@@ -158,11 +158,17 @@ def relevance(img_cat: torch.Tensor, txt_cat: torch.Tensor, img_id: torch.Tensor
     return torch.where(has_cat, same_cat, same_img).float()
 
 
+def pair_logits(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
+    """``w · (a_i ⊙ b_j) + c`` for every row pair, [len(a), len(b)], as one fp32 matrix product: the labeler's
+    head (trained on these logits) and every score computed from its embeddings."""
+    return (a.float() * w.float()) @ b.float().T + c
+
+
 def pair_scores(
     desc_emb: torch.Tensor, text_emb: torch.Tensor, w: torch.Tensor, c: float | torch.Tensor
 ) -> torch.Tensor:
-    """``p[i, j] = sigmoid(w · (desc_i ⊙ text_j) + c)`` as one matrix product."""
-    return torch.sigmoid((desc_emb.float() * w.float()) @ text_emb.float().T + c)
+    """``p[i, j] = sigmoid(w · (desc_i ⊙ text_j) + c)``."""
+    return torch.sigmoid(pair_logits(desc_emb, text_emb, w, c))
 
 
 LABEL_FIELDS = ("label_text_emb", "desc_emb", "has_desc")  # what ``join_labels`` adds to a training item

@@ -48,6 +48,9 @@ SRUN_TASK = {
 def test_single_process_defaults():
     d = resolve_env({})
     assert (d.rank, d.world_size, d.local_rank, d.launcher, d.distributed) == (0, 1, 0, "single", False)
+    assert d.master_port == 29500
+    # the free port init_distributed picks for a lone process survives (29500 may be another job's)
+    assert resolve_env({"MASTER_PORT": "41234"}).master_port == 41234
 
 
 def test_torchrun_variables():

@@ -100,7 +100,16 @@ def test_train_writes_a_self_contained_labeler(labeler, synthetic_dataset):
     assert metrics["texts"] == 240 and metrics["positive_pairs"] + metrics["negative_pairs"] == 240 * 239 // 2
     assert metrics["auc"] > 0.6, metrics  # synthetic categories are learnable in a few dozen steps
     assert metrics["train"]["hardness_std"] > 0.05  # labels spread, not all 0 or all 1
-    assert list((out / "tensorboard").glob("events.*"))
+    # TensorBoard: the loss at every step; the final AUCs at the last step trained, never at step 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("label/loss")] == list(range(1, metrics["steps"] + 1))
+    for part in ("train", "test"):
+        assert [e.step for e in events.Scalars(f"label/{part}_auc")] == [metrics["steps"]]
+    assert events.Scalars("label/test_auc")[0].value == pytest.approx(metrics["auc"])
+    assert min(e.step for e in events.Scalars("label/val_auc")) == 20  # eval_every
     # the head was calibrated on held-out pairs: balanced probabilities, mean p on val negatives
     # about 1 − mean p on val positives (the balanced Platt optimum's stationarity)
     assert metrics["calibration"]["scale"] > 0

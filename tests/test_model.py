@@ -19,9 +19,9 @@ from fgcmr.model import (
     build_model,
     load_export,
     save_export,
-    train_wordpiece,
 )
 from fgcmr.model.config import resolve_path
+from fgcmr.text import ensure_tokenizer
 from fgcmr.train.config import OptimConfig, load_model_config
 from fgcmr.train.engine import param_groups, warmup_cosine
 
@@ -35,7 +35,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> ModelConfig:
-    tok = train_wordpiece(TEXTS, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=200)
+    tok = ensure_tokenizer(TEXTS, tmp_path_factory.mktemp("tok") / "tokenizer", 200, min_frequency=0)
     cfg = load_model_config("tiny")
     return dataclasses.replace(
         cfg, text=dataclasses.replace(cfg.text, tokenizer_dir=str(tok), config={**cfg.text.config, "vocab_size": 200})

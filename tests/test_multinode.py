@@ -210,10 +210,10 @@ json.dump({"rank": d.rank, "local_rank": d.local_rank, "world": d.world_size, "s
 @pytest.fixture(scope="module")
 def tokenizer(synthetic_dataset, tmp_path_factory) -> Path:
     """One WordPiece tokenizer for every run here (training one per run is not reproducible across runs)."""
-    from fgcmr.model import train_wordpiece
+    from fgcmr.text import ensure_tokenizer
 
     texts = [t for s in open_dataset(synthetic_dataset).shards("train") for x in iter_samples(s) for t in x.texts]
-    return train_wordpiece(texts, tmp_path_factory.mktemp("multinode-tok") / "tokenizer", 500)
+    return ensure_tokenizer(texts, tmp_path_factory.mktemp("multinode-tok") / "tokenizer", 500, min_frequency=0)
 
 
 def stream(dataset: Path, tokenizer: Path, rank: int, world: int, monkeypatch) -> list[list[int]]:

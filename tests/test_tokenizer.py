@@ -13,10 +13,10 @@ from waits import run_following
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = """
 import sys
-from fgcmr.model import train_wordpiece
+from fgcmr.text import ensure_tokenizer
 texts = [f"the {a} {b} jumped over {c} fences 你好世界 ready" for a in ("quick", "slow", "brown", "lazy", "red")
          for b in ("fox", "dog", "cat", "hen") for c in ("tall", "low", "wooden", "old", "new", "many")]
-train_wordpiece(texts * 3, sys.argv[1], vocab_size=120)
+ensure_tokenizer(texts * 3, sys.argv[1], 120, min_frequency=0)
 """
 
 

@@ -14,7 +14,8 @@ import torch
 from fgcmr.config import ConfigError
 from fgcmr.dataset import ShardError, iter_samples, open_dataset
 from fgcmr.labels import SidecarError, read_sidecar, sidecar_path
-from fgcmr.model import build_inputs, train_wordpiece
+from fgcmr.model import build_inputs
+from fgcmr.text import ensure_tokenizer
 from fgcmr.train.config import load_model_config
 from fgcmr.train.data import LabelJoin, build_pipeline, check_shard_split, check_sidecars, key_id
 
@@ -25,7 +26,7 @@ from test_train import LABELER, write_random_sidecars
 def inputs(synthetic_dataset, tmp_path_factory):
     texts = [t for s in iter_samples(open_dataset(synthetic_dataset).shards("train")[0]) for t in s.texts]
     cfg = load_model_config("tiny")
-    cfg.text.tokenizer_dir = str(train_wordpiece(texts, tmp_path_factory.mktemp("tok") / "t", 500))
+    cfg.text.tokenizer_dir = str(ensure_tokenizer(texts, tmp_path_factory.mktemp("tok") / "t", 500, min_frequency=0))
     return build_inputs(cfg)
 
 

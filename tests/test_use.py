@@ -26,12 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_export(dataset: Path, out: Path, provenance: dict | None = None, seed: int = 0) -> Path:
     """An untrained tiny export with a tokenizer fitted on the dataset's texts."""
-    from fgcmr.model import build_model, train_wordpiece
+    from fgcmr.model import build_model
+    from fgcmr.text import ensure_tokenizer
     from fgcmr.train.config import load_model_config
 
     texts = [t for p in open_dataset(dataset).shards("train")[:2] for s in iter_samples(p, {"json"}) for t in s.texts]
     cfg = load_model_config("tiny")
-    cfg.text.tokenizer_dir = str(train_wordpiece(texts, out.parent / f"{out.name}-tokenizer", vocab_size=400))
+    cfg.text.tokenizer_dir = str(ensure_tokenizer(texts, out.parent / f"{out.name}-tokenizer", 400, min_frequency=0))
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     model.save_pretrained(out, provenance=provenance or {"run": "in-process", "step": 0})

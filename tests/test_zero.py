@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgcmr.model import build_model, train_wordpiece
+from fgcmr.model import build_model
 from fgcmr.model.partitioned import load_into, open_weights
+from fgcmr.text import ensure_tokenizer
 from fgcmr.train.config import CONFIGS, load_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,9 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tok = train_wordpiece(
-        ["a red circle", "two blue squares"] * 10, tmp_path_factory.mktemp("tok") / "tok", vocab_size=120
-    )
+    tok = ensure_tokenizer(["a red circle", "two blue squares"] * 10, tmp_path_factory.mktemp("tok") / "tok", 120, 0)
     cfg = load_model_config("tiny")
     return dataclasses.replace(
         cfg, text=dataclasses.replace(cfg.text, tokenizer_dir=str(tok), config={**cfg.text.config, "vocab_size": 120})

@@ -21,8 +21,9 @@ import torch
 
 from fgcmr.bench.train import synthetic_batches
 from fgcmr.losses import LossConfig, RetrievalLoss
-from fgcmr.model import ModelConfig, save_export, train_wordpiece
+from fgcmr.model import ModelConfig, save_export
 from fgcmr.model.partitioned import full_numel, is_partitioned, local_numel
+from fgcmr.text import ensure_tokenizer
 from fgcmr.train import checkpoint
 from fgcmr.train.config import CONFIGS, OptimConfig, load_model_config
 from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
@@ -202,7 +203,7 @@ def main() -> None:
     work = out / "work"
     if env.is_main:
         work.mkdir(parents=True, exist_ok=True)
-        train_wordpiece(["a red circle", "two blue squares", "green stars"] * 10, work / "tok", vocab_size=VOCAB)
+        ensure_tokenizer(["a red circle", "two blue squares", "green stars"] * 10, work / "tok", VOCAB, min_frequency=0)
     from fgcmr.distributed import barrier
 
     barrier()

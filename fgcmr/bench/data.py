@@ -85,7 +85,7 @@ def decode_ceiling(make_item: MakeItem, records: list[dict], seconds: float = 5.
 def run(cfg: BenchDataConfig) -> dict:
     import tempfile
 
-    from fgcmr.model.tokenizer import train_wordpiece
+    from fgcmr.model import bind_tokenizer, fit_tokenizer
 
     dataset = open_dataset(cfg.shards)
     model_cfg = load_model_config(cfg.model)
@@ -93,8 +93,9 @@ def run(cfg: BenchDataConfig) -> dict:
         if model_cfg.text.kind == "transformers" and not model_cfg.tokenizer_dir:
             records = _records([str(p) for p in dataset.shards(cfg.split)], 2000)
             texts = (t for r in records for t in json.loads(r["json"])["texts"])
-            model_cfg.text.tokenizer_dir = cfg.tokenizer or str(
-                train_wordpiece(texts, f"{tmp}/tokenizer", model_cfg.text.vocab_size)
+            text = model_cfg.text
+            model_cfg.text = (
+                bind_tokenizer(text, cfg.tokenizer) if cfg.tokenizer else fit_tokenizer(text, texts, f"{tmp}/tokenizer")
             )
         inputs = build_inputs(model_cfg, train=cfg.augment)
         loader = build_loader(

@@ -204,13 +204,6 @@ def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.micro_batch, optim)
     dtype = compute_dtype(ds_cfg)
     model_cfg = cfg.model
-    if "vocab_size" not in model_cfg.text.config:  # the text tower's embedding fits every tokenizer used here
-        model_cfg = dataclasses.replace(
-            model_cfg,
-            text=dataclasses.replace(
-                model_cfg.text, config={**model_cfg.text.config, "vocab_size": model_cfg.text.vocab_size}
-            ),
-        )
     sources: dict[str, Iterator[dict]] = {}
     first: dict[str, dict] = {}
     normalize = {}  # mode → uint8 pixels to the image tower's input

@@ -200,8 +200,6 @@ def measure(cfg: BenchMemoryConfig) -> dict[str, Any]:
 
     env = init_distributed()
     model_cfg = load_model_config(cfg.model)
-    if model_cfg.text.kind == "transformers":
-        model_cfg.text.config.setdefault("vocab_size", model_cfg.text.vocab_size)
     if cfg.grad_checkpointing is not None:
         model_cfg.image.grad_checkpointing = model_cfg.text.grad_checkpointing = cfg.grad_checkpointing
     optim = OptimConfig(warmup_steps=1)

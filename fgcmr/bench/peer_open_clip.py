@@ -385,24 +385,19 @@ def run_fgcmr_train(
 def train_tokenizer(dataset, model_cfg: ModelConfig, out_dir: Path) -> Path:
     """The WordPiece tokenizer ``fgcmr train`` would train on the split's texts (same size, same texts)."""
     from fgcmr.dataset import iter_samples
-    from fgcmr.model import train_wordpiece
+    from fgcmr.model import fit_tokenizer
 
-    if not (out_dir / "tokenizer.json").is_file():
-        texts = (t for shard in dataset.shards("train") for s in iter_samples(shard) for t in s.texts)
-        train_wordpiece(itertools.islice(texts, 100_000), out_dir, model_cfg.text.vocab_size)
-    return out_dir
+    texts = (t for shard in dataset.shards("train") for s in iter_samples(shard) for t in s.texts)
+    return Path(fit_tokenizer(model_cfg.text, itertools.islice(texts, 100_000), out_dir).tokenizer_dir)
 
 
 def pin_tokenizer(model_cfg: ModelConfig, tokenizer_dir: Path) -> ModelConfig:
     """fgcmr's side of the comparison: the given tokenizer and its vocabulary size, and plain linear
     heads (open_clip has no normalisation layer between the projection and the L2 norm)."""
-    from fgcmr.text import load_tokenizer
+    from fgcmr.model import bind_tokenizer
 
-    config = {**model_cfg.text.config, "vocab_size": len(load_tokenizer(tokenizer_dir))}
     extra = {"projection_norm": "none"} if hasattr(model_cfg, "projection_norm") else {}
-    return dataclasses.replace(
-        model_cfg, text=dataclasses.replace(model_cfg.text, tokenizer_dir=str(tokenizer_dir), config=config), **extra
-    )
+    return dataclasses.replace(model_cfg, text=bind_tokenizer(model_cfg.text, tokenizer_dir), **extra)
 
 
 def synthetic_shards(out_dir: Path, items: int, image_size: int) -> Path:

@@ -73,7 +73,7 @@ def synthetic_batches(cfg: ModelConfig, n: int, micro_batch: int, seed: int) -> 
         if cfg.text.kind == "transformers":
             ids = torch.randint(
                 5,
-                int(cfg.text.config.get("vocab_size", cfg.text.vocab_size)),
+                int(cfg.text.config["vocab_size"]),
                 (micro_batch, cfg.text.max_length),
                 generator=g,
             )
@@ -133,8 +133,6 @@ def _timed(fn, n: int) -> float:
 def measure(cfg: BenchTrainConfig) -> dict:
     env = init_distributed()
     model_cfg = load_model_config(cfg.model)
-    if model_cfg.text.kind == "transformers":
-        model_cfg.text.config.setdefault("vocab_size", model_cfg.text.vocab_size)
     optim = OptimConfig(warmup_steps=1)
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.micro_batch, optim)
     loss_fn = RetrievalLoss(LossConfig(name=cfg.loss))

@@ -13,6 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fgcmr.label.texts import TextSet
+from fgcmr.labels import pair_scores
 
 
 @dataclasses.dataclass
@@ -45,7 +46,7 @@ def subsample(texts: TextSet, max_texts: int, seed: int = 0) -> TextSet:
 def pair_stats(emb: torch.Tensor, texts: TextSet, w: torch.Tensor, c: torch.Tensor) -> PairStats:
     """Scores of all distinct pairs of ``emb`` (rows of ``texts``) and their ROC-AUC."""
     with torch.no_grad():
-        p = torch.sigmoid((emb.float() * w.detach().float().cpu()) @ emb.float().T + c.detach().float().cpu())
+        p = pair_scores(emb, emb, w.detach().cpu(), c.detach().cpu())
     y = texts.targets()
     iu = torch.triu_indices(len(texts), len(texts), offset=1)
     p, y = p[iu[0], iu[1]].numpy(), y[iu[0], iu[1]].numpy() > 0

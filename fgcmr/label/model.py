@@ -25,6 +25,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from fgcmr.io import atomic_write_json, read_json
+from fgcmr.labels import pair_logits
+from fgcmr.text import pool_tokens
 
 
 @dataclasses.dataclass
@@ -59,16 +61,11 @@ class SiameseLabeler(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings [B, dim] of a tokenised batch."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return F.normalize(self.proj(pooled).float(), dim=-1)
+        return F.normalize(self.proj(pool_tokens(hidden, attention_mask, self.pooling)).float(), dim=-1)
 
     def logits(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``w · (a_i ⊙ b_j) + c`` for every row pair: [len(a), len(b)]."""
-        return (a * self.w) @ b.T + self.c
+        """The head's logits ``w · (a_i ⊙ b_j) + c`` for every row pair (``labels.pair_logits``)."""
+        return pair_logits(a, b, self.w, self.c)
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {"proj.weight": self.proj.weight, "proj.bias": self.proj.bias, "w": self.w, "c": self.c}
@@ -118,10 +115,20 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: i
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """``auto`` means fp32 on CPU and bf16 on CUDA; fp32 runs without autocast."""
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def precision(dtype: Precision, device: torch.device) -> Literal["fp32", "bf16", "fp16"]:
+    """The labeler's compute precision: ``auto`` means fp32 on CPU and bf16 on CUDA. Its weights stay fp32
+    (training runs the forward under DeepSpeed's torch autocast, inference under ``autocast``)."""
     if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
+    return dtype
+
+
+def autocast(device: torch.device, dtype: Precision) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision(dtype, device)``; fp32 runs without autocast."""
+    dtype = precision(dtype, device)
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])

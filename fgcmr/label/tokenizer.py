@@ -6,12 +6,12 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase
 
 from fgcmr.config import dump_yaml
 from fgcmr.io import atomic_write_text
 from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
-from fgcmr.text import SPECIAL_TOKENS, train_wordpiece
+from fgcmr.text import SPECIAL_TOKENS, ensure_tokenizer, load_tokenizer
 
 log = logging.getLogger("fgcmr.label")
 
@@ -40,14 +40,13 @@ def done(cfg: TokenizerConfig) -> Check:
     return check_stamp(Path(cfg.out), tokenizer_fingerprint(cfg), "tokenizer")
 
 
-def run(cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
+def run(cfg: TokenizerConfig) -> PreTrainedTokenizerBase:
     """``fgcmr label tokenizer``: train on one split's texts and save beside the resolved config."""
     from fgcmr.label.texts import read_texts
 
     clear_stamp(Path(cfg.out))
     texts = read_texts(cfg.shards, [cfg.split]).texts
-    tok = train_wordpiece(texts, cfg.vocab_size, cfg.min_frequency, cfg.lowercase)
-    tok.save_pretrained(cfg.out)
+    tok = load_tokenizer(ensure_tokenizer(texts, cfg.out, cfg.vocab_size, cfg.min_frequency, cfg.lowercase, refit=True))
     atomic_write_text(Path(cfg.out) / "config.yaml", dump_yaml(cfg))
     write_stamp(Path(cfg.out), tokenizer_fingerprint(cfg))
     log.info("tokenizer: %d tokens from %d %s texts → %s", len(tok), len(texts), cfg.split, cfg.out)

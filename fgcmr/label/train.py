@@ -7,34 +7,40 @@ weighted equally. A validation part carved from the train split (whole images) d
 (an evaluation counts as better only by ``min_delta``), so the labeler does not memorise the pairs whose
 hardness it will later report; then the head's scale and offset are calibrated on that held-out part
 (Platt scaling), since the training pairs' scores are overconfident. ROC-AUC on train, validation and
-test goes to ``metrics.json`` and TensorBoard.
+test goes to ``metrics.json`` and TensorBoard, the final ones at the last step trained.
+
+It trains through fgcmr's one training stack, as the two-tower model does (the labeler is just another
+model and loss): ``fgcmr.train.engine`` (the DeepSpeed engine, which averages gradients across ranks,
+and the warm-up/cosine schedule) and ``fgcmr.train.monitor`` (TensorBoard).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
 
 from fgcmr.config import ConfigError, dump_yaml
 from fgcmr.dataset import open_dataset
-from fgcmr.distributed import DistEnv, all_gather_with_grad, barrier, init
+from fgcmr.distributed import DistEnv, all_gather_with_grad, barrier
 from fgcmr.io import atomic_write_json, atomic_write_text
-from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 from fgcmr.label.encode import embed_texts
 from fgcmr.label.metrics import PairStats, fit_platt, pair_stats, subsample
-from fgcmr.label.model import EncoderConfig, SiameseLabeler, autocast, build_encoder, save_labeler, tokenize
+from fgcmr.label.model import EncoderConfig, SiameseLabeler, build_encoder, precision, save_labeler, tokenize
 from fgcmr.label.texts import TextSet, read_texts
-from fgcmr.text import load_tokenizer, train_wordpiece
 from fgcmr.labels import relevance
 from fgcmr.progress import Progress, figure
+from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
+from fgcmr.text import ensure_tokenizer, load_tokenizer
+from fgcmr.train.config import OptimConfig
+from fgcmr.train.engine import build_engine, deepspeed_config, init_distributed
+from fgcmr.train.monitor import Monitor
 
 log = logging.getLogger("fgcmr.label")
 
@@ -126,20 +132,16 @@ def balanced_bce(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> 
     return sum(parts) / len(parts)
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x)
-    return torch.cat(out)
-
-
 def freeze(model: SiameseLabeler, layers: int) -> None:
-    """Stop gradients below layer ``layers`` (BERT-family names: ``embeddings.*``, ``encoder.layer.<i>.*``).
+    """Stop gradients below layer ``layers`` (BERT-family names: ``embeddings.*``, ``encoder.layer.<i>.*``),
+    and to an unused pooler (a trainable parameter without a gradient would still be reduced and decayed).
 
     Fine-tuning only the top of a pretrained encoder keeps most of what it knows and makes a step
     several times cheaper, since backward stops at the first trainable layer.
     """
+    pooler = getattr(model.encoder, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(False)
     if layers == 0:
         return
     for name, p in model.encoder.named_parameters():
@@ -149,64 +151,103 @@ def freeze(model: SiameseLabeler, layers: int) -> None:
             p.requires_grad_(False)
 
 
-def average_gradients(model: torch.nn.Module, world_size: int) -> None:
-    """All-reduce every gradient in one flat buffer (parameters without a gradient, e.g. an unused pooler, skip)."""
-    if world_size == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+def optim_config(cfg: LabelTrainConfig) -> OptimConfig:
+    """The engine's optimizer and schedule: torch's AdamW defaults, no clipping, cosine decay to 0."""
+    return OptimConfig(
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=[0.9, 0.999],
+        eps=1e-8,
+        warmup_steps=cfg.warmup_steps,
+        min_lr_ratio=0.0,
+        grad_clip=0.0,
+    )
 
 
-def train_step(
-    model: SiameseLabeler, texts: TextSet, idx: np.ndarray, tokenizer, cfg: LabelTrainConfig, d: DistEnv
-) -> torch.Tensor:
-    """Loss of one batch: local rows against the texts of every rank."""
-    batch = tokenize(tokenizer, [texts.texts[i] for i in idx], cfg.model.max_length)
-    with autocast(d.device, cfg.dtype):
-        emb = model(**{k: v.to(d.device) for k, v in batch.items()})
-    all_emb = all_gather_with_grad(emb)
-    meta = torch.from_numpy(np.stack([texts.category[idx], texts.image[idx], idx])).to(d.device)
-    all_meta = gather(meta.T.contiguous()).T
-    y = relevance(meta[0], all_meta[0], meta[1], all_meta[1])
-    valid = meta[2, :, None] != all_meta[2]  # a text paired with itself says nothing
-    return balanced_bce(model.logits(emb, all_emb), y, valid)
+def deepspeed_settings(cfg: LabelTrainConfig, device: torch.device) -> dict[str, Any]:
+    """ZeRO-0 with fp32 weights (so the saved encoder and head are fp32); bf16/fp16 run the forward under
+    DeepSpeed's torch autocast, with gradients reduced in fp32."""
+    ds_cfg = deepspeed_config("zero0_fp32", cfg.batch_size, optim_config(cfg))
+    dtype = precision(cfg.dtype, device)
+    if dtype != "fp32":
+        ds_cfg["torch_autocast"] = {"enabled": True, "dtype": dtype, "lower_precision_safe_modules": []}
+    return ds_cfg
 
 
-def evaluate(model: SiameseLabeler, tokenizer, texts: TextSet, cfg: LabelTrainConfig, d: DistEnv) -> PairStats:
-    model.eval()
-    sub = subsample(texts, cfg.max_eval_texts, cfg.seed)
-    emb = embed_texts(model, tokenizer, sub.texts, cfg.model.max_length, cfg.eval_batch_size, d.device, cfg.dtype)
-    model.train()
-    return pair_stats(emb, sub, model.w, model.c)
+def param_groups(model: SiameseLabeler, cfg: LabelTrainConfig) -> list[dict[str, Any]]:
+    """The trainable encoder at ``encoder_lr``, the projection and head at ``lr`` (empty groups left out)."""
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    head = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    groups = [{"params": encoder, "lr": cfg.encoder_lr or cfg.lr}, {"params": head, "lr": cfg.lr}]
+    return [g for g in groups if g["params"]]
 
 
-def make_tokenizer(cfg: LabelTrainConfig, train: TextSet, d: DistEnv):
+class Labeling:
+    """One labeler run's model, tokenizer and settings: what its training steps and evaluations share."""
+
+    def __init__(
+        self, cfg: LabelTrainConfig, model: SiameseLabeler, tokenizer: PreTrainedTokenizerBase, device: torch.device
+    ):
+        self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
+
+    def loss(self, engine: Any, texts: TextSet, idx: np.ndarray) -> torch.Tensor:
+        """Loss of one batch: local rows against the texts of every rank (``engine`` wraps ``self.model``)."""
+        batch = tokenize(self.tokenizer, [texts.texts[i] for i in idx], self.cfg.model.max_length)
+        emb = engine(**{k: v.to(self.device) for k, v in batch.items()})
+        all_emb = all_gather_with_grad(emb)
+        meta = torch.from_numpy(np.stack([texts.category[idx], texts.image[idx], idx])).to(self.device)
+        all_meta = all_gather_with_grad(meta.T.contiguous()).T
+        y = relevance(meta[0], all_meta[0], meta[1], all_meta[1])
+        valid = meta[2, :, None] != all_meta[2]  # a text paired with itself says nothing
+        return balanced_bce(self.model.logits(emb, all_emb), y, valid)
+
+    def embed(self, texts: TextSet) -> tuple[TextSet, torch.Tensor]:
+        """(the at most ``max_eval_texts`` texts evaluated, their fp32 embeddings on the CPU), in eval mode."""
+        cfg = self.cfg
+        sub = subsample(texts, cfg.max_eval_texts, cfg.seed)
+        self.model.eval()
+        emb = embed_texts(
+            self.model, self.tokenizer, sub.texts, cfg.model.max_length, cfg.eval_batch_size, self.device, cfg.dtype
+        )
+        self.model.train()
+        return sub, emb
+
+    def evaluate(self, texts: TextSet) -> PairStats:
+        sub, emb = self.embed(texts)
+        return pair_stats(emb, sub, self.model.w, self.model.c)
+
+    def calibrate(self, val: TextSet) -> dict[str, float]:
+        """Platt-scale the head on the held-out part: ``w ← a·w``, ``c ← a·c + b`` (every rank computes the same)."""
+        sub, emb = self.embed(val)
+        model = self.model
+        with torch.no_grad():
+            z = model.logits(emb.to(self.device), emb.to(self.device)).float().cpu()
+        iu = torch.triu_indices(len(sub), len(sub), offset=1)
+        y = sub.targets()[iu[0], iu[1]]
+        if not 0 < int((y > 0).sum()) < len(y):
+            log.warning("label train: no calibration (held-out part has only one kind of pair)")
+            return {"scale": 1.0, "shift": 0.0}
+        a, b = fit_platt(z[iu[0], iu[1]], y)
+        if not a > 0:
+            log.warning("label train: calibration gave a non-positive scale %.3g; head left as trained", a)
+            return {"scale": 1.0, "shift": 0.0}
+        with torch.no_grad():
+            model.w.mul_(a)
+            model.c.mul_(a).add_(b)
+        log.info("label train: head calibrated on %d held-out texts (scale %.3f, shift %+.3f)", len(sub), a, b)
+        return {"scale": a, "shift": b}
+
+
+def make_tokenizer(cfg: LabelTrainConfig, train: TextSet, d: DistEnv) -> PreTrainedTokenizerBase:
     """A given tokenizer, the pretrained encoder's, or one trained on the train texts (rank 0 trains, all load)."""
     source = cfg.tokenizer or cfg.init
     if source:
         return load_tokenizer(source)
     path = Path(cfg.out) / "tokenizer"
     if d.is_main:
-        train_wordpiece(train.texts, cfg.vocab_size).save_pretrained(path)
+        ensure_tokenizer(train.texts, path, cfg.vocab_size, refit=True)  # a rerun's split or settings differ
     barrier()
     return load_tokenizer(path)
-
-
-def lr_lambda(cfg: LabelTrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        return 0.5 * (
-            1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)))
-        )
-
-    return f
 
 
 def labeler_fingerprint(cfg: LabelTrainConfig) -> Fingerprint:
@@ -223,7 +264,7 @@ def done(cfg: LabelTrainConfig) -> Check:
 
 
 def run(cfg: LabelTrainConfig) -> dict:
-    d = init(cfg.threads)
+    d = init_distributed(cfg.threads)
     torch.manual_seed(cfg.seed)
     if d.is_main:
         clear_stamp(Path(cfg.out))
@@ -240,47 +281,19 @@ def run(cfg: LabelTrainConfig) -> dict:
     encoder = build_encoder(cfg.model, len(tokenizer), tokenizer.pad_token_id, cfg.init)
     model = SiameseLabeler(encoder, cfg.model.dim, cfg.model.pooling).to(d.device).train()
     freeze(model, cfg.freeze_layers)
-    head = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-    trainable = [p for p in model.encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": trainable, "lr": cfg.encoder_lr or cfg.lr}, {"params": head, "lr": cfg.lr}],
-        weight_decay=cfg.weight_decay,
+    engine, _ = build_engine(
+        model, deepspeed_settings(cfg, d.device), optim_config(cfg), cfg.max_steps, param_groups(model, cfg)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    tb = _writer(cfg, d)
-    sampler = PairSampler(train, cfg.seed + 1000 * d.rank)
-    best_auc, best_state, best_step, stale = float("nan"), None, 0, 0
-    step = 0
-    with Progress(cfg.max_steps, "label train", unit="step", enabled=d.is_main) as progress:
-        for step in range(1, cfg.max_steps + 1):
-            loss = train_step(model, train, sampler(cfg.batch_size // 2), tokenizer, cfg, d)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(model, d.world_size)
-            optimizer.step()
-            scheduler.step()
-            progress.update()
-            if tb:
-                tb.add_scalar("label/loss", loss.item(), step)
-            if step % cfg.eval_every and step != cfg.max_steps:
-                continue
-            val_auc = evaluate(model, tokenizer, val, cfg, d).auc
-            if tb:
-                tb.add_scalar("label/val_auc", val_auc, step)
-            log.info("label train step %d: loss %.4f val AUC %.4f", step, loss.item(), val_auc)
-            if best_state is None or val_auc > best_auc + cfg.min_delta:
-                best_auc, best_step, stale = val_auc, step, 0
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    log.info(
-                        "label train: early stop at step %d (best val AUC %.4f at step %d)", step, best_auc, best_step
-                    )
-                    break
-    model.load_state_dict(best_state)
-    calibration = calibrate(model, tokenizer, val, cfg, d) if cfg.calibrate else None
-    metrics = _final_metrics(model, tokenizer, {"train": train, "val": val, "test": test}, cfg, d, tb, step)
+    monitor = Monitor(
+        Path(cfg.out), cfg.tensorboard and d.is_main, cfg.max_steps, cfg.batch_size * d.world_size, 1, cfg.max_steps
+    )
+    try:
+        labeling = Labeling(cfg, model, tokenizer, d.device)
+        step, best_step = fit(engine, labeling, train, val, monitor, d)
+        calibration = labeling.calibrate(val) if cfg.calibrate else None
+        metrics = final_metrics(labeling, {"train": train, "val": val, "test": test}, monitor, step)
+    finally:
+        monitor.close()
     metrics.update(steps=step, best_step=best_step, world_size=d.world_size, init=cfg.init, calibration=calibration)
     if d.is_main:
         save_labeler(cfg.out, model, tokenizer, cfg.model.max_length)
@@ -294,53 +307,57 @@ def run(cfg: LabelTrainConfig) -> dict:
             figure(metrics.get("auc")),
             cfg.out,
         )
-    if tb:
-        tb.close()
     barrier()
     return metrics
 
 
-def calibrate(model: SiameseLabeler, tokenizer, val: TextSet, cfg: LabelTrainConfig, d: DistEnv) -> dict:
-    """Platt-scale the head on the held-out part: ``w ← a·w``, ``c ← a·c + b`` (every rank computes the same)."""
-    model.eval()
-    sub = subsample(val, cfg.max_eval_texts, cfg.seed)
-    emb = embed_texts(
-        model, tokenizer, sub.texts, cfg.model.max_length, cfg.eval_batch_size, d.device, cfg.dtype
-    ).float()
-    model.train()
-    with torch.no_grad():
-        z = model.logits(emb.to(d.device), emb.to(d.device)).float().cpu()
-    iu = torch.triu_indices(len(sub), len(sub), offset=1)
-    y = sub.targets()[iu[0], iu[1]]
-    if not 0 < int((y > 0).sum()) < len(y):
-        log.warning("label train: no calibration (held-out part has only one kind of pair)")
-        return {"scale": 1.0, "shift": 0.0}
-    a, b = fit_platt(z[iu[0], iu[1]], y)
-    if not a > 0:
-        log.warning("label train: calibration gave a non-positive scale %.3g; head left as trained", a)
-        return {"scale": 1.0, "shift": 0.0}
-    with torch.no_grad():
-        model.w.mul_(a)
-        model.c.mul_(a).add_(b)
-    log.info("label train: head calibrated on %d held-out texts (scale %.3f, shift %+.3f)", len(sub), a, b)
-    return {"scale": a, "shift": b}
+def fit(engine: Any, labeling: Labeling, train: TextSet, val: TextSet, monitor: Monitor, d: DistEnv) -> tuple[int, int]:
+    """Train until ``max_steps`` or early stopping; the model is left with its best validation weights.
+    Returns (the last step trained, the best step)."""
+    cfg, model = labeling.cfg, labeling.model
+    sampler = PairSampler(train, cfg.seed + 1000 * d.rank)
+    best_auc, best_state, best_step, stale = float("nan"), None, 0, 0
+    step = 0
+    with Progress(cfg.max_steps, "label train", unit="step", enabled=d.is_main) as progress:
+        for step in range(1, cfg.max_steps + 1):
+            loss = labeling.loss(engine, train, sampler(cfg.batch_size // 2))
+            engine.backward(loss)
+            engine.step()
+            progress.update()
+            monitor.scalars("label", {"loss": loss.item()}, step)
+            if step % cfg.eval_every and step != cfg.max_steps:
+                continue
+            val_auc = labeling.evaluate(val).auc
+            monitor.scalars("label", {"val_auc": val_auc}, step)
+            log.info("label train step %d: loss %.4f val AUC %.4f", step, loss.item(), val_auc)
+            if best_state is None or val_auc > best_auc + cfg.min_delta:
+                best_auc, best_step, stale = val_auc, step, 0
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    log.info(
+                        "label train: early stop at step %d (best val AUC %.4f at step %d)", step, best_auc, best_step
+                    )
+                    break
+    model.load_state_dict(best_state)
+    return step, best_step
 
 
-def _final_metrics(
-    model, tokenizer, parts: dict[str, TextSet | None], cfg: LabelTrainConfig, d: DistEnv, tb, step: int
-) -> dict:
-    """Pair statistics per part, logged at the last step; ``auc`` and the counts at top level are the test split's."""
+def final_metrics(labeling: Labeling, parts: dict[str, TextSet | None], monitor: Monitor, step: int) -> dict:
+    """Pair statistics per part, logged at ``step`` (the last trained, so their curves do not jump back);
+    ``auc`` and the counts at top level are the test split's."""
     metrics: dict = {}
     for name, texts in parts.items():
         if texts is None:
             continue
-        stats = evaluate(model, tokenizer, texts, cfg, d)
+        stats = labeling.evaluate(texts)
         metrics[name] = stats.summary()
-        if tb:
-            tb.add_scalar(f"label/{name}_auc", stats.auc, step)
-            tb.add_histogram(f"label/{name}/p_positive", stats.p_pos, step)
-            tb.add_histogram(f"label/{name}/p_negative", stats.p_neg, step)
-            tb.add_histogram(f"label/{name}/hardness", np.concatenate([1 - stats.p_pos, stats.p_neg]), step)
+        monitor.scalars("label", {f"{name}_auc": stats.auc}, step)
+        hardness = np.concatenate([1 - stats.p_pos, stats.p_neg])
+        monitor.histograms(
+            f"label/{name}", {"p_positive": stats.p_pos, "p_negative": stats.p_neg, "hardness": hardness}, step
+        )
     top = metrics.get("test")
     if top:
         metrics.update(
@@ -352,11 +369,3 @@ def _final_metrics(
     else:
         metrics["auc"] = None
     return metrics
-
-
-def _writer(cfg: LabelTrainConfig, d: DistEnv):
-    if not (cfg.tensorboard and d.is_main):
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(Path(cfg.out) / "tensorboard"))

@@ -14,13 +14,14 @@
   of the k-th text, or the ``txt.npy`` feature), ``collate_texts(items) -> text_batch``.
 - ``save_export(dir, model, cfg)`` / ``load_export(dir) -> (model, cfg, inputs)``: safetensors +
   ``model_config.json`` + ``tokenizer/``; loads without DeepSpeed on any world size.
-- ``train_wordpiece(texts, dir)``: an offline tokenizer for configs without a pretrained one.
+- ``fit_tokenizer(text_cfg, texts, dir)``: an offline tokenizer for configs without a pretrained one, bound
+  to the text tower (``bind_tokenizer(text_cfg, dir)``: its ``tokenizer_dir`` and ``config["vocab_size"]``).
 """
 
 from fgcmr.model.config import ImageTowerConfig, ModelConfig, TextTowerConfig
 from fgcmr.model.export import load_export, save_export
 from fgcmr.model.inputs import Inputs, build_inputs
-from fgcmr.model.tokenizer import train_wordpiece
+from fgcmr.model.tokenizer import bind_tokenizer, fit_tokenizer
 from fgcmr.model.two_tower import TwoTower, build_model
 
 __all__ = [
@@ -29,9 +30,10 @@ __all__ = [
     "ModelConfig",
     "TextTowerConfig",
     "TwoTower",
+    "bind_tokenizer",
     "build_inputs",
     "build_model",
+    "fit_tokenizer",
     "load_export",
     "save_export",
-    "train_wordpiece",
 ]

@@ -50,9 +50,8 @@ class TextTowerConfig:
     # transformers encoder, or an MLP over the txt.npy feature
     kind: Literal["transformers", "feature"] = "transformers"
     pretrained_dir: str | None = None  # local HF model dir (AutoModel.from_pretrained)
-    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # AutoConfig.for_model kwargs, incl. model_type
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # AutoConfig.for_model kwargs, with vocab_size
     tokenizer_dir: str | None = None  # local HF tokenizer dir; default: pretrained_dir; trained on the data if absent
-    vocab_size: int = 8000  # size of a tokenizer trained on the data
     max_length: int = 32  # tokens per caption (longer ones are cut)
     pooling: Literal["mean", "cls"] = "mean"  # sentence vector: mean of tokens or the [CLS] token
     feature_dim: int = 0  # input dim (feature kind)
@@ -66,6 +65,9 @@ class TextTowerConfig:
             raise ValueError("text.kind=feature needs text.feature_dim > 0")
         if self.kind == "transformers" and not self.pretrained_dir and "model_type" not in self.config:
             raise ValueError("text.kind=transformers needs text.pretrained_dir or text.config.model_type")
+        has_vocab = self.pretrained_dir or self.tokenizer_dir or "vocab_size" in self.config
+        if self.kind == "transformers" and not has_vocab:
+            raise ValueError("text.config.vocab_size is needed: the size of the tokenizer to train on the data")
 
 
 @dataclasses.dataclass
@@ -80,6 +82,7 @@ class ModelConfig:
                 "num_hidden_layers": 2,
                 "num_attention_heads": 2,
                 "intermediate_size": 128,
+                "vocab_size": 8000,
             }
         )
     )

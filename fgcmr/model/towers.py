@@ -16,6 +16,7 @@ from torch import nn
 from fgcmr.config import ConfigError
 from fgcmr.model.config import ImageTowerConfig, TextTowerConfig, resolve_path
 from fgcmr.model.partitioned import constructing_partitioned, load_into, open_weights
+from fgcmr.text import pool_tokens
 
 log = logging.getLogger("fgcmr.model")
 
@@ -84,10 +85,7 @@ class HFTextTower(nn.Module):
 
     def forward(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.encoder(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = text["attention_mask"].unsqueeze(-1).float()  # the mean in fp32, back to the tower's dtype
-        return ((hidden.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)).to(hidden.dtype)
+        return pool_tokens(hidden, text["attention_mask"], self.pooling)
 
 
 def _feature_mlp(cfg: ImageTowerConfig | TextTowerConfig) -> FeatureMLP:

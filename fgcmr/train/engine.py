@@ -1,22 +1,41 @@
 """The DeepSpeed engine: a ZeRO/precision JSON from ``configs/deepspeed/`` completed by the train config.
 
+The one training stack of fgcmr: the two-tower model (``train.loop``) and the siamese labeler
+(``label.train``) join the process group, build their engine and its warm-up/cosine schedule here.
 The optimizer is a plain ``torch.optim.AdamW`` passed in (``zero_allow_untested_optimizer``): DeepSpeed's
-own Adam JIT-compiles ``fused_adam`` for minutes on CPU. Parameter groups split towers (lr ×
-``tower_lr_mult``) from the new heads, and weight-decayed matrices from biases, norms and the temperature.
+own Adam JIT-compiles ``fused_adam`` for minutes on CPU. The two-tower's parameter groups split towers
+(lr × ``tower_lr_mult``) from the new heads, and weight-decayed matrices from biases, norms and the temperature.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from typing import Any
 
 import torch
 
 from fgcmr.config import ConfigError
+from fgcmr.distributed import DistEnv, collective_timeout, free_port, init
 from fgcmr.model.partitioned import full_shape
 from fgcmr.model.two_tower import TwoTower
+from fgcmr.progress import quiet_prints
 from fgcmr.train.config import OptimConfig, named_config_path
+
+
+def init_distributed(threads: int | None = None) -> DistEnv:
+    """Join the process group (a free port for a lone process, so parallel single runs do not collide)."""
+    import deepspeed
+
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    env = init(threads)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    with quiet_prints():  # DeepSpeed prints that its shared-memory op "built successfully" on every start
+        deepspeed.init_distributed(dist_backend=env.backend, timeout=collective_timeout())
+    return env
 
 
 def deepspeed_config(name: str, micro_batch: int, optim: OptimConfig) -> dict[str, Any]:
@@ -87,8 +106,8 @@ def offloads_optimizer(ds_cfg: dict[str, Any]) -> bool:
     return device in ("cpu", "nvme")
 
 
-def build_optimizer(model: TwoTower, ds_cfg: dict[str, Any], optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over ``param_groups``. With an offloaded optimizer (ZeRO-Offload) on an accelerator it is
+def build_optimizer(groups: list[dict[str, Any]], ds_cfg: dict[str, Any], optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over parameter ``groups``. With an offloaded optimizer (ZeRO-Offload) on an accelerator it is
     DeepSpeed's ``DeepSpeedCPUAdam`` (SIMD Adam on the host, a C++ op compiled once at first use), as
     DeepSpeed requires; on a CPU-only machine ``torch.optim.AdamW`` (offloading to the host changes
     nothing there, and it needs no compiled op)."""
@@ -96,15 +115,23 @@ def build_optimizer(model: TwoTower, ds_cfg: dict[str, Any], optim: OptimConfig)
     if offloads_optimizer(ds_cfg) and torch.cuda.is_available():
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(param_groups(model, optim), adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(param_groups(model, optim), **kwargs)
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
-def build_engine(model: TwoTower, ds_cfg: dict[str, Any], optim: OptimConfig, total_steps: int):
+def build_engine(
+    model: torch.nn.Module,
+    ds_cfg: dict[str, Any],
+    optim: OptimConfig,
+    total_steps: int,
+    groups: list[dict[str, Any]] | None = None,
+):
+    """The engine and its schedule (``warmup_cosine``); ``groups``: the optimizer's parameter groups,
+    by default the two-tower's ``param_groups``."""
     import deepspeed
 
     check_supported(ds_cfg)
-    optimizer = build_optimizer(model, ds_cfg, optim)
+    optimizer = build_optimizer(groups if groups is not None else param_groups(model, optim), ds_cfg, optim)
     factor = warmup_cosine(total_steps, optim.warmup_steps, optim.min_lr_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,

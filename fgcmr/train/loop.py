@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,19 +20,19 @@ import torch
 
 from fgcmr.config import dump_yaml, to_dict
 from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
-from fgcmr.distributed import DistEnv, barrier, collective_timeout, free_port, init
+from fgcmr.distributed import DistEnv, barrier
 from fgcmr.io import atomic_write_json, atomic_write_text, clean_leftovers
 from fgcmr.labels import read_head
 from fgcmr.losses import LossConfig, RetrievalLoss
-from fgcmr.model import ModelConfig, TwoTower, build_inputs, build_model, train_wordpiece
+from fgcmr.model import ModelConfig, TwoTower, bind_tokenizer, build_inputs, build_model, fit_tokenizer
 from fgcmr.model.export import WEIGHTS
 from fgcmr.model.partitioned import load_into, open_weights, partitioned_construction
-from fgcmr.progress import quiet_prints
 from fgcmr.run import record_requeue
 from fgcmr.train import checkpoint, state
-from fgcmr.train.config import TrainConfig, load_model_config
+from fgcmr.text import TOKENIZER_FILE
+from fgcmr.train.config import DataConfig, TrainConfig, load_model_config
 from fgcmr.train.data import build_loader
-from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
+from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config, init_distributed
 from fgcmr.train.monitor import Monitor
 from fgcmr.train.signals import EXIT_REQUEUE, StopRequest
 from fgcmr.train.step import micro_step, to_device
@@ -65,45 +64,23 @@ class Schedule:
         return self.max_steps if self.max_steps is not None else self.epochs * self.steps_per_epoch
 
 
-def init_distributed() -> DistEnv:
-    """Join the process group (a free port for a lone process, so parallel single runs do not collide)."""
-    import deepspeed
-
-    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-    env = init()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    with quiet_prints():  # DeepSpeed prints that its shared-memory op "built successfully" on every start
-        deepspeed.init_distributed(dist_backend=env.backend, timeout=collective_timeout())
-    return env
-
-
-def ensure_tokenizer(
-    model_cfg: ModelConfig,
-    dataset: DatasetInfo,
-    run_dir: Path,
-    env: DistEnv,
-    split: str,
-    max_texts: int,
-    vocab_size: int,
+def with_tokenizer(
+    model_cfg: ModelConfig, dataset: DatasetInfo, run_dir: Path, env: DistEnv, data: DataConfig
 ) -> ModelConfig:
-    """A transformers tower built from a config gets a WordPiece tokenizer trained on the split's texts
-    (once, by rank 0, kept in the run dir for resumes and export), and the tokenizer's vocabulary size."""
+    """A transformers tower built from a config is bound (``bind_tokenizer``) to its given tokenizer, or to a
+    WordPiece tokenizer fitted on the split's texts (once, by rank 0, kept in the run dir for resumes and export)."""
     text = model_cfg.text
-    if text.kind != "transformers" or model_cfg.tokenizer_dir:
+    if text.kind != "transformers" or text.pretrained_dir:
         return model_cfg
+    if text.tokenizer_dir:
+        return dataclasses.replace(model_cfg, text=bind_tokenizer(text, text.tokenizer_dir))
     tok_dir = run_dir / "tokenizer"
-    if env.is_main and not (tok_dir / "tokenizer.json").is_file():
-        texts = itertools.islice(
-            (t for shard in dataset.shards(split) for s in iter_samples(shard) for t in s.texts), max_texts
-        )
-        train_wordpiece(texts, tok_dir, vocab_size)
-        log.info("trained a WordPiece tokenizer on %s texts → %s", split, tok_dir)
+    if env.is_main and not (tok_dir / TOKENIZER_FILE).is_file():
+        samples = (t for shard in dataset.shards(data.split) for s in iter_samples(shard) for t in s.texts)
+        fit_tokenizer(text, itertools.islice(samples, data.tokenizer_samples), tok_dir)
+        log.info("trained a WordPiece tokenizer on %s texts → %s", data.split, tok_dir)
     barrier()
-    from fgcmr.text import load_tokenizer
-
-    config = {**text.config, "vocab_size": len(load_tokenizer(tok_dir))}
-    return dataclasses.replace(model_cfg, text=dataclasses.replace(text, tokenizer_dir=str(tok_dir), config=config))
+    return dataclasses.replace(model_cfg, text=bind_tokenizer(text, tok_dir))
 
 
 def forever(loader) -> Iterator[dict]:
@@ -187,10 +164,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         clean_leftovers(run_dir, ckpt_dir, *checkpoint.step_tags(ckpt_dir))
-    model_cfg = load_model_config(cfg.model, cfg.model_overrides)
-    model_cfg = ensure_tokenizer(
-        model_cfg, dataset, run_dir, env, cfg.data.split, cfg.data.tokenizer_samples, model_cfg.text.vocab_size
-    )
+    model_cfg = with_tokenizer(load_model_config(cfg.model, cfg.model_overrides), dataset, run_dir, env, cfg.data)
     sched = Schedule(
         env.world_size,
         cfg.data.micro_batch,

@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fgcmr.losses import LossOutput, hardness_stats
@@ -54,6 +55,11 @@ class Monitor:
                 self.writer.add_scalar(f"{prefix}/{name}", value, step)
             self.writer.flush()
         self.last_values.update({f"{prefix}/{k}": v for k, v in values.items()})
+
+    def histograms(self, prefix: str, values: dict[str, np.ndarray], step: int) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_histogram(f"{prefix}/{name}", value, step)
 
     def logs_at(self, step: int) -> bool:
         return self.enabled and (step % self.log_every == 0 or step == self.total_steps)
