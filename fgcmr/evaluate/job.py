@@ -255,7 +255,7 @@ def _flush(batch: list, part: dict, model, inputs, device, keep_features: bool) 
     part["txt"].append(model.encode_text(text_batch).float().cpu().numpy())
     for sample, _, ts in batch:
         part["keys"].append(sample.key)
-        part["cat"].append(-1 if sample.category is None else int(sample.category))
+        part["cat"].append(sample.category_id)
         part["n_texts"].append(len(ts))
         part["texts"].extend(
             sample.texts[k] if k < len(sample.texts) else sample.texts[0] for k in range(len(ts))

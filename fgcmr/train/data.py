@@ -138,7 +138,7 @@ class MakeItem:
             self.skipped += 1
             log.warning("skipped bad sample %s in %s (%d so far): %s", key, raw.get("__url__"), self.skipped, e)
             return None
-        item["category"] = -1 if sample.category is None else int(sample.category)
+        item["category"] = sample.category_id
         item["image_id"] = key_id(key)
         if self.labels is not None:
             texts, _ = self.labels(raw["__url__"], key)

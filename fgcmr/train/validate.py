@@ -34,7 +34,7 @@ class Validator:
         self.images = [inputs.image(s) for s in samples]
         self.texts = [inputs.text(s, k) for s, n in zip(samples, texts_per_sample) for k in range(n)]
         self.owner = np.repeat(np.arange(len(samples)), texts_per_sample)
-        self.categories = np.array([-1 if s.category is None else s.category for s in samples])
+        self.categories = np.array([s.category_id for s in samples])
         self.inputs, self.batch_size, self.split = inputs, batch_size, split
 
     @torch.no_grad()
