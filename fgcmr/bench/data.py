@@ -16,7 +16,7 @@ import os
 import tarfile
 import time
 
-from fgcmr.bench.train import machine
+from fgcmr.bench.host import machine
 from fgcmr.dataset import open_dataset
 from fgcmr.model import build_inputs
 from fgcmr.train.config import load_model_config

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fgcmr.bench.host import sync
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import init
 from fgcmr.io import sha256_file
@@ -55,14 +56,14 @@ def run(cfg: BenchEmbedConfig) -> dict:
         for images, texts in prepared:
             model.encode_image(images).float().cpu()
             model.encode_text(texts).float().cpu()
-        _sync(d.device)
+        sync(d.device)
 
     with tempfile.TemporaryDirectory() as tmp:
 
         def embed() -> None:
             for part, data in embed_parts(parts, model, inputs, d.device, cfg.batch_size, EmbedConfig.prefetch_batches):
                 write_part(Path(tmp), part, data, export_sha, EmbedConfig.dtype)
-            _sync(d.device)
+            sync(d.device)
 
         bare()  # warm-up: allocator, kernels, thread pool
         times = {"embed": [], "bare": []}
@@ -97,8 +98,3 @@ def _on_device(batch: Batch, inputs, device: torch.device) -> tuple[torch.Tensor
     texts = inputs.collate_texts(batch.texts)
     texts = {k: v.to(device) for k, v in texts.items()} if isinstance(texts, dict) else texts.to(device)
     return inputs.normalize(batch.images.to(device)), texts
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from fgcmr.bench.host import sync
 from fgcmr.config import dump_yaml, to_dict
 from fgcmr.io import atomic_write_json, atomic_write_text
 from fgcmr.losses import LossConfig, RetrievalLoss
@@ -131,11 +132,6 @@ def _slice_text(text, n: int):
     return {k: v[:n] for k, v in text.items()} if isinstance(text, dict) else text[:n]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -144,10 +140,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def timed_steps(step: Callable[[], float], n: int, device: torch.device) -> tuple[float, float]:
     """Run ``n`` steps; (wall seconds, seconds spent waiting for data as reported by ``step``)."""
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     waited = sum(step() for _ in range(n))
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t, waited
 
 
@@ -189,7 +185,8 @@ def shard_batches(
 
 
 def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
-    from fgcmr.bench.train import machine, synthetic_batches
+    from fgcmr.bench.host import machine
+    from fgcmr.bench.train import synthetic_batches
     from fgcmr.train.config import OptimConfig
     from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
     from fgcmr.train.loop import init_distributed

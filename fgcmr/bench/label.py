@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from fgcmr.bench.host import sync
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import init
 from fgcmr.label.infer import LabelInferConfig, label_shards
@@ -57,7 +58,7 @@ def run(cfg: BenchLabelConfig) -> dict:
         with autocast(d.device, cfg.dtype):
             for b in batches:
                 model(**{k: v.to(d.device, non_blocking=True) for k, v in b.items()})
-        _sync(d.device)
+        sync(d.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         _link_dataset(Path(cfg.shards), Path(tmp))
@@ -73,7 +74,7 @@ def run(cfg: BenchLabelConfig) -> dict:
         def infer() -> None:
             shutil.rmtree(Path(tmp) / "labels", ignore_errors=True)
             label_shards(model, tokenizer, max_length, [Path(tmp) / s.name for s in shards], infer_cfg, d)
-            _sync(d.device)
+            sync(d.device)
 
         bare()  # warm-up: allocator, kernels, thread pool
         times = {"infer": [], "bare": []}
@@ -109,8 +110,3 @@ def _link_dataset(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.is_file():
             (dst / f.name).symlink_to(f.resolve())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

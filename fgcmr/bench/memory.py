@@ -74,7 +74,8 @@ def _peak(device: torch.device) -> int:
 def measure(cfg: BenchMemoryConfig) -> dict[str, Any]:
     import gc
 
-    from fgcmr.bench.train import machine, synthetic_batches
+    from fgcmr.bench.host import machine
+    from fgcmr.bench.train import synthetic_batches
     from fgcmr.losses import LossConfig, RetrievalLoss
     from fgcmr.model.partitioned import full_numel
     from fgcmr.train.config import OptimConfig, load_model_config

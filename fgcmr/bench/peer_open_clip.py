@@ -458,7 +458,7 @@ def compare(cfg: BenchPeerConfig, work_dir: str | Path | None = None) -> dict[st
     )
     gb = cfg.micro_batch * cfg.nproc
     median = {k: statistics.median(w for r in v for w in r["window_samples_per_s"]) for k, v in runs.items()}
-    from fgcmr.bench.train import machine
+    from fgcmr.bench.host import machine
 
     return {
         "fgcmr_samples_per_s": fg * gb,

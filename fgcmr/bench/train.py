@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fgcmr.bench.host import machine
 from fgcmr.bench.ranks import relaunch
 from fgcmr.distributed import all_gather_objects, barrier
 from fgcmr.losses import LossConfig, RetrievalLoss
@@ -49,15 +49,6 @@ class BenchTrainConfig:
     def validate(self) -> None:
         if min(self.nproc, self.steps, self.rounds, self.batches) < 1:
             raise ValueError("nproc, steps, rounds and batches must be ≥ 1")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), {gpu}, "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-    )
 
 
 def synthetic_batches(cfg: ModelConfig, n: int, micro_batch: int, seed: int) -> list[dict]:
