@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.distributed import free_port
 from fgcmr.io import read_json
 from fgcmr.labels import labels_dir, read_sidecar, sidecar_path
 from fgcmr.train.data import key_id
@@ -50,14 +51,6 @@ SCRATCH = Path(f"/tmp/fgcmr-scratch-{os.getpid()}")
 def _remove_scratch():
     yield
     shutil.rmtree(SCRATCH, ignore_errors=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Nodes:

@@ -157,13 +157,9 @@ def table(r: dict[str, Any]) -> str:
     return head + "\n" + "\n".join(rows)
 
 
-def _launch(cfg: BenchMemoryConfig) -> int:
-    return relaunch("memory", cfg.nproc)
-
-
 def run(cfg: BenchMemoryConfig) -> dict[str, Any] | None:
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
-        code = _launch(cfg)
+        code = relaunch("memory", cfg.nproc)
         if code:
             sys.exit(code)
         return None

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fgcmr.config import dump_yaml, to_dict
+from fgcmr.distributed import torchrun_command
 from fgcmr.model import ModelConfig
 from fgcmr.train.config import load_model_config
 
@@ -240,10 +241,6 @@ def shard_pattern(shards: list[Path]) -> str:
     return "::".join(str(s) for s in shards)
 
 
-def _torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-
-
 def _env() -> dict[str, str]:
     return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
 
@@ -273,7 +270,7 @@ def run_open_clip_peer(
     model_cfg = load_model_config(model)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else train_tokenizer(dataset, model_cfg, work / "tokenizer")
     name, model_dir = write_peer_model(model_cfg, tokenizer_dir, work / "open_clip_model")
-    cmd = _torchrun(nproc) + [
+    args = [
         "-m",
         "fgcmr.bench.peer_open_clip",
         f"--fgcmr-model-dir={model_dir}",
@@ -319,6 +316,7 @@ def run_open_clip_peer(
         "--name",
         f"run{time.time_ns()}",
     ]  # logs go to <work>/logs (an explicit --logs trips torchrun's parser)
+    cmd = torchrun_command(nproc, args)
     points = timed_steps(
         cmd, _env(), OPEN_CLIP_LINE, lambda samples: samples // (batch_size * nproc), work / "open_clip.log", cwd=work
     )
@@ -354,7 +352,7 @@ def run_fgcmr_train(
     model_file = work / "fgcmr_model.yaml"
     model_file.write_text(dump_yaml(to_dict(pin_tokenizer(model_cfg, tokenizer_dir))))
     run_dir = work / f"fgcmr_run{time.time_ns()}"
-    cmd = _torchrun(nproc) + [
+    args = [
         "-m",
         "fgcmr",
         "train",
@@ -373,6 +371,7 @@ def run_fgcmr_train(
         "--optim.lr=1e-3",
         "--optim.warmup_steps=20",
     ]
+    cmd = torchrun_command(nproc, args)
     points = timed_steps(cmd, _env(), FGCMR_LINE, int, work / "fgcmr.log")
     return {
         **throughput(points, warmup, batch_size * nproc),

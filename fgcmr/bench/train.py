@@ -180,10 +180,6 @@ def measure(cfg: BenchTrainConfig) -> dict:
     return result
 
 
-def _launch(cfg: BenchTrainConfig) -> int:
-    return relaunch("train", cfg.nproc, FGCMR_BENCH_RANK="1")
-
-
 def run(cfg: BenchTrainConfig) -> dict | None:
     if cfg.peer is not None:
         from fgcmr.bench.peer_open_clip import BenchPeerConfig
@@ -200,7 +196,7 @@ def run(cfg: BenchTrainConfig) -> dict | None:
         peer.validate()
         return run_peer(peer)
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and cfg.nproc > 1:
-        code = _launch(cfg)
+        code = relaunch("train", cfg.nproc, FGCMR_BENCH_RANK="1")
         if code:
             sys.exit(code)
         return None
