@@ -26,7 +26,7 @@ from fgcmr.progress import Progress
 from fgcmr.run import DONE, Check, diff
 from fgcmr.shard.grouping import GROUP_BY
 from fgcmr.shard.manifest import WORK_DIR, finalize, plan_path
-from fgcmr.shard.readers import make_reader
+from fgcmr.shard.readers import Reader, make_reader
 from fgcmr.shard.records import Ref, make_key
 from fgcmr.shard.sample import encode_sample
 from fgcmr.shard.writer import Chunk, verified_record, write_chunk
@@ -222,7 +222,7 @@ def _discard(out: Path, work: Path) -> None:
             path.rmdir()
 
 
-def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
+def _chunks(cfg: ShardConfig, reader: Reader) -> Iterator[Chunk]:
     """Cut the listing into per-split chunks of ``max_items_per_shard`` refs; duplicates become skips.
 
     Refs the listing already failed ride along in the current chunk without taking an item's place,
@@ -231,7 +231,7 @@ def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
     buffers: dict[str, list] = {}
     filled: collections.Counter = collections.Counter()
     counters: collections.Counter = collections.Counter()
-    seen: set[str] | None = None if getattr(reader, "unique_ids", False) else set()
+    seen: set[str] | None = None if reader.unique_ids else set()
     for ref in reader.refs():
         split = cfg.holdout.split_of(ref)
         if split != ref.split:
@@ -259,17 +259,17 @@ def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
             yield Chunk(split, counters[split], buffer, _snapshot(reader))
 
 
-def _snapshot(reader) -> list[str] | None:
+def _snapshot(reader: Reader) -> list[str] | None:
     return list(reader.categories) if reader.categories is not None else None
 
 
-def _write_chunks(cfg: ShardConfig, reader, work: Path) -> dict:
+def _write_chunks(cfg: ShardConfig, reader: Reader, work: Path) -> dict:
     """Write this task's missing chunks; return every chunk of the corpus and the split order."""
     all_chunks: list[tuple[str, int]] = []
     splits: list[str] = []
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0"))
     written = 0
-    total = None if cfg.splits else getattr(reader, "total", None)
+    total = None if cfg.splits else reader.total
     progress = Progress(total, f"shard {Path(cfg.out).name}", unit="item")
     pool = ProcessPoolExecutor(cfg.workers, initializer=_init_worker, initargs=(cfg,)) if cfg.workers > 1 else None
     pending: collections.deque[Future] = collections.deque()
@@ -308,7 +308,7 @@ def _write_chunks(cfg: ShardConfig, reader, work: Path) -> dict:
     return {"chunks": all_chunks, "splits": splits}
 
 
-def _write(reader, chunk: Chunk, work: Path, data: DataOptions) -> dict:
+def _write(reader: Reader, chunk: Chunk, work: Path, data: DataOptions) -> dict:
     return write_chunk(
         chunk, work, reader.load, lambda item, cats: encode_sample(item, cats, data), data.max_bytes_per_shard
     )
