@@ -21,7 +21,8 @@ from fgcmr.bench.host import sync
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import init
 from fgcmr.io import sha256_file
-from fgcmr.retrieval.embed import Batch, EmbedConfig, write_part, embed_parts, plan, read_batches
+from fgcmr.model.inputs import Batch, move
+from fgcmr.retrieval.embed import EmbedConfig, embed_parts, plan, read_batches, write_part
 
 
 @dataclasses.dataclass
@@ -95,6 +96,4 @@ def run(cfg: BenchEmbedConfig) -> dict:
 
 
 def _on_device(batch: Batch, inputs, device: torch.device) -> tuple[torch.Tensor, object]:
-    texts = inputs.collate_texts(batch.texts)
-    texts = {k: v.to(device) for k, v in texts.items()} if isinstance(texts, dict) else texts.to(device)
-    return inputs.normalize(batch.images.to(device)), texts
+    return inputs.normalize(move(batch.images, device)), move(inputs.collate_texts(batch.texts), device)

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from fgcmr.losses import LossOutput, RetrievalLoss
+from fgcmr.model.inputs import move
 
 
 def to_device(
@@ -15,15 +16,9 @@ def to_device(
     dtype: torch.dtype,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
-    """Move a collated batch; uint8 pixels are normalised there (``Inputs.normalize``), and floating
-    inputs of the towers take the engine's compute dtype."""
-
-    def move(x: torch.Tensor, cast: bool) -> torch.Tensor:
-        x = x.to(device, non_blocking=True)
-        return x.to(dtype) if cast and x.is_floating_point() else x
-
-    text = batch["text"]
-    out = {k: move(v, False) for k, v in batch.items() if k not in ("image", "text")}
+    """Move a collated training batch; uint8 pixels are normalised there (``Inputs.normalize``), and floating
+    inputs of the towers take the engine's compute dtype (labels and ids keep theirs)."""
+    out = {k: move(v, device) for k, v in batch.items() if k not in ("image", "text")}
     image = batch["image"]
     if image.dtype == torch.uint8:
         if normalize is None:
@@ -31,8 +26,8 @@ def to_device(
                 "uint8 pixels need the input pipeline's normalisation: to_device(..., normalize=inputs.normalize)"
             )
         image = normalize(image.to(device, non_blocking=True))
-    out["image"] = move(image, True)
-    out["text"] = {k: move(v, False) for k, v in text.items()} if isinstance(text, dict) else move(text, True)
+    out["image"] = move(image, device, dtype)
+    out["text"] = move(batch["text"], device, dtype)
     return out
 
 
