@@ -19,7 +19,7 @@ import time
 from fgcmr.bench.host import machine
 from fgcmr.dataset import open_dataset
 from fgcmr.model import build_inputs
-from fgcmr.train.config import load_model_config
+from fgcmr.train.config import DataConfig, load_model_config
 from fgcmr.train.data import MakeItem, build_loader
 
 
@@ -97,19 +97,8 @@ def run(cfg: BenchDataConfig) -> dict:
                 train_wordpiece(texts, f"{tmp}/tokenizer", model_cfg.text.vocab_size)
             )
         inputs = build_inputs(model_cfg, train=cfg.augment)
-        loader = build_loader(
-            dataset,
-            inputs,
-            split=cfg.split,
-            micro_batch=cfg.micro_batch,
-            workers=cfg.workers,
-            batches_per_rank=1 << 30,
-            world_size=1,
-            resampled=True,
-            shuffle_buffer=500,
-            labeler=None,
-            seed=0,
-        )
+        data = DataConfig(micro_batch=cfg.micro_batch, workers=cfg.workers, split=cfg.split, augment=cfg.augment)
+        loader = build_loader(dataset, inputs, data, world_size=1, batches_per_rank=1 << 30, seed=0)
         it = iter(loader)
         for _ in range(max(4, cfg.workers * 2)):  # workers started, prefetch queues full
             next(it)

@@ -155,6 +155,7 @@ def shard_batches(
     from fgcmr.bench.peer_open_clip import synthetic_shards, train_tokenizer
     from fgcmr.dataset import open_dataset
     from fgcmr.model import build_inputs
+    from fgcmr.train.config import DataConfig
     from fgcmr.train.data import build_loader
 
     root = (
@@ -168,19 +169,8 @@ def shard_batches(
     )
     model_cfg = dataclasses.replace(model_cfg, text=text)
     inputs = build_inputs(model_cfg, train=False)
-    loader = build_loader(
-        dataset,
-        inputs,
-        split="train",
-        micro_batch=cfg.micro_batch,
-        workers=cfg.workers,
-        batches_per_rank=batches,
-        world_size=1,
-        resampled=True,
-        shuffle_buffer=min(1000, 4 * cfg.micro_batch),
-        labeler=None,
-        seed=0,
-    )
+    data = DataConfig(micro_batch=cfg.micro_batch, workers=cfg.workers, shuffle_buffer=min(1000, 4 * cfg.micro_batch))
+    loader = build_loader(dataset, inputs, data, world_size=1, batches_per_rank=batches, seed=0)
     return inputs, iter(loader)
 
 

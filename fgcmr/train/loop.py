@@ -228,16 +228,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     loader = build_loader(
         dataset,
         inputs,
-        split=cfg.data.split,
-        micro_batch=cfg.data.micro_batch,
-        workers=cfg.data.workers,
+        cfg.data,
+        env.world_size,
         batches_per_rank=max(1, steps_per_pass) * sched.grad_accum,
-        world_size=env.world_size,
-        resampled=cfg.data.resampled,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        labeler=cfg.labels if cfg.loss.needs_labels else None,
         seed=cfg.seed + 1_000_003 * step,
-        on_corrupt=cfg.data.on_corrupt,
+        labeler=cfg.labels if cfg.loss.needs_labels else None,
     )
     monitor = Monitor(run_dir, env.is_main, sched.total_steps, sched.samples_per_step, cfg.log_every, cfg.hist_every)
     monitor.text("config", dump_yaml(resolved))
