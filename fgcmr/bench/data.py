@@ -16,6 +16,7 @@ import os
 import tarfile
 import time
 
+from fgcmr.config import Validated
 from fgcmr.bench.host import machine
 from fgcmr.dataset import open_dataset
 from fgcmr.model import build_inputs
@@ -24,8 +25,8 @@ from fgcmr.train.data import MakeItem, build_loader
 
 
 @dataclasses.dataclass
-class BenchDataConfig:
-    shards: str = ""
+class BenchDataConfig(Validated):
+    shards: str  # dataset dir
     model: str = "tiny"
     tokenizer: str | None = (
         None  # tokenizer dir (default: <shards>/../tokenizer is not assumed; one is trained in a temp dir)
@@ -36,10 +37,6 @@ class BenchDataConfig:
     batches: int = 40  # measured batches
     augment: bool = True
     json: bool = False
-
-    def validate(self) -> None:
-        if not self.shards:
-            raise ValueError("--shards=<dataset dir> is required")
 
 
 def _records(urls: list[str], limit: int) -> list[dict]:

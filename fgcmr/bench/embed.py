@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fgcmr.config import Validated
 from fgcmr.bench.host import sync
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import init
@@ -26,19 +27,15 @@ from fgcmr.retrieval.embed import EmbedConfig, embed_parts, plan, read_batches, 
 
 
 @dataclasses.dataclass
-class BenchEmbedConfig:
-    export: str = ""
-    shards: str = ""
+class BenchEmbedConfig(Validated):
+    export: str  # export dir
+    shards: str  # dataset dir
     split: str = "test"
     max_shards: int = 2
     batch_size: int = 64
     repeats: int = 3
     json: bool = False
     threads: int | None = None  # torch CPU threads (default: all cores)
-
-    def validate(self) -> None:
-        if not self.export or not self.shards:
-            raise ValueError("--export=<export dir> and --shards=<dataset dir> are required")
 
 
 def run(cfg: BenchEmbedConfig) -> dict:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from fgcmr.bench.host import sync
-from fgcmr.config import dump_yaml, to_dict
+from fgcmr.config import Validated, dump_yaml, to_dict
 from fgcmr.io import atomic_write_json, atomic_write_text
 from fgcmr.losses import LossConfig, RetrievalLoss
 from fgcmr.model import Inputs, ModelConfig, build_model
@@ -51,7 +51,7 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 
 
 @dataclasses.dataclass
-class BenchGpuConfig:
+class BenchGpuConfig(Validated):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     deepspeed: str = "zero2_bf16"  # configs/deepspeed/<name>.json; a *_fp32 config on CPU
     loss: str = "pairwise"
@@ -73,7 +73,7 @@ class BenchGpuConfig:
         for case in self.cases:
             if "name" not in case:
                 raise ValueError(f"every bench case needs a name; got {case}")
-            case_config(self, case).validate()
+            case_config(self, case)  # validates itself
         if set(self.modes) - {"synthetic", "shards"} or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of synthetic, shards; got {self.modes}")
         if min(self.micro_batch, self.steps) < 1 or self.warmup < 0:

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from fgcmr.config import Validated
 from fgcmr.bench.host import sync
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import init
@@ -27,9 +28,9 @@ from fgcmr.label.stream import ShardEnd, TextBatch, shard_items
 
 
 @dataclasses.dataclass
-class BenchLabelConfig:
-    shards: str = ""
-    labeler: str = ""
+class BenchLabelConfig(Validated):
+    shards: str  # dataset dir
+    labeler: str  # labeler dir (fgcmr label train)
     split: str = "train"
     max_shards: int = 2
     batch_size: int = 64
@@ -37,10 +38,6 @@ class BenchLabelConfig:
     repeats: int = 2
     json: bool = False
     threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
-
-    def validate(self) -> None:
-        if not self.shards or not self.labeler:
-            raise ValueError("--shards=<dataset dir> and --labeler=<labeler dir> are required")
 
 
 def run(cfg: BenchLabelConfig) -> dict:

@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
+from fgcmr.config import Validated
 from fgcmr.bench.ranks import relaunch
 from fgcmr.distributed import all_gather_objects, barrier
 
 
 @dataclasses.dataclass
-class BenchMemoryConfig:
+class BenchMemoryConfig(Validated):
     model: str = "tiny"  # configs/models/<name>.yaml
     deepspeed: str = "zero3_fp32"
     nproc: int = 1

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fgcmr.config import dump_yaml, to_dict
+from fgcmr.config import Validated, dump_yaml, to_dict
 from fgcmr.distributed import torchrun_command
 from fgcmr.model import ModelConfig
 from fgcmr.train.config import load_model_config
@@ -49,7 +49,7 @@ TIMM_VARIANT = "timm_variant.json"
 
 
 @dataclasses.dataclass
-class BenchPeerConfig:
+class BenchPeerConfig(Validated):
     peer: str = "open_clip"
     model: str = "tiny"  # configs/models/<name>.yaml (timm image tower + transformers text tower)
     shards: str | None = None  # dataset dir; default: synthetic shards made in a temporary dir

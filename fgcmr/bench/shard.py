@@ -27,12 +27,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from fgcmr.config import Validated
 from fgcmr.shard.job import ShardConfig, run as shard_run
 from fgcmr.shard.readers.synthetic import SyntheticReader
 
 
 @dataclasses.dataclass
-class BenchShardConfig:
+class BenchShardConfig(Validated):
     source: Literal["synthetic", "img2dataset"] = "synthetic"
     rows: list[int] = dataclasses.field(default_factory=lambda: [10_000, 1_000_000])  # img2dataset: corpus sizes
     items: int = 1000  # throughput corpus size

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fgcmr.config import Validated
 from fgcmr.bench.host import machine
 from fgcmr.bench.ranks import relaunch
 from fgcmr.distributed import all_gather_objects, barrier
@@ -32,7 +33,7 @@ from fgcmr.train.signals import StopRequest
 
 
 @dataclasses.dataclass
-class BenchTrainConfig:
+class BenchTrainConfig(Validated):
     model: str = "tiny"
     deepspeed: str = "zero0_fp32"
     loss: str = "pairwise"
@@ -193,7 +194,6 @@ def run(cfg: BenchTrainConfig) -> dict | None:
             micro_batch=cfg.micro_batch,
             json=cfg.json,
         )
-        peer.validate()
         return run_peer(peer)
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and cfg.nproc > 1:
         code = relaunch("train", cfg.nproc, FGCMR_BENCH_RANK="1")

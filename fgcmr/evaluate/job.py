@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fgcmr import distributed
-from fgcmr.config import dump_yaml, read_yaml
+from fgcmr.config import Validated, dump_yaml, read_yaml
 from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
 from fgcmr.evaluate.metrics import RECALL_KS, retrieval_metrics
 from fgcmr.io import atomic_write_json, atomic_write_text, clean_leftovers, sha256_file
@@ -40,8 +40,8 @@ log = logging.getLogger("fgcmr.eval")
 
 
 @dataclasses.dataclass
-class EvalConfig:
-    run: str = ""  # run dir of `fgcmr train` (holds export/ and config.yaml)
+class EvalConfig(Validated):
+    run: str  # run dir of `fgcmr train` (holds export/ and config.yaml)
     shards: str | None = None  # dataset dir; default: the run's train.shards
     export: str | None = None  # default: <run>/export
     out: str | None = None  # default: <run>/eval
@@ -58,8 +58,6 @@ class EvalConfig:
     tensorboard: bool = True
 
     def validate(self) -> None:
-        if not self.run:
-            raise ValueError("--run=<run dir> is required")
         if self.batch_size < 1:
             raise ValueError("batch_size must be ≥ 1")
         if self.embeddings and self.baselines:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator, Literal
 import numpy as np
 import torch
 
+from fgcmr.config import Validated
 from fgcmr import distributed
 from fgcmr.dataset import DatasetInfo, Sample, iter_samples, open_dataset
 from fgcmr.io import atomic_open, atomic_write_json, read_json, sha256_file
@@ -43,10 +44,10 @@ MANIFEST = "embeddings.json"
 
 
 @dataclasses.dataclass
-class EmbedConfig:
-    export: str = ""  # export dir (fgcmr export)
-    shards: str = ""  # dataset dir (fgcmr shard)
-    out: str = ""  # output dir
+class EmbedConfig(Validated):
+    export: str  # export dir (fgcmr export)
+    shards: str  # dataset dir (fgcmr shard)
+    out: str  # output dir
     splits: list[str] = dataclasses.field(default_factory=list)  # default: every split of the dataset
     batch_size: int = 64  # images per forward (texts: all their captions)
     dtype: Literal["float16", "float32"] = "float16"  # of the stored embeddings (clip-retrieval's default: float16)
@@ -54,8 +55,6 @@ class EmbedConfig:
     threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
 
     def validate(self) -> None:
-        if not self.export or not self.shards or not self.out:
-            raise ValueError("--export=<export dir>, --shards=<dataset dir> and --out=<dir> are required")
         if self.batch_size < 1 or self.prefetch_batches < 1:
             raise ValueError("batch_size and prefetch_batches must be ≥ 1")
 

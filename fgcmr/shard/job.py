@@ -20,7 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator, Literal
 
-from fgcmr.config import ConfigError, dump_yaml, to_dict
+from fgcmr.config import ConfigError, Validated, dump_yaml, to_dict
 from fgcmr.io import atomic_write_json, clean_leftovers, read_json
 from fgcmr.progress import Progress
 from fgcmr.run import DONE, Check, diff
@@ -39,7 +39,7 @@ FAIL_AFTER_ENV = "FGCMR_SHARD_FAIL_AFTER"  # test hook: exit abruptly after this
 
 
 @dataclasses.dataclass
-class DataOptions:
+class DataOptions(Validated):
     """Shard limits and image handling."""
 
     max_items_per_shard: int = 1000
@@ -60,7 +60,7 @@ class DataOptions:
 
 
 @dataclasses.dataclass
-class Holdout:
+class Holdout(Validated):
     """A validation carve: ``fraction`` of the ``source`` split's items go to split ``split`` instead.
 
     Membership is decided by a hash of the item id and ``seed``, so it is the same on every rerun, in
@@ -87,7 +87,7 @@ class Holdout:
 
 
 @dataclasses.dataclass
-class ShardConfig:
+class ShardConfig(Validated):
     """What to shard, where to, and how to split the work."""
 
     source: Literal[
@@ -126,7 +126,6 @@ class ShardConfig:
     holdout: Holdout = dataclasses.field(default_factory=Holdout)
 
     def validate(self) -> None:
-        self.holdout.validate()
         if self.source != "synthetic" and not self.root and not self.merge:
             raise ValueError(f"--root is required for source={self.source!r}")
         if self.workers < 1:
@@ -141,7 +140,6 @@ class ShardConfig:
 
 def run(cfg: ShardConfig) -> dict:
     """Shard (this task's part of) the corpus; return the manifest, or this task's summary in an array."""
-    cfg.validate()
     out = Path(cfg.out)
     if cfg.merge or cfg.num_tasks == 1:
         clean_leftovers(out)  # temporary files of a killed finalize (tasks of an array write only under the work dir)

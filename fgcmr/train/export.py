@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fgcmr.config import build, read_yaml
+from fgcmr.config import Validated, build, read_yaml
 from fgcmr.io import sha256_file
 from fgcmr.model import ModelConfig, build_model, save_export
 from fgcmr.progress import setup_logging
@@ -19,14 +19,10 @@ log = logging.getLogger("fgcmr.export")
 
 
 @dataclasses.dataclass
-class ExportConfig:
-    run: str = ""  # run dir of `fgcmr train`
+class ExportConfig(Validated):
+    run: str  # run dir of `fgcmr train`
     tag: str | None = None  # checkpoint tag (default: the newest complete one)
     out: str | None = None  # default: <run>/export
-
-    def validate(self) -> None:
-        if not self.run:
-            raise ValueError("--run=<run dir> is required")
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
