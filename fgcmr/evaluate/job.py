@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from fgcmr.io import atomic_write_json, atomic_write_text, clean_leftovers, sha2
 from fgcmr.progress import Progress
 from fgcmr.run import STAMP, Check, Fingerprint, check_stamp, file_hash, fingerprint, write_stamp
 from fgcmr.retrieval.embed import EmbedConfig, caption, embed_parts, plan
+
+if TYPE_CHECKING:
+    from fgcmr.model import Inputs, TwoTower
 
 log = logging.getLogger("fgcmr.eval")
 
@@ -166,7 +170,13 @@ def _run_shards(run_dir: Path) -> str:
 
 @torch.no_grad()
 def embed_split(
-    dataset: DatasetInfo, split: str, model, inputs, env, batch_size: int, keep_features: bool
+    dataset: DatasetInfo,
+    split: str,
+    model: TwoTower,
+    inputs: Inputs,
+    env: distributed.DistEnv,
+    batch_size: int,
+    keep_features: bool,
 ) -> Embedded | None:
     """Embed this rank's shards of ``split`` (``fgcmr embed``'s reader and forward); rank 0 returns the whole
     split in shard order."""

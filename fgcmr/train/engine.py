@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ from fgcmr.config import ConfigError
 from fgcmr.model.partitioned import full_shape
 from fgcmr.model.two_tower import TwoTower
 from fgcmr.train.config import OptimConfig, named_config_path
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def deepspeed_config(name: str, micro_batch: int, optim: OptimConfig) -> dict[str, Any]:
@@ -100,7 +103,9 @@ def build_optimizer(model: TwoTower, ds_cfg: dict[str, Any], optim: OptimConfig)
     return torch.optim.AdamW(param_groups(model, optim), **kwargs)
 
 
-def build_engine(model: TwoTower, ds_cfg: dict[str, Any], optim: OptimConfig, total_steps: int):
+def build_engine(
+    model: TwoTower, ds_cfg: dict[str, Any], optim: OptimConfig, total_steps: int
+) -> tuple[DeepSpeedEngine, torch.optim.lr_scheduler.LRScheduler]:
     import deepspeed
 
     check_supported(ds_cfg)
@@ -116,7 +121,7 @@ def build_engine(model: TwoTower, ds_cfg: dict[str, Any], optim: OptimConfig, to
     return engine, scheduler
 
 
-def _cache_zero_grad(engine) -> None:
+def _cache_zero_grad(engine: DeepSpeedEngine) -> None:
     """Without ZeRO or mixed precision DeepSpeed clears gradients by walking the whole module tree
     (``named_parameters``) every step, several ms on small models; a cached parameter list does the same."""
     if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from fgcmr.losses import LossOutput, RetrievalLoss
 from fgcmr.model.inputs import move
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def to_device(
@@ -31,13 +34,13 @@ def to_device(
     return out
 
 
-def reports_grad_norm(engine) -> bool:
+def reports_grad_norm(engine: DeepSpeedEngine) -> bool:
     """DeepSpeed records the global gradient norm in its ZeRO and mixed-precision optimizers only."""
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
 
 
 def micro_step(
-    engine, loss_fn: RetrievalLoss, batch: dict, measure_grad_norm: bool = False
+    engine: DeepSpeedEngine, loss_fn: RetrievalLoss, batch: dict, measure_grad_norm: bool = False
 ) -> tuple[LossOutput, float | None]:
     """Forward, global-batch loss, backward, and ``engine.step`` (an optimizer step at accumulation
     boundaries). With ``measure_grad_norm``, also the pre-clipping gradient norm of this step."""
