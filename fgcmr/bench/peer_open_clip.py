@@ -246,24 +246,20 @@ def _env() -> dict[str, str]:
 
 
 def run_open_clip_peer(
+    cfg: BenchPeerConfig,
     shards_dir: str | Path,
-    nproc: int,
-    batch_size: int,
-    steps: int,
-    *,
-    model: str = "tiny",
-    warmup: int = 10,
-    log_every: int = 5,
-    workers: int = 2,
     work_dir: str | Path | None = None,
     tokenizer_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` with open_clip's trainer for ``steps`` steps on the train split of ``shards_dir``.
+    """Train ``cfg.model`` with open_clip's trainer for ``cfg.steps`` steps on the train split of ``shards_dir``.
 
     Returns ``samples_per_s``, ``step_time_s``, ``measured_steps``, ``processes``, ``batch_size``, ``log``.
     A WordPiece tokenizer is trained on the split's texts unless ``tokenizer_dir`` is given.
     """
     from fgcmr.dataset import open_dataset
+
+    nproc, batch_size, steps, model = cfg.nproc, cfg.micro_batch, cfg.steps, cfg.model
+    warmup, log_every, workers = cfg.warmup, cfg.log_every, cfg.workers
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="fgcmr-peer-"))
     dataset = open_dataset(str(shards_dir))
@@ -329,20 +325,16 @@ def run_open_clip_peer(
 
 
 def run_fgcmr_train(
+    cfg: BenchPeerConfig,
     shards_dir: str | Path,
-    nproc: int,
-    batch_size: int,
-    steps: int,
-    *,
-    model: str = "tiny",
-    warmup: int = 10,
-    log_every: int = 5,
-    workers: int = 2,
     work_dir: str | Path | None = None,
     tokenizer_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """``fgcmr train`` of the same model on the same shards (CLIP loss, fp32, ZeRO-0), timed like the peer."""
     from fgcmr.dataset import open_dataset
+
+    nproc, batch_size, steps, model = cfg.nproc, cfg.micro_batch, cfg.steps, cfg.model
+    warmup, log_every, workers = cfg.warmup, cfg.log_every, cfg.workers
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="fgcmr-peer-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -436,19 +428,10 @@ def compare(cfg: BenchPeerConfig, work_dir: str | Path | None = None) -> dict[st
         from fgcmr.dataset import open_dataset
 
         tok = train_tokenizer(open_dataset(str(shards)), model_cfg, work / "tokenizer")
-        common = dict(
-            model=cfg.model, warmup=cfg.warmup, log_every=cfg.log_every, workers=cfg.workers, tokenizer_dir=tok
-        )
         runs: dict[str, list[dict]] = {"fgcmr": [], "open_clip": []}
         for r in range(cfg.rounds):
-            runs["fgcmr"].append(
-                run_fgcmr_train(shards, cfg.nproc, cfg.micro_batch, cfg.steps, work_dir=work / f"fgcmr{r}", **common)
-            )
-            runs["open_clip"].append(
-                run_open_clip_peer(
-                    shards, cfg.nproc, cfg.micro_batch, cfg.steps, work_dir=work / f"open_clip{r}", **common
-                )
-            )
+            runs["fgcmr"].append(run_fgcmr_train(cfg, shards, work / f"fgcmr{r}", tok))
+            runs["open_clip"].append(run_open_clip_peer(cfg, shards, work / f"open_clip{r}", tok))
     fg = sum(r["measured_steps"] for r in runs["fgcmr"]) / sum(
         r["measured_steps"] * r["step_time_s"] for r in runs["fgcmr"]
     )
