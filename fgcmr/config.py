@@ -23,6 +23,18 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
+class Validated:
+    """Base of the config dataclasses: their ``validate`` runs as they are built (``__post_init__``), from YAML
+    and the command line (``build`` turns its ValueError into a ``ConfigError``) or in code, so no invalid
+    config exists; nested configs have validated themselves by then."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the fix."""
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -77,16 +89,17 @@ def build(cls: type[T], data: dict | None, where: str = "") -> T:
         ):
             kwargs[f.name] = build(hints[f.name], {}, _join(where, f.name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required config field {_join(where, f.name)!r}")
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        try:
+            hint = "" if where else f" (--{f.name}=…)"
+            raise ConfigError(f"missing required config field {_join(where, f.name)!r}{hint}")
+    try:
+        obj = cls(**kwargs)  # a ``Validated`` config checks itself here
+        validate = getattr(obj, "validate", None)
+        if not isinstance(obj, Validated) and callable(validate):
             validate()
-        except ConfigError:
-            raise
-        except ValueError as e:
-            raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
     return obj
 
 

@@ -66,6 +66,12 @@ class Sample:
     def category(self) -> int | None:
         return self.meta.get("category")
 
+    @property
+    def category_id(self) -> int:
+        """The category as metrics and losses compare it: its id, or -1 for none (``labels.relevance``)."""
+        category = self.meta.get("category")
+        return -1 if category is None else int(category)
+
 
 @dataclasses.dataclass
 class DatasetInfo:

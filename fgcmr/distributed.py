@@ -25,6 +25,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -161,16 +162,46 @@ def _int(value: str | None) -> int | None:
     return int(value) if value else None
 
 
+def rank_env(d: DistEnv) -> dict[str, str]:
+    """``d`` in torchrun's variables, which DeepSpeed and torch read (and ``resolve_env`` reads back)."""
+    return {
+        "RANK": str(d.rank),
+        "WORLD_SIZE": str(d.world_size),
+        "LOCAL_RANK": str(d.local_rank),
+        "LOCAL_WORLD_SIZE": str(d.local_world_size),
+        "MASTER_ADDR": d.master_addr,
+        "MASTER_PORT": str(d.master_port),
+    }
+
+
 def export_env(d: DistEnv) -> None:
-    """Publish the resolved topology in torchrun's variables, which DeepSpeed and torch read."""
-    os.environ.update(
-        RANK=str(d.rank),
-        WORLD_SIZE=str(d.world_size),
-        LOCAL_RANK=str(d.local_rank),
-        LOCAL_WORLD_SIZE=str(d.local_world_size),
-        MASTER_ADDR=d.master_addr,
-        MASTER_PORT=str(d.master_port),
-    )
+    """Publish the resolved topology in torchrun's variables."""
+    os.environ.update(rank_env(d))
+
+
+def local_rank_envs(nproc: int, port: int | None = None) -> list[dict[str, str]]:
+    """torchrun's variables for ``nproc`` processes started directly on this host, one rendezvous (on a
+    free port unless ``port``): launching local ranks without a launcher in between."""
+    port = port or free_port()
+    return [
+        rank_env(DistEnv(rank=r, world_size=nproc, local_rank=r, local_world_size=nproc, master_port=port))
+        for r in range(nproc)
+    ]
+
+
+def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
+    """torchrun running ``python <args>`` on ``nproc`` ranks of this host, rendezvous on a free local port
+    (``launchers/torchrun.sh`` is the same for people, and for several nodes)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    launcher = [str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    return [
+        *launcher,
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *args,
+    ]
 
 
 def thread_count(d: DistEnv, environ: Mapping[str, str] | None = None) -> int:

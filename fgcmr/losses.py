@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from fgcmr.config import Validated
 from fgcmr.distributed import all_gather_with_grad
 from fgcmr.labels import hardness, label_scores, relevance
 
@@ -45,7 +46,7 @@ LOG_MAX_SCALE = math.log(100.0)  # CLIP clamps the temperature's inverse at 100
 
 
 @dataclasses.dataclass
-class LossConfig:
+class LossConfig(Validated):
     # the loss: weighted_pairwise needs label sidecars (--labels)
     name: Literal["weighted_pairwise", "pairwise", "clip", "vse"] = "weighted_pairwise"
     lam: float = 0.35  # λ: weight of the mean-gap hinge

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fgcmr.config import ConfigError, apply_overrides, dump_yaml, read_yaml
-from fgcmr.distributed import free_port
+from fgcmr.distributed import torchrun_command
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json
 from fgcmr.run import EXIT_REQUEUE, LABELER, REQUEUE_FILE_ENV, Check, Layout
 from fgcmr.stages import SECTIONS, STAGES, Stage
@@ -164,18 +164,7 @@ def plan(exp: dict, layout: Layout, configs: dict[str, Any], force: bool = False
 def stage_command(stage: Stage, experiment: Path, nproc: int) -> list[str]:
     """The subprocess for one stage: ``python -m fgcmr.cli …`` or the same under torchrun."""
     args = ["-m", "fgcmr.cli", *stage.words, f"--config={experiment}", *stage.rerun_args]
-    if not stage.distributed:
-        return [sys.executable, *args]
-    torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-    return [
-        *launcher,
-        "--nnodes=1",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *args,
-    ]
+    return torchrun_command(nproc, args) if stage.distributed else [sys.executable, *args]
 
 
 def run_stage(cmd: list[str], env: dict[str, str], requeue_file: Path) -> tuple[int, bool]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,12 @@ def data_root() -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def free_port() -> int:
-    return _free_port()
+    """A TCP port free now (``fgcmr.distributed.free_port``)."""
+    from fgcmr.distributed import free_port as port
+
+    return port()
 
 
 @pytest.fixture(scope="session")

@@ -86,17 +86,8 @@ def test_config_rejects_unknown_peer_and_too_few_steps():
 @pytest.mark.slow
 def test_open_clip_trainer_runs_on_our_shards(synthetic_dataset, tokenizer, tmp_path):
     """One real 2-process gloo run of open_clip_train on fgcmr's shards, timed from its progress lines."""
-    r = peer.run_open_clip_peer(
-        synthetic_dataset,
-        nproc=2,
-        batch_size=8,
-        steps=12,
-        warmup=2,
-        log_every=2,
-        workers=1,
-        work_dir=tmp_path,
-        tokenizer_dir=tokenizer,
-    )
+    cfg = peer.BenchPeerConfig(nproc=2, micro_batch=8, steps=12, warmup=2, log_every=2, workers=1)
+    r = peer.run_open_clip_peer(cfg, synthetic_dataset, tmp_path, tokenizer)
     # open_clip logs after steps 1, 3, 5, …, 11 and the last (12): measured from step 3 (first ≥ warmup) to 12
     assert r["processes"] == 2 and r["measured_steps"] == 9
     assert r["samples_per_s"] > 0

@@ -66,3 +66,20 @@ def test_overrides_do_not_mutate_input_and_dump_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_yaml(cfg))
     assert load_config(Outer, path) == cfg
+
+
+def test_configs_check_themselves_when_built_in_code_too():
+    """``Validated`` configs validate in ``__post_init__``: built in code, nested (``ShardConfig.data``, which
+    the shard config's own check skipped) or from the command line, an invalid one never exists."""
+    from fgcmr.shard.job import DataOptions, ShardConfig
+    from fgcmr.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="needs label sidecars"):
+        TrainConfig(shards="s", out="o")  # the weighted loss without --labels
+    with pytest.raises(ValueError, match="jpeg_quality=0"):
+        ShardConfig(data=DataOptions(jpeg_quality=0))
+    with pytest.raises(ConfigError, match=r"^data: jpeg_quality=0 must be in 1\.\.100$"):
+        load_config(ShardConfig, None, {"data.jpeg_quality": 0})
+    with pytest.raises(ConfigError, match=r"^missing required config field 'out' \(--out=…\)$"):
+        load_config(TrainConfig, None, {"shards": "s", "labels": "l"})  # a required path is a required field
+    assert TrainConfig(shards="s", out="o", labels="l").out == "o"

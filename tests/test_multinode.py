@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.distributed import free_port
 from fgcmr.io import read_json
 from fgcmr.labels import labels_dir, read_sidecar, sidecar_path
 from fgcmr.train.data import key_id
@@ -50,14 +51,6 @@ SCRATCH = Path(f"/tmp/fgcmr-scratch-{os.getpid()}")
 def _remove_scratch():
     yield
     shutil.rmtree(SCRATCH, ignore_errors=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Nodes:
@@ -183,7 +176,7 @@ import torch
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import init
 from fgcmr.model import build_inputs
-from fgcmr.train.config import load_model_config
+from fgcmr.train.config import DataConfig, load_model_config
 from fgcmr.train.data import build_loader
 
 d = init()
@@ -196,8 +189,8 @@ ds = open_dataset(dataset)
 
 # the loader dies with this frame: its workers ignore SIGTERM, one alive at exit would hang
 def read(resampled, batches, shuffle):
-    loader = build_loader(ds, inputs, split="train", micro_batch=8, workers=1, batches_per_rank=batches,
-                          world_size=d.world_size, resampled=resampled, shuffle_buffer=shuffle, labeler=None, seed=0)
+    data = DataConfig(micro_batch=8, workers=1, resampled=resampled, shuffle_buffer=shuffle)
+    loader = build_loader(ds, inputs, data, d.world_size, batches_per_rank=batches, seed=0)
     return [b["image_id"].tolist() for b in loader]
 
 
@@ -219,7 +212,7 @@ def tokenizer(synthetic_dataset, tmp_path_factory) -> Path:
 def stream(dataset: Path, tokenizer: Path, rank: int, world: int, monkeypatch) -> list[list[int]]:
     """What global rank ``rank`` of ``world`` draws with resampled shards, computed in this one process."""
     from fgcmr.model import build_inputs
-    from fgcmr.train.config import load_model_config
+    from fgcmr.train.config import DataConfig, load_model_config
     from fgcmr.train.data import build_loader
 
     cfg = load_model_config("tiny")
@@ -227,19 +220,8 @@ def stream(dataset: Path, tokenizer: Path, rank: int, world: int, monkeypatch) -
     with monkeypatch.context() as m:
         m.setenv("RANK", str(rank))
         m.setenv("WORLD_SIZE", str(world))
-        loader = build_loader(
-            open_dataset(dataset),
-            build_inputs(cfg, train=False),
-            split="train",
-            micro_batch=8,
-            workers=0,
-            batches_per_rank=3,
-            world_size=world,
-            resampled=True,
-            shuffle_buffer=10,
-            labeler=None,
-            seed=0,
-        )
+        data = DataConfig(micro_batch=8, workers=0, shuffle_buffer=10)
+        loader = build_loader(open_dataset(dataset), build_inputs(cfg, train=False), data, world, 3, seed=0)
         return [b["image_id"].tolist() for b in loader]
 
 

@@ -36,10 +36,10 @@ def fake_tag(ckpt: Path, step: int, world: int = 2, complete: bool = True) -> Pa
 
 
 def test_fingerprint_names_what_changed(tmp_path):
-    old = fingerprint("train", TrainConfig(shards="s", out="o"), {"manifest": "aa"}, ("out", "resume"))
+    old = fingerprint("train", TrainConfig(shards="s", out="o", labels="l"), {"manifest": "aa"}, ("out", "resume"))
     write_stamp(tmp_path, old)
     assert check_stamp(tmp_path, old).done
-    cfg = TrainConfig(shards="s", out="elsewhere", resume="auto")  # execution fields do not count
+    cfg = TrainConfig(shards="s", out="elsewhere", labels="l", resume="auto")  # execution fields do not count
     assert check_stamp(tmp_path, fingerprint("train", cfg, {"manifest": "aa"}, ("out", "resume"))).done
     cfg.loss.name, cfg.optim.lr = "clip", 0.01
     c = check_stamp(tmp_path, fingerprint("train", cfg, {"manifest": "aa"}, ("out", "resume")))
@@ -48,7 +48,10 @@ def test_fingerprint_names_what_changed(tmp_path):
         and c.changed
         and c.reason == "config changed (loss.name weighted_pairwise→clip, optim.lr 0.001→0.01)"
     )
-    c = check_stamp(tmp_path, fingerprint("train", TrainConfig(shards="s"), {"manifest": "bb"}, ("out", "resume")))
+    c = check_stamp(
+        tmp_path,
+        fingerprint("train", TrainConfig(shards="s", out="o", labels="l"), {"manifest": "bb"}, ("out", "resume")),
+    )
     assert c.changed and c.reason == "inputs changed (manifest)"
     assert not check_stamp(tmp_path / "none", old).exists
 

@@ -19,7 +19,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.labels import labels_dir, sidecar_path
+from fgcmr.distributed import free_port, local_rank_envs
+from fgcmr.labels import read_sidecar, sidecar_path, write_head, write_sidecar
 from waits import run_following, wait_procs, wait_until
 
 pytestmark = pytest.mark.slow
@@ -35,38 +36,21 @@ def write_random_sidecars(dataset_dir: Path, name: str = LABELER, dim: int = 16)
         for shard in ds.shards(split):
             samples = list(iter_samples(shard))
             counts = [len(s.texts) for s in samples]
-            path = sidecar_path(dataset_dir, name, shard.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(
-                path,
-                keys=np.array([s.key for s in samples]),
-                text_emb=rng.standard_normal((sum(counts), dim)).astype(np.float16),
-                text_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                desc_emb=rng.standard_normal((len(samples), dim)).astype(np.float16),
+            write_sidecar(
+                sidecar_path(dataset_dir, name, shard.name),
+                [s.key for s in samples],
+                rng.standard_normal((sum(counts), dim)),
+                np.concatenate([[0], np.cumsum(counts)]),
+                rng.standard_normal((len(samples), dim)),
             )
-    np.savez(
-        labels_dir(dataset_dir, name) / "head.npz",
-        w=rng.standard_normal(dim).astype(np.float32),
-        c=np.array([0.1], np.float32),
-    )
+    write_head(dataset_dir, name, rng.standard_normal(dim), 0.1)
 
 
 def launch(args: list[str], port: int, log_dir: Path, nproc: int = 2) -> list[subprocess.Popen]:
     """Start ``fgcmr train`` on ``nproc`` local ranks (torchrun's variables, no launcher in between)."""
     procs = []
-    for rank in range(nproc):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(nproc),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            HF_HUB_OFFLINE="1",
-            PYTHONWARNINGS="ignore",
-        )
+    for rank, rank_env in enumerate(local_rank_envs(nproc, port)):
+        env = dict(os.environ, **rank_env, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
         log = open(log_dir / f"rank{rank}.log", "w")
         procs.append(
             subprocess.Popen(
@@ -119,14 +103,6 @@ def embed_probe(model, inputs, dataset: Path) -> tuple[torch.Tensor, torch.Tenso
     return img, txt
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(pred, log_dir: Path, procs: list[subprocess.Popen]) -> None:
     wait_until(pred, procs, [log_dir])
 
@@ -156,7 +132,7 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
     )
     first = tmp_path / "first"
     first.mkdir()
-    procs = launch(args, _port(), first)
+    procs = launch(args, free_port(), first)
     _wait_for(lambda: "step 5/12" in logs(first), first, procs)
     for p in procs:
         p.send_signal(signal.SIGTERM)
@@ -167,14 +143,14 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
 
     second = tmp_path / "second"
     second.mkdir()
-    assert wait(launch([*args, "--resume=auto"], _port(), second), second) == [0, 0], logs(second)
+    assert wait(launch([*args, "--resume=auto"], free_port(), second), second) == [0, 0], logs(second)
     assert f"at step {stopped}" in logs(second)
     tags = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert tags[-1] == "step_00000012" and len(tags) == 2  # keep_last
     assert _adam_steps(run / "checkpoints" / "step_00000012") == {12}  # optimizer state carried over the resume
     third = tmp_path / "third"
     third.mkdir()
-    assert wait(launch([*args, "--resume=auto"], _port(), third, nproc=1), third) == [
+    assert wait(launch([*args, "--resume=auto"], free_port(), third, nproc=1), third) == [
         2
     ]  # ZeRO-2 partitions: a usage error
     assert "written by 2 ranks under ZeRO stage 2" in logs(third) and "Resume it with 2 ranks" in logs(third)
@@ -261,7 +237,7 @@ def test_zero0_and_zero3_loss_goes_down(synthetic_dataset: Path, tmp_path: Path)
             "--checkpoint_every=100",
             *validation,
         )
-        assert wait(launch(args, _port(), logdir), logdir) == [0, 0], logs(logdir)
+        assert wait(launch(args, free_port(), logdir), logdir) == [0, 0], logs(logdir)
         assert_loss_went_down(run)
         assert_log_reads_well(logs(logdir), run, bool(validation))
     acc = EventAccumulator(str(tmp_path / "zero3_fp32" / "tensorboard"), size_guidance={"scalars": 0})
@@ -288,16 +264,15 @@ def test_an_error_in_a_rank_ends_the_job(synthetic_dataset: Path, tmp_path: Path
     write_random_sidecars(synthetic_dataset, "broken")
     for shard in open_dataset(synthetic_dataset).shards("train"):  # keys no sample has: fails at the first batch
         path = sidecar_path(synthetic_dataset, "broken", shard.name)
-        with np.load(path) as z:
-            arrays = dict(z)
-        np.savez(path, **{**arrays, "keys": np.array(["x" + k for k in arrays["keys"]])})
+        sc = read_sidecar(path)
+        write_sidecar(path, [f"x{k}" for k in sc.keys], sc.text_emb, sc.text_offsets, sc.desc_emb, sc.labeler)
     args = train_args(
         synthetic_dataset, tmp_path / "run", "--labels=broken", "--loss.name=weighted_pairwise", "--max_steps=4"
     )
     for nproc in (2, 1):
         logdir = tmp_path / f"logs{nproc}"
         logdir.mkdir()
-        procs = launch(args, _port(), logdir, nproc=nproc)
+        procs = launch(args, free_port(), logdir, nproc=nproc)
         wait_until(
             lambda logdir=logdir: "has no entry in its label sidecar" in logs(logdir),
             procs,

@@ -17,6 +17,7 @@ from fgcmr.labels import SidecarError, read_sidecar, sidecar_path
 from fgcmr.model import build_inputs
 from fgcmr.text import ensure_tokenizer
 from fgcmr.train.config import load_model_config
+from fgcmr.train.config import DataConfig
 from fgcmr.train.data import LabelJoin, build_pipeline, check_shard_split, check_sidecars, key_id
 
 from test_train import LABELER, write_random_sidecars
@@ -34,7 +35,7 @@ def test_batches_carry_labels_joined_by_key(synthetic_dataset: Path, inputs):
     write_random_sidecars(synthetic_dataset)
     ds = open_dataset(synthetic_dataset)
     urls = [str(p) for p in ds.shards("train")]
-    pipe = build_pipeline(urls, inputs, micro_batch=8, batches_per_worker=3, labels=LabelJoin(ds.root, LABELER), seed=1)
+    pipe = build_pipeline(urls, inputs, DataConfig(micro_batch=8), 3, LabelJoin(ds.root, LABELER), seed=1)
     batches = list(pipe)
     assert len(batches) == 3  # an explicit epoch length, from endlessly resampled shards
     by_id = {}
@@ -62,11 +63,11 @@ def test_missing_sidecars_and_too_few_shards_are_clear_errors(synthetic_dataset:
     with pytest.raises(SidecarError, match="label sidecars missing"):
         check_sidecars(ds, "train", "no-such-labeler")
     n = len(ds.shards("train"))
-    check_shard_split(ds, "train", 1, n, micro_batch=8)
+    check_shard_split(ds, DataConfig(workers=n, micro_batch=8), 1)
     with pytest.raises(ConfigError, match=f"{n} train shards do not divide evenly among 2 ranks × {n} workers"):
-        check_shard_split(ds, "train", 2, n, micro_batch=8)
+        check_shard_split(ds, DataConfig(workers=n, micro_batch=8), 2)
     with pytest.raises(ConfigError, match="less than one micro-batch of 1000"):  # defect 6b: silently no step before
-        check_shard_split(ds, "train", 1, 1, micro_batch=1000)
+        check_shard_split(ds, DataConfig(workers=1, micro_batch=1000), 1)
 
 
 def test_bad_samples_are_counted_and_skipped(synthetic_dataset: Path, inputs, tmp_path: Path, caplog):
@@ -80,7 +81,7 @@ def test_bad_samples_are_counted_and_skipped(synthetic_dataset: Path, inputs, tm
             m.size = len(data)
             tout.addfile(m, io.BytesIO(data))
     n = len(list(iter_samples(bad)))
-    pipe = build_pipeline([str(bad)], inputs, micro_batch=1, batches_per_worker=n, resampled=False, seed=0)
+    pipe = build_pipeline([str(bad)], inputs, DataConfig(micro_batch=1, resampled=False), n, None, seed=0)
     with caplog.at_level("WARNING"):
         good = list(pipe)
     skipped = [r for r in caplog.records if "skipped bad sample" in r.getMessage()]
@@ -99,11 +100,11 @@ def test_training_reader_fails_on_a_damaged_shard_naming_it_or_skips_it(
     shard = open_dataset(copy).shards("train")[0]
     flip_header(shard)
     with pytest.raises(ShardError, match=f"{shard.name} holds"):
-        list(build_pipeline([str(shard)], inputs, micro_batch=1, batches_per_worker=100, resampled=False))
+        list(build_pipeline([str(shard)], inputs, DataConfig(micro_batch=1, resampled=False), 100, None, 0))
     with caplog.at_level("WARNING"):
         got = list(
             build_pipeline(
-                [str(shard)], inputs, micro_batch=1, batches_per_worker=30, resampled=False, on_corrupt="skip"
+                [str(shard)], inputs, DataConfig(micro_batch=1, resampled=False, on_corrupt="skip"), 30, None, 0
             )
         )
     assert len(got) == 30  # the readable 20 samples, then again (an epoch is a number of batches)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from fgcmr.dataset import iter_samples, open_dataset
 from fgcmr.model.inputs import image_data_config
+from fgcmr.train.config import DataConfig
 from fgcmr.train.data import build_pipeline
 from fgcmr.train.step import to_device
 
@@ -43,7 +44,7 @@ def test_uint8_batches_normalised_on_the_device_equal_the_float_transform(synthe
 
 def test_pipeline_batches_carry_uint8_pixels_and_need_the_normalisation(synthetic_dataset, inputs):  # noqa: F811
     urls = [str(p) for p in open_dataset(synthetic_dataset).shards("train")]
-    batch = next(iter(build_pipeline(urls, inputs, micro_batch=4, batches_per_worker=1, seed=0)))
+    batch = next(iter(build_pipeline(urls, inputs, DataConfig(micro_batch=4), 1, None, seed=0)))
     assert batch["image"].dtype == torch.uint8
     with pytest.raises(ValueError, match="normalize=inputs.normalize"):
         to_device(batch, torch.device("cpu"), torch.float32)

@@ -128,11 +128,10 @@ def test_readme_example_runs_as_written(export: Path, tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_embed_two_ranks_resume_index_search_eval_reuse(
-    export: Path, synthetic_dataset: Path, tmp_path: Path, free_port: int, capsys
-):
+def test_embed_two_ranks_resume_index_search_eval_reuse(export: Path, synthetic_dataset: Path, tmp_path: Path, capsys):
     import pyarrow.parquet as pq
 
+    from fgcmr.distributed import torchrun_command
     from fgcmr.evaluate.job import embed_split, reuse_embeddings
     from fgcmr.evaluate.metrics import retrieval_metrics
     from fgcmr.retrieval import embed as embed_job
@@ -143,20 +142,8 @@ def test_embed_two_ranks_resume_index_search_eval_reuse(
 
     out = tmp_path / "emb"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port}",
-        "-m",
-        "fgcmr.cli",
-        "embed",
-        f"--export={export}",
-        f"--shards={synthetic_dataset}",
-        f"--out={out}",
-        "--dtype=float32",
-    ]
+    args = ["-m", "fgcmr.cli", "embed", f"--export={export}", f"--shards={synthetic_dataset}", f"--out={out}"]
+    cmd = torchrun_command(2, [*args, "--dtype=float32"])
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-4000:]
     dataset = open_dataset(synthetic_dataset)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.distributed import local_rank_envs
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -93,14 +94,7 @@ def fgcmr_cli(w: dict, *args: str, extra_env: dict | None = None, timeout: float
 def demo(wheel_install: dict, synthetic_dataset: Path) -> dict:
     """train → export → embed → index with the wheel's commands, outside the repository."""
     w, run = wheel_install, wheel_install["work"] / "run"
-    single = {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-    }
+    single = local_rank_envs(1)[0]
     fgcmr_cli(
         w,
         "train",
@@ -161,14 +155,6 @@ def test_wheel_install_runs_the_demo_path(demo: dict):
     (demo["work"] / "q.jpg").write_bytes(sample.image)
     table = fgcmr_cli(demo, "search", f"--index={demo['index']}", "--image=q.jpg", "--k=3").stdout
     assert len([line for line in table.splitlines() if line.strip()[:1].isdigit()]) == 3
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _browser():

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fgcmr.distributed import local_rank_envs
 from fgcmr.model import build_model
 from fgcmr.model.partitioned import load_into, open_weights
 from fgcmr.text import ensure_tokenizer
@@ -91,20 +92,9 @@ def test_fp16_refused_where_deepspeed_cannot_run_it():
 
 @pytest.mark.slow
 def test_every_config_trains_and_zero3_is_partitioned(tmp_path):
-    procs, port = [], _port()
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            HF_HUB_OFFLINE="1",
-            PYTHONWARNINGS="ignore",
-        )
+    procs = []
+    for rank, rank_env in enumerate(local_rank_envs(2)):
+        env = dict(os.environ, **rank_env, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
         log = open(tmp_path / f"rank{rank}.log", "w")
         procs.append(
             subprocess.Popen(
@@ -174,14 +164,6 @@ def check_result(result: dict) -> None:
 
     resume = result["resume"]
     assert resume["client_step"] == 2 and resume["resumed"] == resume["straight"], resume
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_expected_bytes_per_param_follow_the_zero_paper():

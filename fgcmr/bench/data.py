@@ -16,16 +16,17 @@ import os
 import tarfile
 import time
 
-from fgcmr.bench.train import machine
+from fgcmr.config import Validated
+from fgcmr.bench.host import machine
 from fgcmr.dataset import open_dataset
 from fgcmr.model import build_inputs
-from fgcmr.train.config import load_model_config
+from fgcmr.train.config import DataConfig, load_model_config
 from fgcmr.train.data import MakeItem, build_loader
 
 
 @dataclasses.dataclass
-class BenchDataConfig:
-    shards: str = ""  # dataset dir (fgcmr shard output)
+class BenchDataConfig(Validated):
+    shards: str  # dataset dir (fgcmr shard output)
     model: str = "tiny"  # configs/models/<name>.yaml or a path to one
     tokenizer: str | None = (
         None  # tokenizer dir (default: <shards>/../tokenizer is not assumed; one is trained in a temp dir)
@@ -36,10 +37,6 @@ class BenchDataConfig:
     batches: int = 40  # measured batches
     augment: bool = True  # timm's training transform (else its eval transform)
     json: bool = False  # print one JSON object instead of the table
-
-    def validate(self) -> None:
-        if not self.shards:
-            raise ValueError("--shards=<dataset dir> is required")
 
 
 def _records(urls: list[str], limit: int) -> list[dict]:
@@ -98,19 +95,8 @@ def run(cfg: BenchDataConfig) -> dict:
                 bind_tokenizer(text, cfg.tokenizer) if cfg.tokenizer else fit_tokenizer(text, texts, f"{tmp}/tokenizer")
             )
         inputs = build_inputs(model_cfg, train=cfg.augment)
-        loader = build_loader(
-            dataset,
-            inputs,
-            split=cfg.split,
-            micro_batch=cfg.micro_batch,
-            workers=cfg.workers,
-            batches_per_rank=1 << 30,
-            world_size=1,
-            resampled=True,
-            shuffle_buffer=500,
-            labeler=None,
-            seed=0,
-        )
+        data = DataConfig(micro_batch=cfg.micro_batch, workers=cfg.workers, split=cfg.split, augment=cfg.augment)
+        loader = build_loader(dataset, inputs, data, world_size=1, batches_per_rank=1 << 30, seed=0)
         it = iter(loader)
         for _ in range(max(4, cfg.workers * 2)):  # workers started, prefetch queues full
             next(it)

@@ -17,26 +17,25 @@ from pathlib import Path
 
 import torch
 
+from fgcmr.config import Validated
+from fgcmr.bench.host import sync
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import init
 from fgcmr.io import sha256_file
-from fgcmr.retrieval.embed import Batch, EmbedConfig, write_part, embed_parts, plan, read_batches
+from fgcmr.model.inputs import Batch, move
+from fgcmr.retrieval.embed import EmbedConfig, embed_parts, plan, read_batches, write_part
 
 
 @dataclasses.dataclass
-class BenchEmbedConfig:
-    export: str = ""  # export dir (fgcmr export)
-    shards: str = ""  # dataset dir (fgcmr shard output)
+class BenchEmbedConfig(Validated):
+    export: str  # export dir (fgcmr export)
+    shards: str  # dataset dir (fgcmr shard output)
     split: str = "test"  # the split embedded
     max_shards: int = 2  # shards of it read at most
     batch_size: int = 64  # images per forward
     repeats: int = 3  # runs per side, alternating; the best counts
     json: bool = False  # print one JSON object instead of the table
     threads: int | None = None  # torch CPU threads (default: all cores)
-
-    def validate(self) -> None:
-        if not self.export or not self.shards:
-            raise ValueError("--export=<export dir> and --shards=<dataset dir> are required")
 
 
 def run(cfg: BenchEmbedConfig) -> dict:
@@ -55,14 +54,14 @@ def run(cfg: BenchEmbedConfig) -> dict:
         for images, texts in prepared:
             model.encode_image(images).float().cpu()
             model.encode_text(texts).float().cpu()
-        _sync(d.device)
+        sync(d.device)
 
     with tempfile.TemporaryDirectory() as tmp:
 
         def embed() -> None:
             for part, data in embed_parts(parts, model, inputs, d.device, cfg.batch_size, EmbedConfig.prefetch_batches):
                 write_part(Path(tmp), part, data, export_sha, EmbedConfig.dtype)
-            _sync(d.device)
+            sync(d.device)
 
         bare()  # warm-up: allocator, kernels, thread pool
         times = {"embed": [], "bare": []}
@@ -94,11 +93,4 @@ def run(cfg: BenchEmbedConfig) -> dict:
 
 
 def _on_device(batch: Batch, inputs, device: torch.device) -> tuple[torch.Tensor, object]:
-    texts = inputs.collate_texts(batch.texts)
-    texts = {k: v.to(device) for k, v in texts.items()} if isinstance(texts, dict) else texts.to(device)
-    return inputs.normalize(batch.images.to(device)), texts
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return inputs.normalize(move(batch.images, device)), move(inputs.collate_texts(batch.texts), device)

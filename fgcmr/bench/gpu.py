@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from fgcmr.config import dump_yaml, to_dict
+from fgcmr.bench.host import sync
+from fgcmr.config import Validated, dump_yaml, to_dict
 from fgcmr.io import atomic_write_json, atomic_write_text
 from fgcmr.losses import LossConfig, RetrievalLoss
 from fgcmr.model import Inputs, ModelConfig, build_model
@@ -50,7 +51,7 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 
 
 @dataclasses.dataclass
-class BenchGpuConfig:
+class BenchGpuConfig(Validated):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the model measured
     deepspeed: str = "zero2_bf16"  # configs/deepspeed/<name>.json; a *_fp32 config on CPU
     loss: str = "pairwise"  # a loss name (as --loss.name of train)
@@ -73,7 +74,7 @@ class BenchGpuConfig:
         for case in self.cases:
             if "name" not in case:
                 raise ValueError(f"every bench case needs a name; got {case}")
-            case_config(self, case).validate()
+            case_config(self, case)  # validates itself
         if set(self.modes) - {"synthetic", "shards"} or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of synthetic, shards; got {self.modes}")
         if min(self.micro_batch, self.steps) < 1 or self.warmup < 0:
@@ -132,11 +133,6 @@ def _slice_text(text, n: int):
     return {k: v[:n] for k, v in text.items()} if isinstance(text, dict) else text[:n]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -145,10 +141,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def timed_steps(step: Callable[[], float], n: int, device: torch.device) -> tuple[float, float]:
     """Run ``n`` steps; (wall seconds, seconds spent waiting for data as reported by ``step``)."""
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     waited = sum(step() for _ in range(n))
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t, waited
 
 
@@ -160,6 +156,7 @@ def shard_batches(
     from fgcmr.bench.peer_open_clip import synthetic_shards, train_tokenizer
     from fgcmr.dataset import open_dataset
     from fgcmr.model import build_inputs
+    from fgcmr.train.config import DataConfig
     from fgcmr.train.data import build_loader
 
     root = (
@@ -173,24 +170,14 @@ def shard_batches(
     )
     model_cfg = dataclasses.replace(model_cfg, text=text)
     inputs = build_inputs(model_cfg, train=False)
-    loader = build_loader(
-        dataset,
-        inputs,
-        split="train",
-        micro_batch=cfg.micro_batch,
-        workers=cfg.workers,
-        batches_per_rank=batches,
-        world_size=1,
-        resampled=True,
-        shuffle_buffer=min(1000, 4 * cfg.micro_batch),
-        labeler=None,
-        seed=0,
-    )
+    data = DataConfig(micro_batch=cfg.micro_batch, workers=cfg.workers, shuffle_buffer=min(1000, 4 * cfg.micro_batch))
+    loader = build_loader(dataset, inputs, data, world_size=1, batches_per_rank=batches, seed=0)
     return inputs, iter(loader)
 
 
 def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
-    from fgcmr.bench.train import machine, synthetic_batches
+    from fgcmr.bench.host import machine
+    from fgcmr.bench.train import synthetic_batches
     from fgcmr.train.config import OptimConfig
     from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
     from fgcmr.train.loop import init_distributed

@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from fgcmr.config import Validated
+from fgcmr.bench.host import sync
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import init
 from fgcmr.label.infer import LabelInferConfig, label_shards
@@ -26,9 +28,9 @@ from fgcmr.label.stream import ShardEnd, TextBatch, shard_items
 
 
 @dataclasses.dataclass
-class BenchLabelConfig:
-    shards: str = ""  # dataset dir (fgcmr shard output)
-    labeler: str = ""  # labeler dir (fgcmr label train output)
+class BenchLabelConfig(Validated):
+    shards: str  # dataset dir (fgcmr shard output)
+    labeler: str  # labeler dir (fgcmr label train output)
     split: str = "train"  # the split whose texts are labelled
     max_shards: int = 2  # shards of it read at most
     batch_size: int = 64  # texts per forward
@@ -36,10 +38,6 @@ class BenchLabelConfig:
     repeats: int = 2  # runs per side, alternating; the best counts
     json: bool = False  # print one JSON object instead of the table
     threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
-
-    def validate(self) -> None:
-        if not self.shards or not self.labeler:
-            raise ValueError("--shards=<dataset dir> and --labeler=<labeler dir> are required")
 
 
 def run(cfg: BenchLabelConfig) -> dict:
@@ -57,7 +55,7 @@ def run(cfg: BenchLabelConfig) -> dict:
         with autocast(d.device, cfg.dtype):
             for b in batches:
                 model(**{k: v.to(d.device, non_blocking=True) for k, v in b.items()})
-        _sync(d.device)
+        sync(d.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         _link_dataset(Path(cfg.shards), Path(tmp))
@@ -73,7 +71,7 @@ def run(cfg: BenchLabelConfig) -> dict:
         def infer() -> None:
             shutil.rmtree(Path(tmp) / "labels", ignore_errors=True)
             label_shards(model, tokenizer, max_length, [Path(tmp) / s.name for s in shards], infer_cfg, d)
-            _sync(d.device)
+            sync(d.device)
 
         bare()  # warm-up: allocator, kernels, thread pool
         times = {"infer": [], "bare": []}
@@ -109,8 +107,3 @@ def _link_dataset(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.is_file():
             (dst / f.name).symlink_to(f.resolve())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

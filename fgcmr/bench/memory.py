@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from fgcmr.config import Validated
 from fgcmr.bench.ranks import relaunch
 from fgcmr.distributed import all_gather_objects, barrier
 
@@ -52,7 +53,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)}
 
 
 @dataclasses.dataclass
-class BenchMemoryConfig:
+class BenchMemoryConfig(Validated):
     model: str = "tiny"  # configs/models/<name>.yaml
     deepspeed: str = "zero3_fp32"  # configs/deepspeed/<name>.json or a path to one
     nproc: int | list[int] = 1  # ranks; a list (--nproc=1,2) runs each and reports the model-state ratio last/first
@@ -190,7 +191,10 @@ def saved_activations() -> Iterator[dict[str, int]]:
 
 
 def measure(cfg: BenchMemoryConfig) -> dict[str, Any]:
-    from fgcmr.bench.train import machine, synthetic_batches
+    import gc
+
+    from fgcmr.bench.host import machine
+    from fgcmr.bench.train import synthetic_batches
     from fgcmr.losses import LossConfig, RetrievalLoss
     from fgcmr.model.partitioned import full_numel
     from fgcmr.train.config import OptimConfig, load_model_config

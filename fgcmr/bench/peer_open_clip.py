@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fgcmr.config import dump_yaml, to_dict
+from fgcmr.config import Validated, dump_yaml, to_dict
+from fgcmr.distributed import torchrun_command
 from fgcmr.model import ModelConfig
 from fgcmr.train.config import load_model_config
 
@@ -48,7 +49,7 @@ TIMM_VARIANT = "timm_variant.json"
 
 
 @dataclasses.dataclass
-class BenchPeerConfig:
+class BenchPeerConfig(Validated):
     peer: str = "open_clip"
     model: str = "tiny"  # configs/models/<name>.yaml (timm image tower + transformers text tower)
     shards: str | None = None  # dataset dir; default: synthetic shards made in a temporary dir
@@ -240,40 +241,32 @@ def shard_pattern(shards: list[Path]) -> str:
     return "::".join(str(s) for s in shards)
 
 
-def _torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-
-
 def _env() -> dict[str, str]:
     return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
 
 
 def run_open_clip_peer(
+    cfg: BenchPeerConfig,
     shards_dir: str | Path,
-    nproc: int,
-    batch_size: int,
-    steps: int,
-    *,
-    model: str = "tiny",
-    warmup: int = 10,
-    log_every: int = 5,
-    workers: int = 2,
     work_dir: str | Path | None = None,
     tokenizer_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` with open_clip's trainer for ``steps`` steps on the train split of ``shards_dir``.
+    """Train ``cfg.model`` with open_clip's trainer for ``cfg.steps`` steps on the train split of ``shards_dir``.
 
     Returns ``samples_per_s``, ``step_time_s``, ``measured_steps``, ``processes``, ``batch_size``, ``log``.
     A WordPiece tokenizer is trained on the split's texts unless ``tokenizer_dir`` is given.
     """
     from fgcmr.dataset import open_dataset
 
+    nproc, batch_size, steps, model = cfg.nproc, cfg.micro_batch, cfg.steps, cfg.model
+    warmup, log_every, workers = cfg.warmup, cfg.log_every, cfg.workers
+
     work = Path(work_dir or tempfile.mkdtemp(prefix="fgcmr-peer-"))
     dataset = open_dataset(str(shards_dir))
     model_cfg = load_model_config(model)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else train_tokenizer(dataset, model_cfg, work / "tokenizer")
     name, model_dir = write_peer_model(model_cfg, tokenizer_dir, work / "open_clip_model")
-    cmd = _torchrun(nproc) + [
+    args = [
         "-m",
         "fgcmr.bench.peer_open_clip",
         f"--fgcmr-model-dir={model_dir}",
@@ -319,6 +312,7 @@ def run_open_clip_peer(
         "--name",
         f"run{time.time_ns()}",
     ]  # logs go to <work>/logs (an explicit --logs trips torchrun's parser)
+    cmd = torchrun_command(nproc, args)
     points = timed_steps(
         cmd, _env(), OPEN_CLIP_LINE, lambda samples: samples // (batch_size * nproc), work / "open_clip.log", cwd=work
     )
@@ -331,20 +325,16 @@ def run_open_clip_peer(
 
 
 def run_fgcmr_train(
+    cfg: BenchPeerConfig,
     shards_dir: str | Path,
-    nproc: int,
-    batch_size: int,
-    steps: int,
-    *,
-    model: str = "tiny",
-    warmup: int = 10,
-    log_every: int = 5,
-    workers: int = 2,
     work_dir: str | Path | None = None,
     tokenizer_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """``fgcmr train`` of the same model on the same shards (CLIP loss, fp32, ZeRO-0), timed like the peer."""
     from fgcmr.dataset import open_dataset
+
+    nproc, batch_size, steps, model = cfg.nproc, cfg.micro_batch, cfg.steps, cfg.model
+    warmup, log_every, workers = cfg.warmup, cfg.log_every, cfg.workers
 
     work = Path(work_dir or tempfile.mkdtemp(prefix="fgcmr-peer-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -354,7 +344,7 @@ def run_fgcmr_train(
     model_file = work / "fgcmr_model.yaml"
     model_file.write_text(dump_yaml(to_dict(pin_tokenizer(model_cfg, tokenizer_dir))))
     run_dir = work / f"fgcmr_run{time.time_ns()}"
-    cmd = _torchrun(nproc) + [
+    args = [
         "-m",
         "fgcmr",
         "train",
@@ -373,6 +363,7 @@ def run_fgcmr_train(
         "--optim.lr=1e-3",
         "--optim.warmup_steps=20",
     ]
+    cmd = torchrun_command(nproc, args)
     points = timed_steps(cmd, _env(), FGCMR_LINE, int, work / "fgcmr.log")
     return {
         **throughput(points, warmup, batch_size * nproc),
@@ -432,19 +423,10 @@ def compare(cfg: BenchPeerConfig, work_dir: str | Path | None = None) -> dict[st
         from fgcmr.dataset import open_dataset
 
         tok = train_tokenizer(open_dataset(str(shards)), model_cfg, work / "tokenizer")
-        common = dict(
-            model=cfg.model, warmup=cfg.warmup, log_every=cfg.log_every, workers=cfg.workers, tokenizer_dir=tok
-        )
         runs: dict[str, list[dict]] = {"fgcmr": [], "open_clip": []}
         for r in range(cfg.rounds):
-            runs["fgcmr"].append(
-                run_fgcmr_train(shards, cfg.nproc, cfg.micro_batch, cfg.steps, work_dir=work / f"fgcmr{r}", **common)
-            )
-            runs["open_clip"].append(
-                run_open_clip_peer(
-                    shards, cfg.nproc, cfg.micro_batch, cfg.steps, work_dir=work / f"open_clip{r}", **common
-                )
-            )
+            runs["fgcmr"].append(run_fgcmr_train(cfg, shards, work / f"fgcmr{r}", tok))
+            runs["open_clip"].append(run_open_clip_peer(cfg, shards, work / f"open_clip{r}", tok))
     fg = sum(r["measured_steps"] for r in runs["fgcmr"]) / sum(
         r["measured_steps"] * r["step_time_s"] for r in runs["fgcmr"]
     )
@@ -453,7 +435,7 @@ def compare(cfg: BenchPeerConfig, work_dir: str | Path | None = None) -> dict[st
     )
     gb = cfg.micro_batch * cfg.nproc
     median = {k: statistics.median(w for r in v for w in r["window_samples_per_s"]) for k, v in runs.items()}
-    from fgcmr.bench.train import machine
+    from fgcmr.bench.host import machine
 
     return {
         "fgcmr_samples_per_s": fg * gb,

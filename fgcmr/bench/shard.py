@@ -19,7 +19,6 @@ import dataclasses
 import io
 import json
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -28,12 +27,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from fgcmr.config import Validated
 from fgcmr.shard.job import ShardConfig, run as shard_run
 from fgcmr.shard.readers.synthetic import SyntheticReader
 
 
 @dataclasses.dataclass
-class BenchShardConfig:
+class BenchShardConfig(Validated):
     # the corpus sharded: synthetic images, or an img2dataset output
     source: Literal["synthetic", "img2dataset"] = "synthetic"
     rows: list[int] = dataclasses.field(default_factory=lambda: [10_000, 1_000_000])  # img2dataset: corpus sizes
@@ -62,6 +62,8 @@ def run(cfg: BenchShardConfig) -> dict:
         fgcmr_rate = _time_fgcmr(cfg, scratch / "fgcmr")
         plain_rate = _time_plain(cfg, scratch / "plain")
         small, large = (_peak_rss_mb(n, cfg.memory_image_size, scratch / f"mem{n}") for n in cfg.memory_items)
+    from fgcmr.bench.host import machine
+
     result = {
         "items": cfg.items,
         "image_size": cfg.image_size,
@@ -173,6 +175,8 @@ def run_img2dataset(cfg: BenchShardConfig) -> dict:
                 "ratio": round(wds_s / shard_s, 3),
             }
         )
+    from fgcmr.bench.host import machine
+
     result = {
         "source": "img2dataset",
         "workers": cfg.workers,
@@ -247,14 +251,3 @@ def _peak_rss_mb(items: int, image_size: int, out: Path) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
     return usage.ru_maxrss / 1024  # KiB on Linux
-
-
-def machine() -> str:
-    mem = ""
-    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        mem = f", {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM"
-    cpu = platform.processor() or platform.machine()
-    return (
-        f"{platform.node()} ({cpu}, {os.cpu_count()} CPUs{mem}, "
-        f"Python {platform.python_version()}, {platform.system()})"
-    )

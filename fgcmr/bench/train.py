@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from fgcmr.config import Validated
+from fgcmr.bench.host import machine
 from fgcmr.bench.ranks import relaunch
 from fgcmr.distributed import all_gather_objects, barrier
 from fgcmr.losses import LossConfig, RetrievalLoss
@@ -32,7 +33,7 @@ from fgcmr.train.signals import StopRequest
 
 
 @dataclasses.dataclass
-class BenchTrainConfig:
+class BenchTrainConfig(Validated):
     model: str = "tiny"  # configs/models/<name>.yaml or a path to one
     deepspeed: str = "zero0_fp32"  # configs/deepspeed/<name>.json or a path to one
     loss: str = "pairwise"  # a loss name (as --loss.name of train)
@@ -49,15 +50,6 @@ class BenchTrainConfig:
     def validate(self) -> None:
         if min(self.nproc, self.steps, self.rounds, self.batches) < 1:
             raise ValueError("nproc, steps, rounds and batches must be ≥ 1")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{platform.node()}: {os.cpu_count()} CPUs ({cpu}), {gpu}, "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-    )
 
 
 def synthetic_batches(cfg: ModelConfig, n: int, micro_batch: int, seed: int) -> list[dict]:
@@ -187,10 +179,6 @@ def measure(cfg: BenchTrainConfig) -> dict:
     return result
 
 
-def _launch(cfg: BenchTrainConfig) -> int:
-    return relaunch("train", cfg.nproc, FGCMR_BENCH_RANK="1")
-
-
 def run(cfg: BenchTrainConfig) -> dict | None:
     if cfg.peer is not None:
         from fgcmr.bench.peer_open_clip import BenchPeerConfig
@@ -204,10 +192,9 @@ def run(cfg: BenchTrainConfig) -> dict | None:
             micro_batch=cfg.micro_batch,
             json=cfg.json,
         )
-        peer.validate()
         return run_peer(peer)
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and cfg.nproc > 1:
-        code = _launch(cfg)
+        code = relaunch("train", cfg.nproc, FGCMR_BENCH_RANK="1")
         if code:
             sys.exit(code)
         return None

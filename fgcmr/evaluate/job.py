@@ -23,25 +23,29 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fgcmr import distributed
-from fgcmr.config import dump_yaml, read_yaml
-from fgcmr.dataset import DatasetInfo, Sample, iter_samples, open_dataset
+from fgcmr.config import Validated, dump_yaml, read_yaml
+from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
 from fgcmr.evaluate.metrics import RECALL_KS, retrieval_metrics
 from fgcmr.io import atomic_write_json, atomic_write_text, clean_leftovers, sha256_file
 from fgcmr.progress import Progress
 from fgcmr.run import STAMP, Check, Fingerprint, check_stamp, file_hash, fingerprint, write_stamp
-from fgcmr.retrieval.embed import num_texts
+from fgcmr.retrieval.embed import EmbedConfig, caption, embed_parts, plan
+
+if TYPE_CHECKING:
+    from fgcmr.model import Inputs, TwoTower
 
 log = logging.getLogger("fgcmr.eval")
 
 
 @dataclasses.dataclass
-class EvalConfig:
-    run: str = ""  # run dir of `fgcmr train` (holds export/ and config.yaml)
+class EvalConfig(Validated):
+    run: str  # run dir of `fgcmr train` (holds export/ and config.yaml)
     shards: str | None = None  # dataset dir; default: the run's train.shards
     export: str | None = None  # default: <run>/export
     out: str | None = None  # default: <run>/eval
@@ -58,8 +62,6 @@ class EvalConfig:
     tensorboard: bool = True  # write the metrics as TensorBoard scalars
 
     def validate(self) -> None:
-        if not self.run:
-            raise ValueError("--run=<run dir> is required")
         if self.batch_size < 1:
             raise ValueError("batch_size must be ≥ 1")
         if self.embeddings and self.baselines:
@@ -168,20 +170,25 @@ def _run_shards(run_dir: Path) -> str:
 
 @torch.no_grad()
 def embed_split(
-    dataset: DatasetInfo, split: str, model, inputs, env, batch_size: int, keep_features: bool
+    dataset: DatasetInfo,
+    split: str,
+    model: TwoTower,
+    inputs: Inputs,
+    env: distributed.DistEnv,
+    batch_size: int,
+    keep_features: bool,
 ) -> Embedded | None:
-    """Embed this rank's shards of ``split``; rank 0 returns the whole split in shard order."""
-    shards = dataset.shards(split)
-    mine = distributed.shard_slice(list(enumerate(shards)), env.rank, env.world_size)
+    """Embed this rank's shards of ``split`` (``fgcmr embed``'s reader and forward); rank 0 returns the whole
+    split in shard order."""
+    mine = distributed.shard_slice(plan(dataset, [split]), env.rank, env.world_size)
     parts = []
     with Progress(
-        sum(dataset.shard_infos(split)[i].items for i, _ in mine),
-        f"eval {split} rank{env.rank}",
-        "samples",
-        enabled=env.is_main,
+        sum(p.items for p in mine), f"eval {split} rank{env.rank}", "samples", enabled=env.is_main
     ) as progress:
-        for index, path in mine:
-            parts.append((index, _embed_shard(path, model, inputs, env.device, batch_size, keep_features, progress)))
+        for part, data in embed_parts(
+            mine, model, inputs, env.device, batch_size, EmbedConfig.prefetch_batches, progress
+        ):
+            parts.append((part.index, _part(data, keep_features)))
     gathered = [p for rank_parts in distributed.all_gather_objects(parts) for p in rank_parts]
     if not env.is_main:
         return None
@@ -215,59 +222,28 @@ def reuse_embeddings(root: str, split: str, export_dir: Path, dataset: DatasetIn
     )
 
 
-def _embed_shard(path: Path, model, inputs, device, batch_size: int, keep_features: bool, progress: Progress) -> dict:
-    part = {
-        "keys": [],
-        "img": [],
-        "txt": [],
-        "cat": [],
-        "n_texts": [],
-        "texts": [],
-        "img_feat": [],
-        "txt_feat": [],
-        "skipped": 0,
+def _part(data: dict, keep_features: bool) -> dict:
+    """One shard's ``embed_parts`` output as the pieces ``_concat`` joins (texts for the report, raw features
+    for the baselines)."""
+    samples = data["samples"]
+
+    def features(name: str) -> list[np.ndarray | None]:
+        if not keep_features:
+            return []
+        values = (getattr(s, name) for s in samples)
+        return [None if f is None else np.asarray(f, np.float32).reshape(-1) for f in values]
+
+    return {
+        "keys": [s.key for s in samples],
+        "img": data["img"],
+        "txt": data["txt"],
+        "cat": [s.category_id for s in samples],
+        "n_texts": data["n_texts"],
+        "texts": [caption(s, k) for s, n in zip(samples, data["n_texts"]) for k in range(n)],
+        "img_feat": features("image_feature"),
+        "txt_feat": features("text_feature"),
+        "skipped": data["skipped"],
     }
-    batch: list[tuple[Sample, torch.Tensor, list[torch.Tensor]]] = []
-    for sample in iter_samples(path):
-        progress.update()
-        try:
-            item = (sample, inputs.image(sample), [inputs.text(sample, k) for k in range(num_texts(sample, inputs))])
-        except Exception as e:  # a bad sample is counted and logged, never fatal
-            log.warning("skipping sample %s in %s: %s", sample.key, path.name, e)
-            part["skipped"] += 1
-            continue
-        batch.append(item)
-        if len(batch) == batch_size:
-            _flush(batch, part, model, inputs, device, keep_features)
-    if batch:
-        _flush(batch, part, model, inputs, device, keep_features)
-    return part
-
-
-def _flush(batch: list, part: dict, model, inputs, device, keep_features: bool) -> None:
-    images = torch.stack([img for _, img, _ in batch]).to(device)
-    texts = [t for _, _, ts in batch for t in ts]
-    text_batch = inputs.collate_texts(texts)
-    text_batch = (
-        {k: v.to(device) for k, v in text_batch.items()} if isinstance(text_batch, dict) else text_batch.to(device)
-    )
-    part["img"].append(model.encode_image(images).float().cpu().numpy())
-    part["txt"].append(model.encode_text(text_batch).float().cpu().numpy())
-    for sample, _, ts in batch:
-        part["keys"].append(sample.key)
-        part["cat"].append(-1 if sample.category is None else int(sample.category))
-        part["n_texts"].append(len(ts))
-        part["texts"].extend(
-            sample.texts[k] if k < len(sample.texts) else sample.texts[0] for k in range(len(ts))
-        )  # for the report
-        if keep_features:
-            part["img_feat"].append(
-                None if sample.image_feature is None else np.asarray(sample.image_feature, np.float32).reshape(-1)
-            )
-            part["txt_feat"].append(
-                None if sample.text_feature is None else np.asarray(sample.text_feature, np.float32).reshape(-1)
-            )
-    batch.clear()
 
 
 def _concat(parts: list[dict]) -> Embedded:

@@ -79,7 +79,7 @@ def _train_split(dataset: DatasetInfo, split: str, image_features: ImageFeatures
                 return {}
             i = len(img)
             img.append(feature)
-            cat.append(-1 if sample.category is None else int(sample.category))
+            cat.append(sample.category_id)
             texts.extend(sample.texts)
             owner.extend([i] * len(sample.texts))
             txt_feat.append(

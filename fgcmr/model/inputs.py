@@ -9,7 +9,9 @@ in DataLoader workers (picklable).
 
 from __future__ import annotations
 
+import dataclasses
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +19,9 @@ import torch
 from fgcmr.dataset import Sample
 from fgcmr.model.config import ModelConfig
 from fgcmr.text import load_tokenizer
+
+if TYPE_CHECKING:
+    from fgcmr.model.two_tower import TextBatch, TwoTower
 
 
 def image_data_config(cfg: ModelConfig) -> dict:
@@ -92,6 +97,16 @@ class Inputs:
             return torch.from_numpy(feat[k] if feat.ndim == 2 else feat.reshape(-1))
         return torch.tensor(self._encoder.encode(sample.texts[k]).ids, dtype=torch.long)
 
+    def num_texts(self, sample: Sample) -> int:
+        """How many texts the text tower sees for a sample: its captions, or the rows of its ``txt.npy`` feature."""
+        if self.tokenizer is None and sample.text_feature is not None:
+            return 1 if sample.text_feature.ndim == 1 else len(sample.text_feature)
+        return len(sample.texts)
+
+    def item(self, sample: Sample) -> tuple[Sample, torch.Tensor, list[torch.Tensor]]:
+        """One sample for a ``Batch``: its pixels (or image feature) and every text the tower sees."""
+        return sample, self.pixels(sample), [self.text(sample, k) for k in range(self.num_texts(sample))]
+
     def collate_texts(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor] | torch.Tensor:
         """Pad token ids to the longest in the batch (with an attention mask), or stack features."""
         if self.tokenizer is None:
@@ -107,3 +122,42 @@ class Inputs:
 
 def build_inputs(cfg: ModelConfig, train: bool = False) -> Inputs:
     return Inputs(cfg, train=train)
+
+
+@dataclasses.dataclass
+class Batch:
+    """Samples for the towers: ``images`` uint8 pixels (or fp32 features) ``[b, ...]``, ``texts`` every text of
+    every sample in sample order (``n_texts`` per sample), not yet collated."""
+
+    samples: list[Sample]
+    images: torch.Tensor
+    texts: list[torch.Tensor]
+    n_texts: list[int]
+
+    @classmethod
+    def of(cls, items: list[tuple[Sample, torch.Tensor, list[torch.Tensor]]]) -> Batch:
+        """From ``Inputs.item`` results."""
+        return cls(
+            [s for s, _, _ in items],
+            torch.stack([p for _, p, _ in items]),
+            [t for _, _, ts in items for t in ts],
+            [len(ts) for _, _, ts in items],
+        )
+
+
+def move(x: TextBatch, device: torch.device, dtype: torch.dtype | None = None) -> TextBatch:
+    """A tensor or a collated text batch on ``device``; floating tensors (pixels, features) take ``dtype`` when
+    given (the engine's compute dtype), token ids and masks keep theirs."""
+    if isinstance(x, dict):
+        return {k: move(v, device, dtype) for k, v in x.items()}
+    x = x.to(device, non_blocking=True)
+    return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+
+def embed_batch(
+    model: TwoTower, inputs: Inputs, batch: Batch, device: torch.device, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and text embeddings of one batch (fp32, on the device); the caller picks no_grad or inference_mode."""
+    images = move(inputs.normalize(batch.images.to(device, non_blocking=True)), device, dtype)
+    texts = move(inputs.collate_texts(batch.texts), device, dtype)
+    return model.encode_image(images).float(), model.encode_text(texts).float()

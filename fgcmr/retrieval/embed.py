@@ -25,25 +25,29 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
 import torch
 
+from fgcmr.config import Validated
 from fgcmr import distributed
 from fgcmr.dataset import DatasetInfo, Sample, iter_samples, open_dataset
 from fgcmr.io import atomic_open, atomic_write_json, read_json, sha256_file
 from fgcmr.progress import Progress
+
+if TYPE_CHECKING:  # the model (and transformers) load only when embedding, not for search and index
+    from fgcmr.model.inputs import Batch
 
 log = logging.getLogger("fgcmr.embed")
 MANIFEST = "embeddings.json"
 
 
 @dataclasses.dataclass
-class EmbedConfig:
-    export: str = ""  # export dir (fgcmr export)
-    shards: str = ""  # dataset dir (fgcmr shard)
-    out: str = ""  # output dir
+class EmbedConfig(Validated):
+    export: str  # export dir (fgcmr export)
+    shards: str  # dataset dir (fgcmr shard)
+    out: str  # output dir
     splits: list[str] = dataclasses.field(default_factory=list)  # default: every split of the dataset
     batch_size: int = 64  # images per forward (texts: all their captions)
     dtype: Literal["float16", "float32"] = "float16"  # of the stored embeddings (clip-retrieval's default: float16)
@@ -51,8 +55,6 @@ class EmbedConfig:
     threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
 
     def validate(self) -> None:
-        if not self.export or not self.shards or not self.out:
-            raise ValueError("--export=<export dir>, --shards=<dataset dir> and --out=<dir> are required")
         if self.batch_size < 1 or self.prefetch_batches < 1:
             raise ValueError("batch_size and prefetch_batches must be ≥ 1")
 
@@ -162,15 +164,6 @@ def _rows(path: Path) -> int:
 
 
 @dataclasses.dataclass
-class Batch:
-    part: Part
-    samples: list[Sample]
-    images: torch.Tensor  # uint8 pixels (or fp32 features), [b, ...]
-    texts: object  # collated text batch of every caption of the samples
-    n_texts: list[int]
-
-
-@dataclasses.dataclass
 class PartEnd:
     part: Part
     skipped: int
@@ -178,30 +171,23 @@ class PartEnd:
 
 def read_batches(parts: list[Part], inputs, batch_size: int) -> Iterator[Batch | PartEnd]:
     """Decoded, tokenised batches of each part in order, a ``PartEnd`` after each; bad samples skipped and counted."""
+    from fgcmr.model.inputs import Batch
+
     for part in parts:
         items, skipped = [], 0
         for sample in iter_samples(part.shard):
             try:
-                items.append(
-                    (sample, inputs.pixels(sample), [inputs.text(sample, k) for k in range(num_texts(sample, inputs))])
-                )
+                items.append(inputs.item(sample))
             except Exception as e:  # a bad sample is counted and logged, never fatal
                 log.warning("skipping sample %s in %s: %s", sample.key, part.shard.name, e)
                 skipped += 1
                 continue
             if len(items) == batch_size:
-                yield _batch(part, items)
+                yield Batch.of(items)
                 items = []
         if items:
-            yield _batch(part, items)
+            yield Batch.of(items)
         yield PartEnd(part, skipped)
-
-
-def _batch(part: Part, items: list) -> Batch:
-    texts = [t for _, _, ts in items for t in ts]
-    return Batch(
-        part, [s for s, _, _ in items], torch.stack([p for _, p, _ in items]), texts, [len(ts) for _, _, ts in items]
-    )
 
 
 def prefetch(it: Iterator, depth: int) -> Iterator:
@@ -224,23 +210,12 @@ def prefetch(it: Iterator, depth: int) -> Iterator:
         raise failure[0]
 
 
-@torch.inference_mode()
-def forward(batch: Batch, model, inputs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image and caption embeddings of one batch (fp32, on the device)."""
-    text_batch = inputs.collate_texts(batch.texts)
-    text_batch = (
-        {k: v.to(device, non_blocking=True) for k, v in text_batch.items()}
-        if isinstance(text_batch, dict)
-        else text_batch.to(device, non_blocking=True)
-    )
-    images = inputs.normalize(batch.images.to(device, non_blocking=True))
-    return model.encode_image(images).float(), model.encode_text(text_batch).float()
-
-
 def embed_parts(
     parts: list[Part], model, inputs, device, batch_size: int, depth: int, progress: Progress | None = None
 ) -> Iterator[tuple[Part, dict]]:
     """``(part, data)`` for each part: its embeddings (fp32 numpy), samples and skip count."""
+    from fgcmr.model.inputs import embed_batch
+
     data = _empty()
     for item in prefetch(read_batches(parts, inputs, batch_size), depth):
         if isinstance(item, PartEnd):
@@ -248,7 +223,8 @@ def embed_parts(
             yield item.part, data
             data = _empty()
             continue
-        img, txt = forward(item, model, inputs, device)
+        with torch.inference_mode():
+            img, txt = embed_batch(model, inputs, item, device)
         data["img"].append(img.cpu().numpy())
         data["txt"].append(txt.cpu().numpy())
         data["samples"].extend(item.samples)
@@ -289,7 +265,7 @@ def write_part(out: Path, part: Part, data: dict, export_sha: str, dtype: str) -
             "image_row": owner,
             "text_index": (np.arange(len(owner)) - np.repeat(first, n_texts)).astype(np.int64),
             "caption": [
-                _caption(samples[i], k) for i, k in zip(owner, np.arange(len(owner)) - np.repeat(first, n_texts))
+                caption(samples[i], k) for i, k in zip(owner, np.arange(len(owner)) - np.repeat(first, n_texts))
             ],
         }
     )
@@ -316,15 +292,9 @@ def write_part(out: Path, part: Part, data: dict, export_sha: str, dtype: str) -
     )
 
 
-def _caption(sample: Sample, k: int) -> str:
+def caption(sample: Sample, k: int) -> str:
+    """The text of a sample's k-th text embedding (its first text for the rows of a ``txt.npy`` feature)."""
     return sample.texts[k] if k < len(sample.texts) else (sample.texts[0] if sample.texts else "")
-
-
-def num_texts(sample: Sample, inputs) -> int:
-    """How many texts the text tower sees for a sample: its captions, or the rows of its ``txt.npy`` feature."""
-    if inputs.tokenizer is None and sample.text_feature is not None:
-        return 1 if sample.text_feature.ndim == 1 else len(sample.text_feature)
-    return len(sample.texts)
 
 
 @dataclasses.dataclass

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fgcmr.config import Validated
 from fgcmr.io import read_json
 
 
 @dataclasses.dataclass
-class SearchConfig:
-    index: str = ""  # fgcmr index output dir
+class SearchConfig(Validated):
+    index: str  # fgcmr index output dir
     text: str | None = None  # text query → images
     image: str | None = None  # image file query → captions
     k: int = 10  # results shown
@@ -27,8 +28,6 @@ class SearchConfig:
     device: str | None = None  # default: cuda if available
 
     def validate(self) -> None:
-        if not self.index:
-            raise ValueError("--index=<index dir> is required")
         if (self.text is None) == (self.image is None):
             raise ValueError('give exactly one query: --text="…" or --image=<path>')
         if self.k < 1:

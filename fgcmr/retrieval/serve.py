@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
+from fgcmr.config import Validated
 from fgcmr.dataset import IMAGE_EXTS
 from fgcmr.retrieval.search import Searcher
 
@@ -28,18 +29,14 @@ MAX_UPLOAD = 32 << 20
 
 
 @dataclasses.dataclass
-class ServeConfig:
-    index: str = ""  # fgcmr index output dir
+class ServeConfig(Validated):
+    index: str  # fgcmr index output dir
     host: str = "127.0.0.1"  # address served on (0.0.0.0: every interface)
     port: int = 8765  # 0: any free port (printed)
     k: int = 12  # results per query (the page can ask for others)
     thumb_size: int = 192  # px, longest side
     export: str | None = None  # default: the index's export
     device: str | None = None  # default: cuda if available
-
-    def validate(self) -> None:
-        if not self.index:
-            raise ValueError("--index=<index dir> is required")
 
 
 class Thumbnails:

@@ -46,6 +46,12 @@ class Row:
     category: str | None = None
     skip: tuple[str, str] | None = None
 
+    @classmethod
+    def failed(cls, row_id: str, reason: str, detail: str, split: str | None = None) -> Row:
+        """A row that failed before it could join a group (unreadable record, no image or text): a skip
+        under its own id."""
+        return cls("", row_id, "", None, row_id, row_id, split, skip=(reason, detail))
+
 
 def item_hash(item_id: str) -> str:
     return hashlib.sha256(make_key(item_id).encode()).hexdigest()[:_HASH_DIGITS]

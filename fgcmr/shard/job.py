@@ -20,13 +20,13 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator, Literal
 
-from fgcmr.config import ConfigError, dump_yaml, to_dict
+from fgcmr.config import ConfigError, Validated, dump_yaml, to_dict
 from fgcmr.io import atomic_write_json, clean_leftovers, read_json
 from fgcmr.progress import Progress
 from fgcmr.run import DONE, Check, diff
 from fgcmr.shard.grouping import GROUP_BY
 from fgcmr.shard.manifest import WORK_DIR, finalize, plan_path
-from fgcmr.shard.readers import make_reader
+from fgcmr.shard.readers import Reader, make_reader
 from fgcmr.shard.records import Ref, make_key
 from fgcmr.shard.sample import encode_sample
 from fgcmr.shard.writer import Chunk, verified_record, write_chunk
@@ -39,7 +39,7 @@ FAIL_AFTER_ENV = "FGCMR_SHARD_FAIL_AFTER"  # test hook: exit abruptly after this
 
 
 @dataclasses.dataclass
-class DataOptions:
+class DataOptions(Validated):
     """Shard limits and image handling."""
 
     max_items_per_shard: int = 1000  # items per shard (a shard closes at this or max_bytes_per_shard)
@@ -60,7 +60,7 @@ class DataOptions:
 
 
 @dataclasses.dataclass
-class Holdout:
+class Holdout(Validated):
     """A validation carve: ``fraction`` of the ``source`` split's items go to split ``split`` instead.
 
     Membership is decided by a hash of the item id and ``seed``, so it is the same on every rerun, in
@@ -87,7 +87,7 @@ class Holdout:
 
 
 @dataclasses.dataclass
-class ShardConfig:
+class ShardConfig(Validated):
     """What to shard, where to, and how to split the work."""
 
     # the corpus reader
@@ -127,7 +127,6 @@ class ShardConfig:
     holdout: Holdout = dataclasses.field(default_factory=Holdout)
 
     def validate(self) -> None:
-        self.holdout.validate()
         if self.source != "synthetic" and not self.root and not self.merge:
             raise ValueError(f"--root is required for source={self.source!r}")
         if self.workers < 1:
@@ -142,7 +141,6 @@ class ShardConfig:
 
 def run(cfg: ShardConfig) -> dict:
     """Shard (this task's part of) the corpus; return the manifest, or this task's summary in an array."""
-    cfg.validate()
     out = Path(cfg.out)
     if cfg.merge or cfg.num_tasks == 1:
         clean_leftovers(out)  # temporary files of a killed finalize (tasks of an array write only under the work dir)
@@ -223,7 +221,7 @@ def _discard(out: Path, work: Path) -> None:
             path.rmdir()
 
 
-def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
+def _chunks(cfg: ShardConfig, reader: Reader) -> Iterator[Chunk]:
     """Cut the listing into per-split chunks of ``max_items_per_shard`` refs; duplicates become skips.
 
     Refs the listing already failed ride along in the current chunk without taking an item's place,
@@ -232,7 +230,7 @@ def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
     buffers: dict[str, list] = {}
     filled: collections.Counter = collections.Counter()
     counters: collections.Counter = collections.Counter()
-    seen: set[str] | None = None if getattr(reader, "unique_ids", False) else set()
+    seen: set[str] | None = None if reader.unique_ids else set()
     for ref in reader.refs():
         split = cfg.holdout.split_of(ref)
         if split != ref.split:
@@ -260,17 +258,17 @@ def _chunks(cfg: ShardConfig, reader) -> Iterator[Chunk]:
             yield Chunk(split, counters[split], buffer, _snapshot(reader))
 
 
-def _snapshot(reader) -> list[str] | None:
+def _snapshot(reader: Reader) -> list[str] | None:
     return list(reader.categories) if reader.categories is not None else None
 
 
-def _write_chunks(cfg: ShardConfig, reader, work: Path) -> dict:
+def _write_chunks(cfg: ShardConfig, reader: Reader, work: Path) -> dict:
     """Write this task's missing chunks; return every chunk of the corpus and the split order."""
     all_chunks: list[tuple[str, int]] = []
     splits: list[str] = []
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0"))
     written = 0
-    total = None if cfg.splits else getattr(reader, "total", None)
+    total = None if cfg.splits else reader.total
     progress = Progress(total, f"shard {Path(cfg.out).name}", unit="item")
     pool = ProcessPoolExecutor(cfg.workers, initializer=_init_worker, initargs=(cfg,)) if cfg.workers > 1 else None
     pending: collections.deque[Future] = collections.deque()
@@ -309,7 +307,7 @@ def _write_chunks(cfg: ShardConfig, reader, work: Path) -> dict:
     return {"chunks": all_chunks, "splits": splits}
 
 
-def _write(reader, chunk: Chunk, work: Path, data: DataOptions) -> dict:
+def _write(reader: Reader, chunk: Chunk, work: Path, data: DataOptions) -> dict:
     return write_chunk(
         chunk, work, reader.load, lambda item, cats: encode_sample(item, cats, data), data.max_bytes_per_shard
     )

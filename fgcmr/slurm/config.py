@@ -12,6 +12,7 @@ import dataclasses
 import re
 import sys
 
+from fgcmr.config import Validated
 from fgcmr.stages import STAGES
 
 TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")  # Slurm's [days-]hours[:minutes[:seconds]] or minutes
@@ -50,7 +51,7 @@ class Resolved:
 
 
 @dataclasses.dataclass
-class SlurmConfig:
+class SlurmConfig(Validated):
     nodes: int = 1
     gpus_per_node: int = 0  # 0: CPU jobs (gloo)
     tasks_per_node: int | None = None  # default: gpus_per_node, or 1 without GPUs

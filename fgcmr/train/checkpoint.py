@@ -15,7 +15,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ import torch.distributed as dist
 from fgcmr.config import ConfigError
 from fgcmr.distributed import barrier
 from fgcmr.io import atomic_open, atomic_write_json, atomic_write_text, read_json
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 log = logging.getLogger("fgcmr.train")
 TAG = re.compile(r"^step_(\d{8})$")
@@ -58,7 +61,7 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+def save(engine: DeepSpeedEngine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
     """Collective: every rank writes its shard of the state; rank 0 then marks the tag complete and prunes."""
     tag = tag_for(step)
     if _rank() == 0 and (ckpt_dir / tag).exists():
@@ -76,6 +79,22 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], keep_l
         log.info("checkpoint %s saved (step %d)", ckpt_dir / tag, step)
     barrier()
     return ckpt_dir / tag
+
+
+class Checkpointer:
+    """When training saves: every ``every`` optimizer steps (``due``), and on a stop and at the end (``save``),
+    never twice for one step (a resumed run starts saved at its step)."""
+
+    def __init__(self, engine: DeepSpeedEngine, ckpt_dir: Path, every: int, keep_last: int, saved_at: int | None):
+        self.engine, self.dir, self.every, self.keep_last, self.saved_at = engine, ckpt_dir, every, keep_last, saved_at
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def save(self, step: int, client_state: dict[str, Any]) -> None:
+        if self.saved_at != step:
+            save(self.engine, self.dir, step, client_state, self.keep_last)
+            self.saved_at = step
 
 
 def step_tags(ckpt_dir: Path) -> list[Path]:
@@ -172,7 +191,7 @@ def candidates(ckpt_dir: Path, resume: str) -> list[Path]:
     return [path]
 
 
-def resume(engine, ckpt_dir: Path, resume: str) -> dict[str, Any] | None:
+def resume(engine: DeepSpeedEngine, ckpt_dir: Path, resume: str) -> dict[str, Any] | None:
     """Load the first loadable of ``candidates`` (None: no complete tag yet, start from scratch)."""
     tags = candidates(ckpt_dir, resume)
     if not tags:
@@ -190,7 +209,7 @@ def resume(engine, ckpt_dir: Path, resume: str) -> dict[str, Any] | None:
     return None
 
 
-def _load(engine, tag_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+def _load(engine: DeepSpeedEngine, tag_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     """Every rank loads its part; all fail together if any rank's part is unreadable (so all fall back)."""
     client, failure = None, None
     try:

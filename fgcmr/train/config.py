@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from fgcmr.config import ConfigError, apply_overrides, build, read_yaml
+from fgcmr.config import ConfigError, Validated, apply_overrides, build, read_yaml
 from fgcmr.losses import LossConfig
 from fgcmr.model.config import ModelConfig
 
@@ -40,9 +40,9 @@ class OptimConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    shards: str = ""  # dataset dir (fgcmr shard output)
-    out: str = ""  # run dir
+class TrainConfig(Validated):
+    shards: str  # dataset dir (fgcmr shard output)
+    out: str  # run dir
     model: str = "tiny"  # a configs/models/<name>.yaml or a path to one
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. --model_overrides.embed_dim=128
     deepspeed: str = "zero0_fp32"  # a configs/deepspeed/<name>.json or a path to one
@@ -64,8 +64,6 @@ class TrainConfig:
     eval_max_images: int = 256  # images of that split embedded at most
 
     def validate(self) -> None:
-        if not self.shards or not self.out:
-            raise ValueError("--shards=<dataset dir> and --out=<run dir> are required")
         if self.loss.needs_labels and not self.labels:
             raise ValueError(
                 f"loss {self.loss.name!r} needs label sidecars: pass --labels=<labeler name> (or --loss.name=pairwise)"

@@ -40,6 +40,7 @@ from fgcmr.labels import (
     sidecar_path,
 )
 from fgcmr.model.inputs import Inputs
+from fgcmr.train.config import DataConfig
 from fgcmr.train.signals import ignore_stop_signals, kill_workers_at_exit
 
 log = logging.getLogger("fgcmr.train")
@@ -65,9 +66,10 @@ def check_sidecars(dataset: DatasetInfo, split: str, labeler: str) -> None:
         join.check(path, read_sidecar_identity(path))
 
 
-def check_shard_split(dataset: DatasetInfo, split: str, world_size: int, workers: int, micro_batch: int) -> None:
+def check_shard_split(dataset: DatasetInfo, data: DataConfig, world_size: int) -> None:
     """Without resampling every worker of every rank reads its own shards (``shards[i::ranks × workers]``):
     their count must be a multiple of ranks × workers, and each worker needs at least one micro-batch."""
+    split, workers, micro_batch = data.split, data.workers, data.micro_batch
     infos = dataset.shard_infos(split)
     need = world_size * max(1, workers)
     fix = "use --data.resampled=true, fewer ranks or workers, or reshard"
@@ -138,7 +140,7 @@ class MakeItem:
             self.skipped += 1
             log.warning("skipped bad sample %s in %s (%d so far): %s", key, raw.get("__url__"), self.skipped, e)
             return None
-        item["category"] = -1 if sample.category is None else int(sample.category)
+        item["category"] = sample.category_id
         item["image_id"] = key_id(key)
         if self.labels is not None:
             texts, _ = self.labels(raw["__url__"], key)
@@ -177,73 +179,50 @@ class ShardRecords:
 
 
 def build_pipeline(
-    urls: list[str],
-    inputs: Inputs,
-    micro_batch: int,
-    batches_per_worker: int,
-    *,
-    resampled: bool = True,
-    shuffle_buffer: int = 500,
-    labels: LabelJoin | None = None,
-    seed: int = 0,
-    on_corrupt: OnCorrupt = "error",
+    urls: list[str], inputs: Inputs, data: DataConfig, batches_per_worker: int, labels: LabelJoin | None, seed: int
 ) -> wds.DataPipeline:
-    if resampled:
+    """One worker's stream of ``data.split``'s shards ``urls``: ``batches_per_worker`` micro-batches per pass."""
+    if data.resampled:
         shards = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
         shards = [wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker]
     return wds.DataPipeline(
         *shards,
-        ShardRecords(on_corrupt),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed),
+        ShardRecords(data.on_corrupt),
+        wds.shuffle(data.shuffle_buffer, initial=min(data.shuffle_buffer, 100), seed=seed),
         wds.map(MakeItem(inputs, labels, seed)),
-        wds.batched(micro_batch, collation_fn=Collate(inputs), partial=False),
+        wds.batched(data.micro_batch, collation_fn=Collate(inputs), partial=False),
     ).with_epoch(nbatches=batches_per_worker)
 
 
 def build_loader(
     dataset: DatasetInfo,
     inputs: Inputs,
-    *,
-    split: str,
-    micro_batch: int,
-    workers: int,
-    batches_per_rank: int,
+    data: DataConfig,
     world_size: int,
-    resampled: bool,
-    shuffle_buffer: int,
-    labeler: str | None,
+    batches_per_rank: int,
     seed: int,
-    on_corrupt: OnCorrupt = "error",
+    labeler: str | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding ``batches_per_rank`` micro-batches per pass (rounded up to whole workers)."""
-    urls = [str(p) for p in dataset.shards(split)]
-    if not resampled:
-        check_shard_split(dataset, split, world_size, workers, micro_batch)
+    """A DataLoader yielding ``batches_per_rank`` micro-batches per pass (rounded up to whole workers), with
+    the label sidecars of ``labeler`` joined when given."""
+    urls = [str(p) for p in dataset.shards(data.split)]
+    if not data.resampled:
+        check_shard_split(dataset, data, world_size)
     labels = None
     if labeler:
-        check_sidecars(dataset, split, labeler)
+        check_sidecars(dataset, data.split, labeler)
         labels = LabelJoin(dataset.root, labeler)
-    per_worker = math.ceil(batches_per_rank / max(1, workers))
-    pipeline = build_pipeline(
-        urls,
-        inputs,
-        micro_batch,
-        per_worker,
-        resampled=resampled,
-        shuffle_buffer=shuffle_buffer,
-        labels=labels,
-        seed=seed,
-        on_corrupt=on_corrupt,
-    )
-    if workers > 0:
+    per_worker = math.ceil(batches_per_rank / max(1, data.workers))
+    pipeline = build_pipeline(urls, inputs, data, per_worker, labels, seed)
+    if data.workers > 0:
         kill_workers_at_exit()
     return torch.utils.data.DataLoader(
         pipeline,
         batch_size=None,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        num_workers=data.workers,
+        persistent_workers=data.workers > 0,
+        prefetch_factor=4 if data.workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_stop_signals,
     )

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from fgcmr.model.partitioned import full_shape
 from fgcmr.model.two_tower import TwoTower
 from fgcmr.progress import quiet_prints
 from fgcmr.train.config import OptimConfig, named_config_path
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def init_distributed(threads: int | None = None) -> DistEnv:
@@ -125,7 +128,7 @@ def build_engine(
     optim: OptimConfig,
     total_steps: int,
     groups: list[dict[str, Any]] | None = None,
-):
+) -> tuple[DeepSpeedEngine, torch.optim.lr_scheduler.LRScheduler]:
     """The engine and its schedule (``warmup_cosine``); ``groups``: the optimizer's parameter groups,
     by default the two-tower's ``param_groups``."""
     import deepspeed
@@ -143,7 +146,7 @@ def build_engine(
     return engine, scheduler
 
 
-def _cache_zero_grad(engine) -> None:
+def _cache_zero_grad(engine: DeepSpeedEngine) -> None:
     """Without ZeRO or mixed precision DeepSpeed clears gradients by walking the whole module tree
     (``named_parameters``) every step, several ms on small models; a cached parameter list does the same."""
     if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():

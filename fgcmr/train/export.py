@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fgcmr.config import build, read_yaml
+from fgcmr.config import Validated, build, read_yaml
 from fgcmr.io import sha256_file
 from fgcmr.model import ModelConfig, save_export
 from fgcmr.model.export import skeleton
@@ -22,14 +22,10 @@ log = logging.getLogger("fgcmr.export")
 
 
 @dataclasses.dataclass
-class ExportConfig:
-    run: str = ""  # run dir of `fgcmr train`
+class ExportConfig(Validated):
+    run: str  # run dir of `fgcmr train`
     tag: str | None = None  # checkpoint tag (default: the newest complete one)
     out: str | None = None  # default: <run>/export
-
-    def validate(self) -> None:
-        if not self.run:
-            raise ValueError("--run=<run dir> is required")
 
 
 def checkpoint_tensors(ckpt_dir: Path, tag: str) -> Mapping[str, Any]:

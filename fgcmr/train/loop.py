@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -37,6 +37,9 @@ from fgcmr.train.monitor import Monitor
 from fgcmr.train.signals import EXIT_REQUEUE, StopRequest
 from fgcmr.train.step import micro_step, to_device
 from fgcmr.train.validate import Validator, validation_split
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 __all__ = ["TrainConfig", "run"]
 log = logging.getLogger("fgcmr.train")
@@ -124,7 +127,7 @@ class Trainer:
 
     def __init__(
         self,
-        engine,
+        engine: DeepSpeedEngine,
         loss_fn: RetrievalLoss,
         monitor: Monitor,
         dtype: torch.dtype,
@@ -153,6 +156,16 @@ class Trainer:
         step += 1
         self.monitor.update(step, out, time.perf_counter() - t0, data_time, lr, grad_norm)
         return step
+
+
+def client_state(step: int, samples_seen: int, sched: Schedule, world_size: int) -> dict[str, Any]:
+    """Where training stands, saved with each checkpoint (what ``--resume`` continues from)."""
+    return {
+        "step": step,
+        "samples_seen": samples_seen,
+        "epoch": samples_seen / sched.samples_per_epoch,
+        "world_size": world_size,
+    }
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -204,57 +217,30 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     loader = build_loader(
         dataset,
         inputs,
-        split=cfg.data.split,
-        micro_batch=cfg.data.micro_batch,
-        workers=cfg.data.workers,
+        cfg.data,
+        env.world_size,
         batches_per_rank=max(1, steps_per_pass) * sched.grad_accum,
-        world_size=env.world_size,
-        resampled=cfg.data.resampled,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        labeler=cfg.labels if cfg.loss.needs_labels else None,
         seed=cfg.seed + 1_000_003 * step,
-        on_corrupt=cfg.data.on_corrupt,
+        labeler=cfg.labels if cfg.loss.needs_labels else None,
     )
     monitor = Monitor(run_dir, env.is_main, sched.total_steps, sched.samples_per_step, cfg.log_every, cfg.hist_every)
     monitor.text("config", dump_yaml(resolved))
     trainer = Trainer(engine, loss_fn, monitor, compute_dtype(ds_cfg), sched.grad_accum, inputs.normalize)
     stop = StopRequest(engine.device)
-    saved_at = step if client else None
+    checkpointer = checkpoint.Checkpointer(
+        engine, ckpt_dir, cfg.checkpoint_every, cfg.keep_last, step if client else None
+    )
     validator = (
         Validator(
             dataset,
             validation_split(dataset, cfg.eval_split),
             cfg.eval_max_images,
             build_inputs(model_cfg, train=False),
+            cfg.eval_every,
         )
         if cfg.eval_every
         else None
     )
-
-    def validate() -> None:
-        scores = validator(engine.module, engine.device, compute_dtype(ds_cfg))
-        monitor.scalars("val", scores, step)
-        log.info(
-            "step %d: validation on split %r: MAP@all %.4f (chance %.4f), R@1 i→t %.3f t→i %.3f",
-            step,
-            validator.split,
-            scores["map_avg"],
-            scores["chance_map"],
-            scores["r1_i2t"],
-            scores["r1_t2i"],
-        )
-
-    def save() -> None:
-        nonlocal saved_at
-        if saved_at != step:
-            state = {
-                "step": step,
-                "samples_seen": samples_seen,
-                "epoch": samples_seen / sched.samples_per_epoch,
-                "world_size": env.world_size,
-            }
-            checkpoint.save(engine, ckpt_dir, step, state, cfg.keep_last)
-            saved_at = step
 
     log.info(
         "training %d steps of %d samples (%d ranks × %d × accum %d) from step %d; validation: %s",
@@ -271,15 +257,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         while step < sched.total_steps:
             step = trainer.step(batches, step)
             samples_seen += sched.samples_per_step
-            if step % cfg.checkpoint_every == 0:
-                save()
-            if validator is not None and (step % cfg.eval_every == 0 or step == sched.total_steps):
-                validate()
+            progress = client_state(step, samples_seen, sched, env.world_size)
+            if checkpointer.due(step):
+                checkpointer.save(step, progress)
+            if validator is not None:
+                validator.maybe(step, sched.total_steps, engine.module, engine.device, trainer.dtype, monitor)
             if stop.agreed():
                 log.warning(
                     "stop signal received: checkpointing at step %d, exiting %d for requeue", step, EXIT_REQUEUE
                 )
-                save()
+                checkpointer.save(step, progress)
                 record_requeue(step)
                 if env.is_main:
                     log.warning(
@@ -288,7 +275,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                         sched.total_steps,
                     )
                 sys.exit(EXIT_REQUEUE)
-        save()
+        checkpointer.save(step, client_state(step, samples_seen, sched, env.world_size))
     finally:
         shutdown_workers(loader)
         stop.restore()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from fgcmr.losses import LossOutput, RetrievalLoss
+from fgcmr.model.inputs import move
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def to_device(
@@ -15,15 +19,9 @@ def to_device(
     dtype: torch.dtype,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
-    """Move a collated batch; uint8 pixels are normalised there (``Inputs.normalize``), and floating
-    inputs of the towers take the engine's compute dtype."""
-
-    def move(x: torch.Tensor, cast: bool) -> torch.Tensor:
-        x = x.to(device, non_blocking=True)
-        return x.to(dtype) if cast and x.is_floating_point() else x
-
-    text = batch["text"]
-    out = {k: move(v, False) for k, v in batch.items() if k not in ("image", "text")}
+    """Move a collated training batch; uint8 pixels are normalised there (``Inputs.normalize``), and floating
+    inputs of the towers take the engine's compute dtype (labels and ids keep theirs)."""
+    out = {k: move(v, device) for k, v in batch.items() if k not in ("image", "text")}
     image = batch["image"]
     if image.dtype == torch.uint8:
         if normalize is None:
@@ -31,18 +29,18 @@ def to_device(
                 "uint8 pixels need the input pipeline's normalisation: to_device(..., normalize=inputs.normalize)"
             )
         image = normalize(image.to(device, non_blocking=True))
-    out["image"] = move(image, True)
-    out["text"] = {k: move(v, False) for k, v in text.items()} if isinstance(text, dict) else move(text, True)
+    out["image"] = move(image, device, dtype)
+    out["text"] = move(batch["text"], device, dtype)
     return out
 
 
-def reports_grad_norm(engine) -> bool:
+def reports_grad_norm(engine: DeepSpeedEngine) -> bool:
     """DeepSpeed records the global gradient norm in its ZeRO and mixed-precision optimizers only."""
     return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
 
 
 def micro_step(
-    engine, loss_fn: RetrievalLoss, batch: dict, measure_grad_norm: bool = False
+    engine: DeepSpeedEngine, loss_fn: RetrievalLoss, batch: dict, measure_grad_norm: bool = False
 ) -> tuple[LossOutput, float | None]:
     """Forward, global-batch loss, backward, and ``engine.step`` (an optimizer step at accumulation
     boundaries). With ``measure_grad_norm``, also the pre-clipping gradient norm of this step."""

@@ -17,7 +17,9 @@ import torch
 
 from fgcmr.dataset import DatasetInfo, iter_samples
 from fgcmr.evaluate.metrics import retrieval_metrics
-from fgcmr.model.inputs import Inputs
+from fgcmr.model.inputs import Batch, Inputs, embed_batch
+from fgcmr.model.two_tower import TwoTower
+from fgcmr.train.monitor import Monitor
 
 log = logging.getLogger("fgcmr.train")
 LOGGED = ("map_i2t", "map_t2i", "map_avg", "r1_i2t", "r1_t2i", "r10_i2t", "r10_t2i", "chance_map")
@@ -32,44 +34,51 @@ def validation_split(dataset: DatasetInfo, requested: str | None) -> str:
 
 
 class Validator:
-    def __init__(self, dataset: DatasetInfo, split: str, max_images: int, inputs: Inputs, batch_size: int = 64):
+    """The held-out samples, embedded like ``fgcmr embed`` / ``fgcmr eval`` do (``Batch``, ``embed_batch``), and
+    when to score them: every ``every`` steps and at the last (``maybe``)."""
+
+    def __init__(
+        self, dataset: DatasetInfo, split: str, max_images: int, inputs: Inputs, every: int, batch_size: int = 64
+    ):
         samples = list(
             itertools.islice((s for shard in dataset.shards(split) for s in iter_samples(shard)), max_images)
         )
         if not samples:
             raise ValueError(f"validation split {split!r} of {dataset.root} has no samples")
-        texts_per_sample = [1 if inputs.tokenizer is None else len(s.texts) for s in samples]
-        self.images = [inputs.image(s) for s in samples]
-        self.texts = [inputs.text(s, k) for s, n in zip(samples, texts_per_sample) for k in range(n)]
-        self.owner = np.repeat(np.arange(len(samples)), texts_per_sample)
-        self.categories = np.array([-1 if s.category is None else s.category for s in samples])
-        self.inputs, self.batch_size, self.split = inputs, batch_size, split
+        items = [inputs.item(s) for s in samples]
+        self.batches = [Batch.of(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+        self.owner = np.repeat(np.arange(len(samples)), [len(texts) for _, _, texts in items])
+        self.categories = np.array([s.category_id for s in samples])
+        self.inputs, self.split, self.every = inputs, split, every
+
+    def maybe(
+        self, step: int, total_steps: int, module: TwoTower, device: torch.device, dtype: torch.dtype, monitor: Monitor
+    ) -> dict[str, float] | None:
+        """Score at every ``every``-th step and the last one: ``val/*`` scalars and a log line."""
+        if step % self.every and step != total_steps:
+            return None
+        scores = self(module, device, dtype)
+        monitor.scalars("val", scores, step)
+        log.info(
+            "step %d: validation on split %r: MAP@all %.4f (chance %.4f), R@1 i→t %.3f t→i %.3f",
+            step,
+            self.split,
+            scores["map_avg"],
+            scores["chance_map"],
+            scores["r1_i2t"],
+            scores["r1_t2i"],
+        )
+        return scores
 
     @torch.no_grad()
-    def __call__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    def __call__(self, module: TwoTower, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         was_training = module.training
         module.eval()
         try:
-            img = torch.cat(
-                [module.encode_image(torch.stack(b).to(device, dtype)) for b in _chunks(self.images, self.batch_size)]
-            )
-            txt = torch.cat(
-                [
-                    module.encode_text(_move(self.inputs.collate_texts(b), device, dtype))
-                    for b in _chunks(self.texts, self.batch_size)
-                ]
-            )
+            img, txt = zip(*(embed_batch(module, self.inputs, b, device, dtype) for b in self.batches))
         finally:
             module.train(was_training)
-        metrics = retrieval_metrics(img.float().cpu().numpy(), txt.float().cpu().numpy(), self.categories, self.owner)
+        metrics = retrieval_metrics(
+            torch.cat(img).cpu().numpy(), torch.cat(txt).cpu().numpy(), self.categories, self.owner
+        )
         return {k: float(metrics[k]) for k in LOGGED}
-
-
-def _chunks(items: list, n: int) -> list[list]:
-    return [items[i : i + n] for i in range(0, len(items), n)]
-
-
-def _move(text: dict | torch.Tensor, device: torch.device, dtype: torch.dtype):
-    if isinstance(text, dict):
-        return {k: v.to(device) for k, v in text.items()}
-    return text.to(device, dtype)

@@ -1,14 +1,31 @@
-"""Corpus readers. Each has ``categories`` (names, or None), ``refs()`` (the cheap, ordered listing
-pass, run in the main process) and ``load(ref)`` (the expensive part, run in workers; raises ``Skip``).
-A reader may set ``total`` (items, when known without listing) and ``unique_ids`` (no duplicate
-check needed). ``make_reader`` checks paths and layout, so a wrong input fails before any work starts."""
+"""Corpus readers: each one a ``Reader``. ``make_reader`` checks paths and layout, so a wrong input
+fails before any work starts."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator, Protocol
+
+from fgcmr.shard.records import Item, Ref
 
 
-def make_reader(cfg):
+class Reader(Protocol):
+    """What the shard job asks of a corpus. Readers subclass it, inheriting the defaults."""
+
+    categories: list[str] | None = None  # category names (``Ref.category`` indexes them); final once refs() ran
+    total: int | None = None  # items, when known without listing (progress shows an ETA)
+    unique_ids: bool = False  # ids never repeat, so the job needs no duplicate check
+
+    def refs(self) -> Iterator[Ref]:
+        """The cheap, ordered listing pass, run in the main process."""
+        ...
+
+    def load(self, ref: Ref) -> Item:
+        """The expensive part, run in workers; raises ``Skip``."""
+        ...
+
+
+def make_reader(cfg) -> Reader:
     """The reader for ``cfg.source``; raises FileNotFoundError or ConfigError on a wrong path or layout."""
     from fgcmr.config import ConfigError
 

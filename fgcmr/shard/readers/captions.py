@@ -17,11 +17,12 @@ from typing import Iterator
 from fgcmr.config import ConfigError
 from fgcmr.shard.readers.tabular import read_splits
 from fgcmr.shard.records import Item, Ref, Skip
+from fgcmr.shard.readers import Reader
 
 KARPATHY_SPLITS = {"restval": "train"}
 
 
-class CaptionReader:
+class CaptionReader(Reader):
     unique_ids = False
 
     def __init__(

@@ -14,13 +14,14 @@ from typing import Iterator
 from fgcmr.config import ConfigError
 from fgcmr.shard.readers.text import read_text_file
 from fgcmr.shard.records import Item, Ref, Skip
+from fgcmr.shard.readers import Reader
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 TEXT_SUFFIXES = (".txt", ".html", ".htm")
 SPLIT_DIRS = ("train", "val", "dev", "test")
 
 
-class FolderReader:
+class FolderReader(Reader):
     def __init__(self, root: Path, default_split: str = "train"):
         if not root.is_dir():
             raise ConfigError(f"--root {root} must be a directory for source='folder'")

@@ -25,6 +25,7 @@ from typing import Iterator
 from PIL import Image, ImageDraw
 
 from fgcmr.shard.records import Item, Ref
+from fgcmr.shard.readers import Reader
 
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "hexagon", "cross", "ring", "crescent", "arrow"]
 SYNONYMS = {
@@ -247,7 +248,7 @@ def _plural(noun: str) -> str:
     return f"{head} {word}" if head else word
 
 
-class SyntheticReader:
+class SyntheticReader(Reader):
     """``items`` procedural items; ``image_size`` px JPEGs; ``captions`` texts per image."""
 
     unique_ids = True

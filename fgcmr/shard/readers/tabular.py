@@ -24,6 +24,7 @@ from typing import Iterator
 from fgcmr.config import ConfigError
 from fgcmr.shard.grouping import GroupSpill, Row, grouped_refs
 from fgcmr.shard.records import Item, Ref, Skip
+from fgcmr.shard.readers import Reader
 
 SUFFIXES = {"csv": (".csv", ".txt", ".tsv"), "jsonl": (".jsonl", ".json", ".ndjson"), "parquet": (".parquet",)}
 _MAGIC = {
@@ -34,7 +35,7 @@ _MAGIC = {
 }
 
 
-class TabularReader:
+class TabularReader(Reader):
     unique_ids = True  # grouping turns key clashes into duplicate_id skips
 
     def __init__(self, root: Path, kind: str, cfg, spill_dir: Path):
@@ -90,19 +91,11 @@ class TabularReader:
             for n, record in self._records(path):
                 row_id = f"{path.name}:{n}"
                 if not isinstance(record, dict):
-                    yield Row("", row_id, "", None, row_id, row_id, skip=("bad_record", f"{row_id}: not a JSON object"))
+                    yield Row.failed(row_id, "bad_record", f"{row_id}: not a JSON object")
                     continue
                 image, caption = str(record.get(c.image_col) or "").strip(), record.get(c.caption_col)
                 if not image or caption is None:
-                    yield Row(
-                        "",
-                        row_id,
-                        "",
-                        None,
-                        row_id,
-                        row_id,
-                        skip=("bad_record", f"{row_id}: needs {c.image_col!r} and {c.caption_col!r}"),
-                    )
+                    yield Row.failed(row_id, "bad_record", f"{row_id}: needs {c.image_col!r} and {c.caption_col!r}")
                     continue
                 split = _value(record.get(c.split_col)) or self.splits.get(image)
                 category = _value(record.get(c.category_col))

@@ -26,6 +26,7 @@ from typing import Iterator
 from fgcmr.config import ConfigError
 from fgcmr.shard.grouping import GroupSpill, Row, grouped_refs
 from fgcmr.shard.records import Item, Ref, Skip
+from fgcmr.shard.readers import Reader
 
 I2D_REASONS = {"failed_to_download": "download_failed", "failed_to_resize": "decode_failed"}
 
@@ -121,7 +122,7 @@ def group_of(group_by: str, url: str | None, sha256: str | None, key: str, where
     return key, key
 
 
-class _TarReader:
+class _TarReader(Reader):
     unique_ids = True
 
     def __init__(self, root: Path, cfg, spill_dir: Path):
@@ -171,15 +172,7 @@ class WebDatasetReader(_TarReader):
                 except ValueError:
                     meta = None
                 if not isinstance(meta, dict):
-                    yield Row(
-                        "",
-                        row_id,
-                        "",
-                        None,
-                        row_id,
-                        row_id,
-                        skip=("bad_record", f"{row_id}: its json is not an object"),
-                    )
+                    yield Row.failed(row_id, "bad_record", f"{row_id}: its json is not an object")
                     continue
                 text = meta.get(self.text_json) if self.text_json else fields.get(self.text_ext)
                 text = text.decode("utf-8", errors="replace") if isinstance(text, bytes) else text
@@ -193,7 +186,7 @@ class WebDatasetReader(_TarReader):
                 elif "\ufffd" in text:
                     skip = ("text_not_utf8", f"{row_id}: the caption is not valid UTF-8")
                 if skip:
-                    yield Row("", row_id, "", None, row_id, row_id, split, skip=skip)
+                    yield Row.failed(row_id, *skip, split)
                     continue
                 sha = _str(meta.get("sha256")) if c.group_by == "sha256" else None
                 if c.group_by == "sha256" and not sha:

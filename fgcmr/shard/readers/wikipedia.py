@@ -17,12 +17,13 @@ import numpy as np
 from fgcmr.config import ConfigError
 from fgcmr.shard.readers.text import read_text_file
 from fgcmr.shard.records import Item, Ref, Skip
+from fgcmr.shard.readers import Reader
 
 LISTS = {"train": "trainset_txt_img_cat.list", "test": "testset_txt_img_cat.list"}
 FEATURE_KEYS = {"train": ("I_tr", "T_tr"), "test": ("I_te", "T_te")}
 
 
-class WikipediaReader:
+class WikipediaReader(Reader):
     def __init__(self, root: Path, features: str | None = None):
         self.root = root
         lists = [name for name in LISTS.values() if (root / name).is_file()]
