@@ -13,12 +13,15 @@ One part per shard, numbered in the order of the selected splits' shards (manife
 
 N ranks (torchrun / srun) take the parts round-robin. Every file is written atomically; a rerun keeps
 each part whose record matches the shard, the export and the dtype and whose files have the recorded
-shapes, and redoes the rest. A producer thread reads, decodes and tokenises the next batches while
-the towers run, so the job keeps up with a bare forward of the same batches (``fgcmr bench embed``).
+shapes, and redoes the rest. The forward loop does nothing but the forward: a reader thread reads,
+decodes, transforms, tokenises and collates the next batches (and normalises them on a CPU device;
+on a GPU it pins the uint8 pixels, which are normalised on the device), and a writer thread writes
+each finished part, so the job keeps up with a bare forward of the same batches (``fgcmr bench embed``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -97,8 +100,8 @@ def run(cfg: EmbedConfig) -> dict | None:
     todo = [p for p in mine if not _kept(out, p, export_sha, cfg.dtype)]
     log.info("embed rank %d: %d parts, %d kept, %d to embed", env.rank, len(mine), len(mine) - len(todo), len(todo))
     with Progress(sum(p.items for p in todo), f"embed rank{env.rank}", "samples", enabled=env.is_main) as progress:
-        for part, data in embed_parts(todo, model, inputs, env.device, cfg.batch_size, cfg.prefetch_batches, progress):
-            write_part(out, part, data, export_sha, cfg.dtype)
+        parts_done = embed_parts(todo, model, inputs, env.device, cfg.batch_size, cfg.prefetch_batches, progress)
+        write_parts(out, parts_done, export_sha, cfg.dtype)
     distributed.barrier()
     if not env.is_main:
         return None
@@ -165,7 +168,7 @@ def _rows(path: Path) -> int:
 class Batch:
     part: Part
     samples: list[Sample]
-    images: torch.Tensor  # uint8 pixels (or fp32 features), [b, ...]
+    images: torch.Tensor  # the image tower's input [b, ...]: fp32 (normalised), or uint8 pixels to normalise
     texts: object  # collated text batch of every caption of the samples
     n_texts: list[int]
 
@@ -176,8 +179,13 @@ class PartEnd:
     skipped: int
 
 
-def read_batches(parts: list[Part], inputs, batch_size: int) -> Iterator[Batch | PartEnd]:
-    """Decoded, tokenised batches of each part in order, a ``PartEnd`` after each; bad samples skipped and counted."""
+def read_batches(
+    parts: list[Part], inputs, batch_size: int, device: torch.device | None = None
+) -> Iterator[Batch | PartEnd]:
+    """Model-ready batches of each part in order, a ``PartEnd`` after each; bad samples skipped and counted.
+
+    On a CPU ``device`` the pixels are normalised here (the forward loop then only runs the towers); on a
+    GPU they stay uint8 in pinned memory, for a non-blocking copy of 4× fewer bytes."""
     for part in parts:
         items, skipped = [], 0
         for sample in iter_samples(part.shard):
@@ -190,18 +198,21 @@ def read_batches(parts: list[Part], inputs, batch_size: int) -> Iterator[Batch |
                 skipped += 1
                 continue
             if len(items) == batch_size:
-                yield _batch(part, items)
+                yield _batch(part, items, inputs, device)
                 items = []
         if items:
-            yield _batch(part, items)
+            yield _batch(part, items, inputs, device)
         yield PartEnd(part, skipped)
 
 
-def _batch(part: Part, items: list) -> Batch:
-    texts = [t for _, _, ts in items for t in ts]
-    return Batch(
-        part, [s for s, _, _ in items], torch.stack([p for _, p, _ in items]), texts, [len(ts) for _, _, ts in items]
-    )
+def _batch(part: Part, items: list, inputs, device: torch.device | None) -> Batch:
+    images = torch.stack([p for _, p, _ in items])
+    if device is not None and device.type == "cpu":
+        images = inputs.normalize(images)
+    elif device is not None and device.type == "cuda":
+        images = images.pin_memory()
+    texts = inputs.collate_texts([t for _, _, ts in items for t in ts])
+    return Batch(part, [s for s, _, _ in items], images, texts, [len(ts) for _, _, ts in items])
 
 
 def prefetch(it: Iterator, depth: int) -> Iterator:
@@ -226,15 +237,15 @@ def prefetch(it: Iterator, depth: int) -> Iterator:
 
 @torch.inference_mode()
 def forward(batch: Batch, model, inputs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image and caption embeddings of one batch (fp32, on the device)."""
-    text_batch = inputs.collate_texts(batch.texts)
-    text_batch = (
-        {k: v.to(device, non_blocking=True) for k, v in text_batch.items()}
-        if isinstance(text_batch, dict)
-        else text_batch.to(device, non_blocking=True)
+    """Image and caption embeddings of one ``read_batches`` batch (fp32, on the device)."""
+    texts = batch.texts
+    texts = (
+        {k: v.to(device, non_blocking=True) for k, v in texts.items()}
+        if isinstance(texts, dict)
+        else texts.to(device, non_blocking=True)
     )
-    images = inputs.normalize(batch.images.to(device, non_blocking=True))
-    return model.encode_image(images).float(), model.encode_text(text_batch).float()
+    images = inputs.normalize(batch.images.to(device, non_blocking=True))  # a no-op when already normalised
+    return model.encode_image(images).float(), model.encode_text(texts).float()
 
 
 def embed_parts(
@@ -242,7 +253,7 @@ def embed_parts(
 ) -> Iterator[tuple[Part, dict]]:
     """``(part, data)`` for each part: its embeddings (fp32 numpy), samples and skip count."""
     data = _empty()
-    for item in prefetch(read_batches(parts, inputs, batch_size), depth):
+    for item in prefetch(read_batches(parts, inputs, batch_size, device), depth):
         if isinstance(item, PartEnd):
             data["skipped"] = item.skipped
             yield item.part, data
@@ -255,6 +266,19 @@ def embed_parts(
         data["n_texts"].extend(item.n_texts)
         if progress is not None:
             progress.update(len(item.samples))
+
+
+def write_parts(out: Path, parts: Iterator[tuple[Part, dict]], export_sha: str, dtype: str) -> None:
+    """``write_part`` each finished part on a writer thread while the next one is embedded (at most one
+    part waits to be written); a write's error is raised here, after the part before it was written."""
+    pending: concurrent.futures.Future | None = None
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embed-writer") as writer:
+        for part, data in parts:
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_part, out, part, data, export_sha, dtype)
+        if pending is not None:
+            pending.result()
 
 
 def _empty() -> dict:
