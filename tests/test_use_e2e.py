@@ -4,7 +4,8 @@ A wheel built from this checkout is installed (``pip install --no-deps --target`
 put first on ``PYTHONPATH``, so its ``fgcmr`` shadows the editable checkout while torch & co. still
 come from the environment; every command runs from a directory outside the repository. On it:
 ``fgcmr --help``, the ``tiny`` model config and sbatch templates from the package, then
-train (single process, CLIP loss, a short run) → export → embed → index → search → ``fgcmr.load``.
+train (single process, CLIP loss, a short run) → export, then the README's "Use a trained model"
+commands as written (2-rank embed, index, search, serve, eval on the embeddings) → ``fgcmr.load``.
 The browser test serves that index and drives Chromium through Selenium.
 """
 
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -114,16 +118,70 @@ def demo(wheel_install: dict, synthetic_dataset: Path) -> dict:
         extra_env=single,
     )
     fgcmr_cli(w, "export", f"--run={run}")
-    fgcmr_cli(
-        w,
-        "embed",
-        f"--export={run / 'export'}",
-        f"--shards={synthetic_dataset}",
-        f"--out={w['work'] / 'emb'}",
-        "--splits=test",
+    # the README's "Use a trained model" commands, as written, on this run laid out as runs/demo
+    (w["work"] / "runs" / "demo" / "data").mkdir(parents=True)
+    (w["work"] / "runs" / "demo" / "run").symlink_to(run)
+    (w["work"] / "runs" / "demo" / "data" / "shards").symlink_to(synthetic_dataset)
+    sample = next(iter_samples(open_dataset(synthetic_dataset).shards("test")[0]))
+    (w["work"] / "photo.jpg").write_bytes(sample.image)
+    shown = {}
+    for argv in readme_commands():
+        if argv[:2] == ["fgcmr", "serve"]:
+            shown["serve"] = serve_once(w, argv)
+            continue
+        cmd = [sys.executable, "-m", "torch.distributed.run", *argv[1:]] if argv[0] == "torchrun" else argv
+        res = subprocess.run(
+            [sys.executable, str(w["bin"]), *cmd[1:]] if cmd[0] == "fgcmr" else cmd,
+            capture_output=True,
+            text=True,
+            cwd=w["work"],
+            env=w["env"],
+            timeout=1800,
+        )
+        assert res.returncode == 0, f"README: {' '.join(argv)}:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+        shown[" ".join(argv[:2]) + (" image" if "--image=photo.jpg" in argv else "")] = res.stdout + res.stderr
+    demo_dir = w["work"] / "runs" / "demo"
+    return {
+        **w,
+        "run": run,
+        "export": run / "export",
+        "index": demo_dir / "index",
+        "emb": demo_dir / "emb",
+        "dataset": synthetic_dataset,
+        "readme": shown,
+    }
+
+
+def readme_commands() -> list[list[str]]:
+    """The shell commands of the README's "Use a trained model" block: comments dropped, ``[--opt]`` taken."""
+    section = (REPO / "README.md").read_text().split("## Use a trained model", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    lines = [line.split(" #", 1)[0].strip() for line in block.splitlines() if not line.lstrip().startswith("#")]
+    return [shlex.split(re.sub(r"\[(--[^\]]+)\]", r"\1", line)) for line in lines if line]
+
+
+def serve_once(w: dict, argv: list[str]) -> str:
+    """Start the README's ``fgcmr serve`` line, fetch its page from the address it prints, stop it."""
+    proc = subprocess.Popen(
+        [sys.executable, str(w["bin"]), *argv[1:]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=w["work"],
+        env=w["env"],
     )
-    fgcmr_cli(w, "index", f"--embeddings={w['work'] / 'emb'}", f"--out={w['work'] / 'index'}")
-    return {**w, "run": run, "export": run / "export", "index": w["work"] / "index", "dataset": synthetic_dataset}
+    try:
+        for line in proc.stdout:  # hang guard: the test's own timeout
+            if line.startswith("fgcmr serve: http://"):
+                url = line.split()[2]
+                break
+        else:
+            raise AssertionError(f"fgcmr serve ended (code {proc.wait()}) without printing its address")
+        assert url.startswith("http://127.0.0.1:")
+        return urllib.request.urlopen(url, timeout=120).read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_wheel_install_runs_the_demo_path(demo: dict):
@@ -146,6 +204,20 @@ def test_wheel_install_runs_the_demo_path(demo: dict):
     assert all(c in shown.stdout for c in ("Commands:", "embed", "index", "search", "serve"))
     manifest = json.loads((demo["export"] / "model_config.json").read_text())["fgcmr"]["provenance"]
     assert manifest["data_manifest_sha256"] and manifest["tag"] == "step_00000150"
+
+    # what the README's commands printed and wrote
+    manifest = json.loads((demo["emb"] / "embeddings.json").read_text())
+    dataset = open_dataset(demo["dataset"])
+    assert manifest["world_size"] == 2 and manifest["splits"] == dataset.split_names
+    assert manifest["images"] == sum(dataset.items(s) for s in dataset.split_names) and manifest["dtype"] == "float16"
+    readme = demo["readme"]
+    hits = json.loads(next(x for x in readme["fgcmr search"].splitlines() if x.startswith('{"query"')))["results"]
+    assert len(hits) == 10 and hits[0]["score"] >= hits[-1]["score"]
+    rows = [line for line in readme["fgcmr search image"].splitlines() if re.match(r"\s*\d+\s+-?\d\.\d{4}\s", line)]
+    assert len(rows) == 5
+    assert "<title>fgcmr search</title>" in readme["serve"]
+    metrics = json.loads((demo["run"] / "eval" / "metrics.json").read_text())
+    assert metrics["map_avg"] > 0 and "MAP" in readme["fgcmr eval"]
 
     sample = next(iter_samples(open_dataset(demo["dataset"]).shards("test")[0]))
     out = fgcmr_cli(demo, "search", f"--index={demo['index']}", f"--text={sample.texts[0]}", "--k=10", "--json").stdout
@@ -195,7 +267,8 @@ def test_search_page_in_headless_chromium(demo: dict, tmp_path: Path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = "http://127.0.0.1:%d/" % server.server_address[1]
     searcher = Searcher(demo["index"])
-    samples = [s for p in open_dataset(demo["dataset"]).shards("test") for s in iter_samples(p)]
+    dataset = open_dataset(demo["dataset"])
+    samples = [s for split in dataset.split_names for p in dataset.shards(split) for s in iter_samples(p)]
     # the known queries: captions of the embedded set whose top result (by the CLI's search) is their own image
     known = [(s.texts[0], s.key) for s in samples if searcher.text_to_images(s.texts[0], 1)[0]["key"] == s.key]
     assert len(known) >= 3, (

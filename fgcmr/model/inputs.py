@@ -131,8 +131,9 @@ class Batch:
 
     samples: list[Sample]
     images: torch.Tensor
-    texts: list[torch.Tensor]
+    texts: list[torch.Tensor] | TextBatch  # collated once ``ready``
     n_texts: list[int]
+    collated: bool = False
 
     @classmethod
     def of(cls, items: list[tuple[Sample, torch.Tensor, list[torch.Tensor]]]) -> Batch:
@@ -143,6 +144,17 @@ class Batch:
             [t for _, _, ts in items for t in ts],
             [len(ts) for _, _, ts in items],
         )
+
+    def ready(self, inputs: Inputs, device: torch.device) -> Batch:
+        """The batch as the towers take it, so that a reader thread does this work off the forward loop: texts
+        collated; pixels normalised on a CPU ``device``, or left uint8 in pinned memory for a GPU (a
+        non-blocking copy of 4× fewer bytes, normalised there)."""
+        images = self.images
+        if device.type == "cpu":
+            images = inputs.normalize(images)
+        elif device.type == "cuda":
+            images = images.pin_memory()
+        return dataclasses.replace(self, images=images, texts=inputs.collate_texts(self.texts), collated=True)
 
 
 def move(x: TextBatch, device: torch.device, dtype: torch.dtype | None = None) -> TextBatch:
@@ -158,6 +170,6 @@ def embed_batch(
     model: TwoTower, inputs: Inputs, batch: Batch, device: torch.device, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image and text embeddings of one batch (fp32, on the device); the caller picks no_grad or inference_mode."""
-    images = move(inputs.normalize(batch.images.to(device, non_blocking=True)), device, dtype)
-    texts = move(inputs.collate_texts(batch.texts), device, dtype)
+    images = move(inputs.normalize(batch.images.to(device, non_blocking=True)), device, dtype)  # no-op if done
+    texts = move(batch.texts if batch.collated else inputs.collate_texts(batch.texts), device, dtype)
     return model.encode_image(images).float(), model.encode_text(texts).float()

@@ -13,12 +13,15 @@ One part per shard, numbered in the order of the selected splits' shards (manife
 
 N ranks (torchrun / srun) take the parts round-robin. Every file is written atomically; a rerun keeps
 each part whose record matches the shard, the export and the dtype and whose files have the recorded
-shapes, and redoes the rest. A producer thread reads, decodes and tokenises the next batches while
-the towers run, so the job keeps up with a bare forward of the same batches (``fgcmr bench embed``).
+shapes, and redoes the rest. The forward loop does nothing but the forward: a reader thread reads,
+decodes, transforms, tokenises and collates the next batches (and normalises them on a CPU device;
+on a GPU it pins the uint8 pixels, which are normalised on the device), and a writer thread writes
+each finished part, so the job keeps up with a bare forward of the same batches (``fgcmr bench embed``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -99,8 +102,8 @@ def run(cfg: EmbedConfig) -> dict | None:
     todo = [p for p in mine if not _kept(out, p, export_sha, cfg.dtype)]
     log.info("embed rank %d: %d parts, %d kept, %d to embed", env.rank, len(mine), len(mine) - len(todo), len(todo))
     with Progress(sum(p.items for p in todo), f"embed rank{env.rank}", "samples", enabled=env.is_main) as progress:
-        for part, data in embed_parts(todo, model, inputs, env.device, cfg.batch_size, cfg.prefetch_batches, progress):
-            write_part(out, part, data, export_sha, cfg.dtype)
+        parts_done = embed_parts(todo, model, inputs, env.device, cfg.batch_size, cfg.prefetch_batches, progress)
+        write_parts(out, parts_done, export_sha, cfg.dtype)
     distributed.barrier()
     if not env.is_main:
         return None
@@ -169,8 +172,9 @@ class PartEnd:
     skipped: int
 
 
-def read_batches(parts: list[Part], inputs, batch_size: int) -> Iterator[Batch | PartEnd]:
-    """Decoded, tokenised batches of each part in order, a ``PartEnd`` after each; bad samples skipped and counted."""
+def read_batches(parts: list[Part], inputs, batch_size: int, device: torch.device) -> Iterator[Batch | PartEnd]:
+    """Batches of each part in order, ``ready`` for the towers on ``device`` (so the forward loop only runs the
+    towers), a ``PartEnd`` after each; bad samples skipped and counted."""
     from fgcmr.model.inputs import Batch
 
     for part in parts:
@@ -183,10 +187,10 @@ def read_batches(parts: list[Part], inputs, batch_size: int) -> Iterator[Batch |
                 skipped += 1
                 continue
             if len(items) == batch_size:
-                yield Batch.of(items)
+                yield Batch.of(items).ready(inputs, device)
                 items = []
         if items:
-            yield Batch.of(items)
+            yield Batch.of(items).ready(inputs, device)
         yield PartEnd(part, skipped)
 
 
@@ -217,7 +221,7 @@ def embed_parts(
     from fgcmr.model.inputs import embed_batch
 
     data = _empty()
-    for item in prefetch(read_batches(parts, inputs, batch_size), depth):
+    for item in prefetch(read_batches(parts, inputs, batch_size, device), depth):
         if isinstance(item, PartEnd):
             data["skipped"] = item.skipped
             yield item.part, data
@@ -231,6 +235,19 @@ def embed_parts(
         data["n_texts"].extend(item.n_texts)
         if progress is not None:
             progress.update(len(item.samples))
+
+
+def write_parts(out: Path, parts: Iterator[tuple[Part, dict]], export_sha: str, dtype: str) -> None:
+    """``write_part`` each finished part on a writer thread while the next one is embedded (at most one
+    part waits to be written); a write's error is raised here, after the part before it was written."""
+    pending: concurrent.futures.Future | None = None
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embed-writer") as writer:
+        for part, data in parts:
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_part, out, part, data, export_sha, dtype)
+        if pending is not None:
+            pending.result()
 
 
 def _empty() -> dict:
