@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from fgcmr import startup
 from fgcmr.config import dump_yaml, to_dict
 from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
 from fgcmr.distributed import DistEnv, barrier, collective_timeout, free_port, init
@@ -139,6 +140,17 @@ def shutdown_workers(loader) -> None:
         iterator._shutdown_workers()
 
 
+def log_first_step(data_time: float) -> None:
+    """One line saying how long the job took to its first step, and where the time went."""
+    startup.mark("first step")
+    log.info(
+        "first step after %.1f s (%s; of the first step, %.1f s waiting for the first batch)",
+        startup.total(),
+        startup.summary(),
+        data_time,
+    )
+
+
 class Trainer:
     """One optimizer step (``grad_accum`` micro-steps) with its timing and monitoring: the unit the
     training loop repeats and ``fgcmr bench train`` measures."""
@@ -160,6 +172,7 @@ class Trainer:
             grad_accum,
         )
         self.normalize = normalize  # uint8 pixels → the image tower's input (``Inputs.normalize``)
+        self.data_time = 0.0  # of the last step: waiting for its batches
 
     def step(self, batches: Iterator[dict], step: int) -> int:
         t0 = time.perf_counter()
@@ -172,6 +185,7 @@ class Trainer:
             data_time += time.perf_counter() - t
             out, grad_norm = micro_step(self.engine, self.loss_fn, batch, measure_grad_norm=measure)
         step += 1
+        self.data_time = data_time
         self.monitor.update(step, out, time.perf_counter() - t0, data_time, lr, grad_norm)
         return step
 
@@ -179,7 +193,9 @@ class Trainer:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     fp = state.train_fingerprint(cfg, strict=True)  # cheap input checks, before any heavy start-up
     state.guard(cfg, fp)
+    startup.mark("python + imports")
     env = init_distributed()
+    startup.mark("process group")
     run_dir, dataset = Path(cfg.out), open_dataset(cfg.shards)
     ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +205,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     model_cfg = ensure_tokenizer(
         model_cfg, dataset, run_dir, env, cfg.data.split, cfg.data.tokenizer_samples, model_cfg.text.vocab_size
     )
+    startup.mark("tokenizer")
     sched = Schedule(
         env.world_size,
         cfg.data.micro_batch,
@@ -208,6 +225,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         w, c = read_head(dataset.root, cfg.labels)
         head = (torch.from_numpy(w).to(engine.device), c)
     loss_fn = RetrievalLoss(cfg.loss, head)
+    startup.mark("model + DeepSpeed")
 
     client = checkpoint.resume(engine, ckpt_dir, cfg.resume) if cfg.resume else None
     step, samples_seen = (client["step"], client["samples_seen"]) if client else (0, 0)
@@ -285,9 +303,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         step,
     )
     batches = forever(loader)
+    startup.mark("loader + resume")
+    first = step
     try:
         while step < sched.total_steps:
             step = trainer.step(batches, step)
+            if step == first + 1:
+                log_first_step(trainer.data_time)
             samples_seen += sched.samples_per_step
             if step % cfg.checkpoint_every == 0:
                 save()
