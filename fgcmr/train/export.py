@@ -70,7 +70,7 @@ def run(cfg: ExportConfig) -> Path:
     tag = fp.inputs["checkpoint"]
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-    why = problem(ckpt_dir / tag)
+    why = problem(ckpt_dir / tag, contents=True)
     if why:
         raise FileNotFoundError(f"cannot export: {why}")
     state = consolidated_state_dict(ckpt_dir, tag)
