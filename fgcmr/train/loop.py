@@ -73,6 +73,11 @@ def init_distributed() -> DistEnv:
         os.environ["MASTER_PORT"] = str(free_port())
     env = init()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if env.backend == "gloo":
+        # DeepSpeed loads its CPU shared-memory all-reduce op here, JIT-compiling it on a fresh machine (30-170 s)
+        # behind one machine-wide file lock in ~/.cache/torch_extensions (a job stuck holding it stalls every
+        # other job's start). Only its inference all-reduce uses the op, which falls back to torch.distributed.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=env.backend, timeout=collective_timeout())
     return env
 
@@ -130,14 +135,6 @@ def build_model_for(
         log.info("initialising from %s (%d tensors)", path, load_into(model, open_weights(path), path))
     model.logit_scale.requires_grad_(loss.name == "clip")
     return model
-
-
-def shutdown_workers(loader) -> None:
-    """Stop a DataLoader's (persistent) workers now. They ignore SIGTERM (``ignore_stop_signals``), so after
-    an error the interpreter's exit would SIGTERM them and then wait for them forever: the run hung."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
 
 
 def log_first_step(data_time: float) -> None:
@@ -329,8 +326,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     )
                 sys.exit(EXIT_REQUEUE)
         save()
-    finally:
-        shutdown_workers(loader)
+    finally:  # the loader's workers ignore SIGTERM: build_loader's exit hook kills them (kill_workers_at_exit)
         stop.restore()
         monitor.close()
     summary = {"step": step, "samples_seen": samples_seen, "world_size": env.world_size, **monitor.last_values}
