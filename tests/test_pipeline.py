@@ -168,7 +168,7 @@ def test_two_process_pipeline_runs_then_reruns_only_what_changed(tmp_path, monke
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [s for s, v in stages.items() if v["status"] == "ran"] == ["train", "export", "eval"]
     new = json.loads((out / "run" / "eval" / "metrics.json").read_text())
-    assert new["model"]["sha256"] != metrics["model"]["sha256"]
+    assert new["model"]["weights_sha256"] != metrics["model"]["weights_sha256"]
     assert f"{new['map_avg']:.4f}" in forced.stdout
 
     # Defect 11: the README's eval command under torchrun (--run=… is torchrun's --run-path), here on one rank:

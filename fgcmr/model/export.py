@@ -13,6 +13,7 @@ carries the same JSON, so the weights file alone still says what it is.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -141,6 +142,17 @@ def canonical_header(path: Path) -> None:
             raise RuntimeError(f"{path}: canonical safetensors header is longer than the original")
         f.seek(8)
         f.write(text + b" " * (size - len(text)))
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a safetensors file's tensors (the bytes after its header): equal for equal weights wherever
+    the run lived (the header's provenance names the run's and the data's paths)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TwoTower, ModelConfig, Inputs]:
