@@ -13,10 +13,7 @@ $(BIN)/fgcmr: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,weights,bench]'
-	@# On CPU machines, rebuild DeepSpeed with its shared-memory op compiled now: otherwise every fresh machine
-	@# JIT-compiles it at the first start (30-170 s; jobs starting together rebuild it against each other).
-	command -v nvidia-smi >/dev/null || DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install -q \
-		--no-build-isolation --no-deps --force-reinstall --no-cache-dir "$$(grep -o 'deepspeed==[0-9.]*' pyproject.toml)"
+	@# No DeepSpeed op is built: fgcmr never loads its CPU shared-memory op (fgcmr.train.loop.init_distributed).
 	touch $@
 
 # img2dataset needs webdataset 0.2.x (the project pins 1.0.2), so it lives in its own tool venv and runs as a

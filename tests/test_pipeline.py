@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,11 +10,10 @@ import pytest
 import yaml
 
 from fgcmr.config import ConfigError
-from fgcmr.pipeline import resolve_experiment
+from fgcmr.pipeline import plan, resolve_experiment, stage_configs
 from waits import run_following
 
 REPO = Path(__file__).resolve().parents[1]
-GUARD = 1800  # s: a hang guard for one pipeline run on a loaded machine, not its expected duration
 
 TINY = {
     "name": "tiny",
@@ -104,7 +102,7 @@ def test_experiment_configs_resolve():
 
 
 @pytest.mark.slow
-def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
+def test_two_process_pipeline_runs_then_reruns_only_what_changed(tmp_path, monkeypatch, capsys):
     cfg = _write(tmp_path / "tiny.yaml", TINY)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fgcmr.cli", "pipeline", f"--config={cfg}", "--nproc=2", f"--out={out}"]
@@ -138,61 +136,50 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
         "eval",
     ]
 
-    from fgcmr.evaluate.job import EvalConfig, run  # one process sees the same samples in the same pairing
+    # One pipeline launch per kind of rerun; the refusals run in this process (nothing to launch).
+    (out / "run" / "eval" / "report.png").unlink()  # as if killed between metrics.json and report.png
+    exp, layout = resolve_experiment(cfg, str(out), None)
+    checks = {stage.name: c for stage, c in plan(exp, layout, stage_configs(exp))}
+    assert [name for name, c in checks.items() if not c.done] == ["eval"]
+    assert checks["eval"].reason == f"{out / 'run' / 'eval'} is incomplete"
 
-    single = run(EvalConfig(run=str(out / "run"), out=str(tmp_path / "single"), report=False, tensorboard=False))
-    assert single["eval"]["world_size"] == 1
-    assert {k: single[k] for k in ("map_i2t", "map_t2i", "r1_i2t", "r10_t2i", "medr_i2t")} == pytest.approx(
-        {k: metrics[k] for k in ("map_i2t", "map_t2i", "r1_i2t", "r10_t2i", "medr_i2t")}, abs=1e-5
-    )
+    # Defect 1: a changed option never shows the old results as new; a bad one fails before any stage ran.
+    experiment = (out / "experiment.yaml").read_text()
+    code, stdout, stderr = _cli(monkeypatch, capsys, [*cmd[3:], "--train.optim.lr=0.01"])
+    assert code == 2 and "MAP@all" not in stdout
+    assert "train: config changed (optim.lr 0.001→0.01) for the output in" in stderr and "--force" in stderr
+    assert (out / "experiment.yaml").read_text() == experiment  # nothing touched
+    code, _, stderr = _cli(monkeypatch, capsys, [*cmd[3:], "--train.data.micro_batch=abc"])
+    assert code == 2 and stderr.strip().splitlines() == [
+        "fgcmr: config error: train.data.micro_batch must be an integer, got 'abc'"
+    ]
 
-    (out / "run" / "eval" / "report.png").unlink()  # as if killed between metrics.json and report.png: only eval reruns
-    again = run_following(cmd, cwd=REPO)
-    assert again.returncode == 0, again.stderr[-3000:]
+    evals = run_following([*cmd, "--eval.report_queries=1"], cwd=REPO)  # eval only, incomplete and changed
+    assert evals.returncode == 0, evals.stderr[-3000:]
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [s for s, v in stages.items() if v["status"] == "ran"] == ["eval"]
-    assert f"eval: {out / 'run' / 'eval'} is incomplete, redoing" in again.stderr
+    assert "eval: config changed (report_queries 3→1), redoing" in evals.stderr
     assert json.loads((out / "run" / "eval" / "metrics.json").read_text())["map_avg"] == pytest.approx(
         metrics["map_avg"]
     )
     assert (out / "run" / "eval" / "report.png").is_file()
-
-    # Defect 1: a changed option never shows the old results as new.
-    experiment = (out / "experiment.yaml").read_text()
-    changed = subprocess.run([*cmd, "--train.optim.lr=0.01"], cwd=REPO, capture_output=True, text=True, timeout=GUARD)
-    assert changed.returncode == 2 and "MAP@all" not in changed.stdout
-    assert (
-        "train: config changed (optim.lr 0.001→0.01) for the output in" in changed.stderr
-        and "--force" in changed.stderr
-    )
-    assert (out / "experiment.yaml").read_text() == experiment  # nothing touched
-    bad = subprocess.run(
-        [*cmd, "--train.data.micro_batch=abc"], cwd=REPO, capture_output=True, text=True, timeout=GUARD
-    )
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "fgcmr: config error: train.data.micro_batch must be an integer, got 'abc'"
-    ]  # before any stage ran
-    evals = subprocess.run([*cmd, "--eval.report_queries=1"], cwd=REPO, capture_output=True, text=True, timeout=GUARD)
-    assert evals.returncode == 0, evals.stderr[-3000:]
-    assert "eval: config changed (report_queries 3→1), redoing" in evals.stderr
-    forced = subprocess.run(
-        [*cmd, "--train.optim.lr=0.01", "--force"], cwd=REPO, capture_output=True, text=True, timeout=GUARD
-    )
+    forced = run_following([*cmd, "--train.optim.lr=0.01", "--force"], cwd=REPO)
     assert forced.returncode == 0, forced.stderr[-3000:]
     stages = json.loads((out / "pipeline.json").read_text())["stages"]
     assert [s for s, v in stages.items() if v["status"] == "ran"] == ["train", "export", "eval"]
     new = json.loads((out / "run" / "eval" / "metrics.json").read_text())
-    assert new["model"]["sha256"] != metrics["model"]["sha256"]
+    assert new["model"]["weights_sha256"] != metrics["model"]["weights_sha256"]
     assert f"{new['map_avg']:.4f}" in forced.stdout
 
-    # Defect 11: the README's eval command under torchrun (--run=… is torchrun's --run-path).
-    readme = subprocess.run(
+    # Defect 11: the README's eval command under torchrun (--run=… is torchrun's --run-path), here on one rank:
+    # one process sees the same samples in the same pairing as the pipeline's two.
+    readme = run_following(
         [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--standalone",
-            "--nproc_per_node=2",
+            "--nproc_per_node=1",
             "-m",
             "fgcmr.cli",
             "eval",
@@ -201,11 +188,22 @@ def test_two_process_pipeline_runs_then_skips_everything(tmp_path):
             "--report=false",
         ],
         cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=GUARD,
     )
     assert readme.returncode == 0, readme.stderr[-3000:]
-    assert json.loads((tmp_path / "readme-eval" / "metrics.json").read_text())["map_avg"] == pytest.approx(
-        new["map_avg"], abs=1e-6
-    )
+    single = json.loads((tmp_path / "readme-eval" / "metrics.json").read_text())
+    assert single["eval"]["world_size"] == 1
+    keys = ("map_i2t", "map_t2i", "map_avg", "r1_i2t", "r10_t2i", "medr_i2t")
+    assert {k: single[k] for k in keys} == pytest.approx({k: new[k] for k in keys}, abs=1e-5)
+
+
+def _cli(monkeypatch, capsys, args: list[str]) -> tuple[int, str, str]:
+    """``fgcmr <args>`` in this process: (exit code, stdout, stderr)."""
+    from fgcmr import cli
+
+    monkeypatch.setattr(sys, "argv", ["fgcmr", *args])
+    monkeypatch.setattr("fgcmr.progress.setup_logging", lambda rank=0: None)  # keep pytest's log handlers
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fgcmr.config import ConfigError
-from fgcmr.io import clean_leftovers
+from fgcmr.io import clean_leftovers, sha256_file
 from fgcmr.run import EXIT_REQUEUE, check_stamp, fingerprint, write_stamp
 from fgcmr.train import checkpoint
 from fgcmr.train.config import TrainConfig
@@ -31,7 +31,9 @@ def fake_tag(ckpt: Path, step: int, world: int = 2, complete: bool = True) -> Pa
         (tag / f"rng_rank{r}.pt").write_bytes(b"r" * 10)
     if complete:
         files = {p.name: p.stat().st_size for p in tag.iterdir()}
-        (tag / checkpoint.COMPLETE).write_text(json.dumps({"step": step, "world_size": world, "files": files}))
+        digests = {p.name: sha256_file(p) for p in tag.iterdir()}
+        info = {"step": step, "world_size": world, "files": files, "sha256": digests}
+        (tag / checkpoint.COMPLETE).write_text(json.dumps(info))
     return tag
 
 
@@ -97,6 +99,21 @@ def test_resume_finds_the_newest_complete_tag(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="cannot resume from .*step_00000030 is incomplete|lacks"):
         (third / checkpoint.COMPLETE).unlink()
         checkpoint.candidates(ckpt, str(third))
+
+    # A same-size byte flip inside a tensor: torch.load reads it silently, so resume compares sha256.
+    fourth = fake_tag(ckpt, 40)
+    flipped = fourth / "mp_rank_00_model_states.pt"
+    data = bytearray(flipped.read_bytes())
+    data[40] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    (ckpt / "latest").write_text("step_00000040")
+    caplog.clear()
+    assert checkpoint.problem(fourth) is None  # sizes alone cannot tell
+    assert checkpoint.candidates(ckpt, "auto") == [ckpt / "step_00000010"]
+    assert f"not resuming from checkpoint file {flipped} is damaged (same size, but not the sha256" in caplog.text
+    assert "names step_00000040; resuming from the newest complete tag step_00000010" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"cannot resume from checkpoint file .* is damaged \(same size"):
+        checkpoint.candidates(ckpt, "step_00000040")
 
 
 def test_train_refuses_to_clobber_checkpoints(synthetic_dataset, tmp_path):

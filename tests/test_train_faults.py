@@ -4,8 +4,8 @@
 One run of 24 steps is interrupted four ways and continued each time with ``--resume=auto``: Ctrl-C
 (SIGINT to the process group), ``kill -9`` of torchrun alone, ``kill -9`` of every process (torchrun puts
 each rank in a session of its own) while a checkpoint is being written, ``kill -9`` of one rank; with
-``latest`` deleted and the newest checkpoint truncated on the way. The finished run must count exactly
-what an uninterrupted one does.
+``latest`` deleted, the newest checkpoint truncated and, later, a byte flipped inside one (same size) on
+the way. The finished run must count exactly what an uninterrupted one does.
 Waits follow log lines and files; timeouts are hang guards only.
 """
 
@@ -155,10 +155,21 @@ def test_interrupted_every_way_then_resumed_counts_like_one_run(synthetic_datase
     ranks[1].kill()
     assert proc.wait(GUARD) not in (0, 75)
 
-    # 6. Finish: the same counts as an uninterrupted run, every step logged, every kept tag complete.
+    # 6. A same-size byte flip in the newest tag (torch.load would read it silently): resume falls back to the
+    #    previous complete tag, naming the file. Then finish: the same counts as an uninterrupted run, every step
+    #    logged, every kept tag complete.
+    tags = checkpoint.complete_tags(ckpt)
+    assert len(tags) >= 2, tags
+    flipped = tags[-1] / "mp_rank_00_model_states.pt"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
     log = tmp_path / "6-finish.log"
     proc = start(resume, log)
     assert proc.wait(GUARD) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert f"not resuming from checkpoint file {flipped} is damaged (same size, but not the sha256 written)" in text
+    assert f"resumed from {tags[-2]} at step" in text
     summary = json.loads((run / "train_metrics.json").read_text())
     assert (summary["step"], summary["samples_seen"], summary["world_size"]) == (STEPS, STEPS * 2 * 16, 2)
     assert {s for s, _ in scalars(run, "train/loss")} == set(range(1, STEPS + 1))

@@ -291,8 +291,10 @@ def summarise(
         "manifest_sha256": sha256_file(dataset.root / "manifest.json"),
     }
     train_cfg = _train_config(run_dir)
+    from fgcmr.model.export import weights_sha256
+
     metrics["model"] = {
-        "sha256": sha256_file(export_dir / "model.safetensors"),
+        "weights_sha256": weights_sha256(export_dir / "model.safetensors"),
         "loss": train_cfg.get("loss"),
         "seed": train_cfg.get("seed"),
         "labels": train_cfg.get("labels"),

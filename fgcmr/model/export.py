@@ -13,6 +13,7 @@ carries the same JSON, so the weights file alone still says what it is.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -143,6 +144,17 @@ def clean_old_exports(out_dir: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a safetensors file's tensors (the bytes after its header): equal for equal weights wherever
+    the run lived (the header's provenance names the run's and the data's paths)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_export(export_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TwoTower, ModelConfig, Inputs]:

@@ -2,10 +2,11 @@
 
 Layout: ``<run>/checkpoints/step_NNNNNNNN/`` (DeepSpeed's files + ``rng_rank<r>.pt`` + ``complete.json``)
 and ``<run>/checkpoints/latest``. A tag is *complete* once ``complete.json`` is there: rank 0 writes it
-after every rank wrote its files, listing each file's size, then points ``latest`` at the tag. A kill
-mid-save therefore leaves ``latest`` on the previous complete tag, and a truncated file is noticed
-before DeepSpeed reads it. Resuming takes the newest complete tag (whatever ``latest`` says, saying so);
-one that still fails to load is reported by path and the next older one is used.
+after every rank wrote its files, listing each file's size and sha256, then points ``latest`` at the tag.
+A kill mid-save therefore leaves ``latest`` on the previous complete tag, and a truncated file is noticed
+before DeepSpeed reads it. Resuming takes the newest complete tag (whatever ``latest`` says, saying so)
+whose files still have their sha256 (``torch.load`` reads a flipped byte inside a tensor silently); one
+that still fails to load is reported by path and the next older one is used.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 
 from fgcmr.config import ConfigError
 from fgcmr.distributed import barrier
-from fgcmr.io import atomic_open, atomic_write_json, atomic_write_text, read_json
+from fgcmr.io import atomic_open, atomic_write_json, atomic_write_text, read_json, sha256_file
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -72,8 +73,12 @@ def save(engine: DeepSpeedEngine, ckpt_dir: Path, step: int, client_state: dict[
         torch.save(rng_state(), f)
     barrier()
     if _rank() == 0:
-        files = {p.name: p.stat().st_size for p in sorted((ckpt_dir / tag).iterdir()) if p.is_file()}
-        atomic_write_json(ckpt_dir / tag / COMPLETE, {"step": step, "world_size": _world(), "files": files})
+        paths = [p for p in sorted((ckpt_dir / tag).iterdir()) if p.is_file()]
+        files = {p.name: p.stat().st_size for p in paths}
+        digests = {p.name: sha256_file(p) for p in paths}
+        atomic_write_json(
+            ckpt_dir / tag / COMPLETE, {"step": step, "world_size": _world(), "files": files, "sha256": digests}
+        )
         atomic_write_text(ckpt_dir / "latest", tag)
         prune(ckpt_dir, keep_last)
         log.info("checkpoint %s saved (step %d)", ckpt_dir / tag, step)
@@ -105,8 +110,9 @@ def step_tags(ckpt_dir: Path) -> list[Path]:
     return sorted(tags, key=lambda p: int(TAG.match(p.name)[1]))
 
 
-def problem(tag_dir: Path) -> str | None:
-    """Why ``tag_dir`` is not a complete checkpoint (None when it is)."""
+def problem(tag_dir: Path, contents: bool = False) -> str | None:
+    """Why ``tag_dir`` is not a complete checkpoint (None when it is); ``contents``: also compare every file's
+    sha256 with the one written (reads the whole tag: done for the tag a resume is about to load)."""
     if not (tag_dir / COMPLETE).is_file():
         return f"{tag_dir} is incomplete (no {COMPLETE}: its save was interrupted)"
     try:
@@ -119,7 +125,12 @@ def problem(tag_dir: Path) -> str | None:
             actual = path.stat().st_size if path.is_file() else "missing"
             return f"checkpoint file {path} is damaged ({actual} bytes, {size} written)"
     missing = [f"rng_rank{r}.pt" for r in range(info["world_size"]) if f"rng_rank{r}.pt" not in info["files"]]
-    return f"{tag_dir} lacks {', '.join(missing)}" if missing else None
+    if missing:
+        return f"{tag_dir} lacks {', '.join(missing)}"
+    for name, digest in info.get("sha256", {}).items() if contents else ():
+        if sha256_file(tag_dir / name) != digest:
+            return f"checkpoint file {tag_dir / name} is damaged (same size, but not the sha256 written)"
+    return None
 
 
 def complete_tags(ckpt_dir: Path) -> list[Path]:
@@ -168,10 +179,14 @@ def candidates(ckpt_dir: Path, resume: str) -> list[Path]:
     (a tag directory, or a tag name inside ``ckpt_dir``), which must be complete."""
     if resume in AUTO:
         good = complete_tags(ckpt_dir)[::-1]
+        while good and (why := problem(good[0], contents=True)):  # every rank reads the same files: all agree
+            log.warning("not resuming from %s", why)
+            good.pop(0)
         for tag in step_tags(ckpt_dir)[::-1]:
             if good and tag == good[0]:
                 break
-            log.warning("not resuming from %s", problem(tag))
+            if problem(tag):
+                log.warning("not resuming from %s", problem(tag))
         pointer = ckpt_dir / "latest"
         named = pointer.read_text().strip() if pointer.is_file() else None
         if good and named != good[0].name:
@@ -185,7 +200,7 @@ def candidates(ckpt_dir: Path, resume: str) -> list[Path]:
     path = Path(resume) if Path(resume).is_dir() or not (ckpt_dir / resume).is_dir() else ckpt_dir / resume
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint to resume from not found: {path} (use --resume=auto for the run's newest)")
-    why = problem(path)
+    why = problem(path, contents=True)
     if why:
         raise FileNotFoundError(f"cannot resume from {why}; use --resume=auto for the newest complete tag")
     return [path]

@@ -36,6 +36,11 @@ def init_distributed(threads: int | None = None) -> DistEnv:
         os.environ["MASTER_PORT"] = str(free_port())
     env = init(threads)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if env.backend == "gloo":
+        # DeepSpeed loads its CPU shared-memory all-reduce op here, JIT-compiling it on a fresh machine (30-170 s)
+        # behind one machine-wide file lock in ~/.cache/torch_extensions (a job stuck holding it stalls every
+        # other job's start). Only its inference all-reduce uses the op, which falls back to torch.distributed.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     with quiet_prints():  # DeepSpeed prints that its shared-memory op "built successfully" on every start
         deepspeed.init_distributed(dist_backend=env.backend, timeout=collective_timeout())
     return env

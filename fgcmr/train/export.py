@@ -87,7 +87,7 @@ def run(cfg: ExportConfig) -> Path:
     tag = fp.inputs["checkpoint"]
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
-    why = problem(ckpt_dir / tag)
+    why = problem(ckpt_dir / tag, contents=True)
     if why:
         raise FileNotFoundError(f"cannot export: {why}")
     state = checkpoint_tensors(ckpt_dir, tag)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
+from fgcmr import startup
 from fgcmr.config import dump_yaml, to_dict
 from fgcmr.dataset import DatasetInfo, iter_samples, open_dataset
 from fgcmr.distributed import DistEnv, barrier
@@ -113,12 +114,15 @@ def build_model_for(
     return model
 
 
-def shutdown_workers(loader) -> None:
-    """Stop a DataLoader's (persistent) workers now. They ignore SIGTERM (``ignore_stop_signals``), so after
-    an error the interpreter's exit would SIGTERM them and then wait for them forever: the run hung."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
+def log_first_step(data_time: float) -> None:
+    """One line saying how long the job took to its first step, and where the time went."""
+    startup.mark("first step")
+    log.info(
+        "first step after %.1f s (%s; of the first step, %.1f s waiting for the first batch)",
+        startup.total(),
+        startup.summary(),
+        data_time,
+    )
 
 
 class Trainer:
@@ -142,6 +146,7 @@ class Trainer:
             grad_accum,
         )
         self.normalize = normalize  # uint8 pixels → the image tower's input (``Inputs.normalize``)
+        self.data_time = 0.0  # of the last step: waiting for its batches
 
     def step(self, batches: Iterator[dict], step: int) -> int:
         t0 = time.perf_counter()
@@ -154,6 +159,7 @@ class Trainer:
             data_time += time.perf_counter() - t
             out, grad_norm = micro_step(self.engine, self.loss_fn, batch, measure_grad_norm=measure)
         step += 1
+        self.data_time = data_time
         self.monitor.update(step, out, time.perf_counter() - t0, data_time, lr, grad_norm)
         return step
 
@@ -171,13 +177,16 @@ def client_state(step: int, samples_seen: int, sched: Schedule, world_size: int)
 def run(cfg: TrainConfig) -> dict[str, Any]:
     fp = state.train_fingerprint(cfg, strict=True)  # cheap input checks, before any heavy start-up
     state.guard(cfg, fp)
+    startup.mark("python + imports")
     env = init_distributed()
+    startup.mark("process group")
     run_dir, dataset = Path(cfg.out), open_dataset(cfg.shards)
     ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         clean_leftovers(run_dir, ckpt_dir, *checkpoint.step_tags(ckpt_dir))
     model_cfg = with_tokenizer(load_model_config(cfg.model, cfg.model_overrides), dataset, run_dir, env, cfg.data)
+    startup.mark("tokenizer")
     sched = Schedule(
         env.world_size,
         cfg.data.micro_batch,
@@ -197,6 +206,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         w, c = read_head(dataset.root, cfg.labels)
         head = (torch.from_numpy(w).to(engine.device), c)
     loss_fn = RetrievalLoss(cfg.loss, head)
+    startup.mark("model + DeepSpeed")
 
     client = checkpoint.resume(engine, ckpt_dir, cfg.resume) if cfg.resume else None
     step, samples_seen = (client["step"], client["samples_seen"]) if client else (0, 0)
@@ -253,9 +263,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         f"every {cfg.eval_every} steps on split {validator.split!r}" if validator else "off (--eval_every=N)",
     )
     batches = forever(loader)
+    startup.mark("loader + resume")
+    first = step
     try:
         while step < sched.total_steps:
             step = trainer.step(batches, step)
+            if step == first + 1:
+                log_first_step(trainer.data_time)
             samples_seen += sched.samples_per_step
             progress = client_state(step, samples_seen, sched, env.world_size)
             if checkpointer.due(step):
@@ -276,8 +290,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                     )
                 sys.exit(EXIT_REQUEUE)
         checkpointer.save(step, client_state(step, samples_seen, sched, env.world_size))
-    finally:
-        shutdown_workers(loader)
+    finally:  # the loader's workers ignore SIGTERM: build_loader's exit hook kills them (kill_workers_at_exit)
         stop.restore()
         monitor.close()
     summary = {"step": step, "samples_seen": samples_seen, "world_size": env.world_size, **monitor.last_values}

@@ -8,7 +8,7 @@ with ``--resume=auto``. torchrun turns a rank's 75 into its own 1, so a rank tha
 also records it in ``$FGCMR_REQUEUE_FILE`` (``fgcmr.run.record_requeue``), which ``launchers/`` and
 ``fgcmr pipeline`` read. A rank whose launcher dies (``kill -9`` of torchrun) notices that its parent
 changed and stops the same way instead of running on unsupervised. DataLoader workers ignore the
-signals; their parent shuts them down, and kills them when it exits (``kill_workers_at_exit``:
+signals; their parent kills them when it exits, whichever way (``kill_workers_at_exit``, the one mechanism:
 multiprocessing's exit hook would SIGTERM them, which they ignore, then wait for them forever: a rank
 that failed would never end).
 """
