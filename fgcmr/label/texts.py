@@ -51,7 +51,7 @@ def read_texts(dataset_dir: str | Path, splits: list[str]) -> TextSet:
     for split in splits:
         for shard in ds.shards(split):
             for sample in iter_samples(shard):
-                cat = -1 if sample.category is None else int(sample.category)
+                cat = sample.category_id
                 for text in sample.texts:
                     texts.append(text)
                     cats.append(cat)
