@@ -119,7 +119,6 @@ def test_skeleton_has_the_model_s_tensors_and_checks_a_checkpoint_against_them()
     from fgcmr.train.export import check_tensors
 
     cfg = load_model_config("tiny")
-    cfg.text.config.setdefault("vocab_size", cfg.text.vocab_size)
     meta, real = skeleton(cfg), build_model(cfg)
     assert {p.device.type for p in meta.state_dict().values()} == {"meta"}
     want = {k: tuple(v.shape) for k, v in real.state_dict().items()}

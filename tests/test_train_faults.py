@@ -62,10 +62,13 @@ def ranks_of(proc: subprocess.Popen) -> tuple[psutil.Process, list[psutil.Proces
     """(torchrun, its rank processes) under the launcher script."""
     end = time.monotonic() + GUARD
     while True:
-        torchrun = psutil.Process(proc.pid).children()
-        ranks = torchrun[0].children() if torchrun else []
-        if len(ranks) == 2:
-            return torchrun[0], ranks
+        for child in psutil.Process(proc.pid).children():
+            try:  # the script's short-lived children (subshells) may end while looked at
+                ranks = child.children()
+            except psutil.NoSuchProcess:
+                continue
+            if len(ranks) == 2:
+                return child, ranks
         assert time.monotonic() < end
         time.sleep(0.1)
 
