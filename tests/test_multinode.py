@@ -309,22 +309,18 @@ def reference(synthetic_dataset, tokenizer, tmp_path_factory):
             tmp = tmp_path_factory.mktemp(f"multinode-ref-{stage}")
             run = tmp / "run"
             seed_run(run, tokenizer)
-            one_node(
-                tmp,
-                "ref",
-                train_args(
-                    synthetic_dataset,
-                    run,
-                    f"--deepspeed={stage}",
-                    "--loss.name=pairwise",
-                    f"--max_steps={STEPS}",
-                    "--checkpoint_every=100",
-                ),
-            )
+            one_node(tmp, "ref", stage_args(synthetic_dataset, run, stage))
             cache[stage] = run
         return cache[stage]
 
     return run_stage
+
+
+def stage_args(dataset: Path, run: Path, stage: str) -> list[str]:
+    """The training both the 2-node run and its one-node reference do, under one ZeRO stage."""
+    return train_args(
+        dataset, run, f"--deepspeed={stage}", "--loss.name=pairwise", f"--max_steps={STEPS}", "--checkpoint_every=100"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -339,17 +335,7 @@ def trained(synthetic_dataset, tokenizer, tmp_path_factory) -> dict:
         tmp = tmp_path_factory.mktemp(f"multinode-{stage}")
         run = tmp / "run"
         seed_run(run, tokenizer)
-        args = [
-            "train",
-            *train_args(
-                synthetic_dataset,
-                run,
-                f"--deepspeed={stage}",
-                "--loss.name=pairwise",
-                f"--max_steps={STEPS}",
-                "--checkpoint_every=100",
-            ),
-        ]
+        args = ["train", *stage_args(synthetic_dataset, run, stage)]
         first = Nodes(tmp, "first", "torchrun", 1, args)
         first.wait_for_log(f"step 3/{STEPS} loss")
         for pid in first.workers(1):  # only node 1 is told to stop: node 0 must stop at the same step
