@@ -168,7 +168,7 @@ def test_failed_job_stops_its_dependents_and_status_names_it(tmp_path, capsys, s
         cancel_after(j["job_id"])
     assert list(jobs) == ["shard", "merge", "train", "eval"]
     for name in ("merge", "train", "eval"):
-        wait_state(jobs[name]["job_id"], {"CANCELLED"}, timeout=60)
+        wait_state(jobs[name]["job_id"], {"CANCELLED"}, timeout=600)
         assert job_field(jobs[name]["job_id"], "Reason") == "DependencyNeverSatisfied"
         assert not Path(jobs[name]["log"]).exists(), f"{name} must never have started"
     capsys.readouterr()

@@ -56,9 +56,9 @@ def preempt_and_release(job_id: str, log: Path) -> int:
     """USR1 to the job script; wait for checkpoint + requeue; release the requeued job. Returns the step."""
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     stopped_at = int(
-        wait_for_log(job_id, log, r"stop signal received: checkpointing at step (\d+)", timeout=60).group(1)
+        wait_for_log(job_id, log, r"stop signal received: checkpointing at step (\d+)", timeout=600).group(1)
     )
-    wait_for_log(job_id, log, rf"requeueing job {job_id}", timeout=60)
+    wait_for_log(job_id, log, rf"requeueing job {job_id}", timeout=600)
     deadline = time.monotonic() + 30
     while job_field(job_id, "Restarts") != "1" or job_field(job_id, "JobState") != "PENDING":
         assert time.monotonic() < deadline, f"job {job_id} was not requeued: {job_field(job_id, 'JobState')}"
