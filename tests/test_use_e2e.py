@@ -193,7 +193,7 @@ def test_wheel_install_runs_the_demo_path(demo: dict):
         "'shape': list(m.encode_text(['a red circle']).shape), 'step': m.info['provenance']['step']}))"
     )
     res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=demo["work"], env=demo["env"], timeout=300
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=demo["work"], env=demo["env"], timeout=600
     )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
@@ -212,21 +212,13 @@ def test_wheel_install_runs_the_demo_path(demo: dict):
     assert manifest["images"] == sum(dataset.items(s) for s in dataset.split_names) and manifest["dtype"] == "float16"
     readme = demo["readme"]
     hits = json.loads(next(x for x in readme["fgcmr search"].splitlines() if x.startswith('{"query"')))["results"]
-    assert len(hits) == 10 and hits[0]["score"] >= hits[-1]["score"]
+    assert len(hits) == 10 and all(set(r) >= {"key", "score", "caption", "url"} for r in hits)
+    assert [r["score"] for r in hits] == sorted((r["score"] for r in hits), reverse=True)
     rows = [line for line in readme["fgcmr search image"].splitlines() if re.match(r"\s*\d+\s+-?\d\.\d{4}\s", line)]
     assert len(rows) == 5
     assert "<title>fgcmr search</title>" in readme["serve"]
     metrics = json.loads((demo["run"] / "eval" / "metrics.json").read_text())
     assert metrics["map_avg"] > 0 and "MAP" in readme["fgcmr eval"]
-
-    sample = next(iter_samples(open_dataset(demo["dataset"]).shards("test")[0]))
-    out = fgcmr_cli(demo, "search", f"--index={demo['index']}", f"--text={sample.texts[0]}", "--k=10", "--json").stdout
-    results = json.loads(out.strip().splitlines()[-1])["results"]
-    assert len(results) == 10 and all(set(r) >= {"key", "score", "caption", "url"} for r in results)
-    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
-    (demo["work"] / "q.jpg").write_bytes(sample.image)
-    table = fgcmr_cli(demo, "search", f"--index={demo['index']}", "--image=q.jpg", "--k=3").stdout
-    assert len([line for line in table.splitlines() if line.strip()[:1].isdigit()]) == 3
 
 
 def _browser():
