@@ -52,11 +52,11 @@ class TextTowerConfig:
     kind: Literal["transformers", "feature", "tfidf"] = "transformers"
     pretrained_dir: str | None = None  # local HF model dir (AutoModel.from_pretrained)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # AutoConfig.for_model kwargs, with vocab_size
-    # local HF tokenizer dir (tfidf kind: the fitted vectoriser's dir); default: pretrained_dir; fitted on the data if absent
+    # local HF tokenizer dir (tfidf kind: the fitted vectoriser's); default: pretrained_dir; else fitted on the data
     tokenizer_dir: str | None = None
     max_length: int = 32  # tokens per caption (longer ones are cut)
     pooling: Literal["mean", "cls"] = "mean"  # sentence vector: mean of tokens or the [CLS] token
-    feature_dim: int = 0  # input dim (feature kind); tfidf kind: most terms kept when fitted, the exact count once bound
+    feature_dim: int = 0  # input dim (feature kind); tfidf kind: most terms kept when fitted, their count once bound
     hidden_dim: int = 512  # MLP hidden width (feature and tfidf kinds)
     feature_sqrt: bool = False  # feature kind: square-root the input first (Hellinger map)
     dropout: float = 0.0  # feature and tfidf kinds: dropout after the MLP's hidden layer

@@ -54,7 +54,9 @@ class TfidfEncoder:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         params = {**self.params, "ngram_range": tuple(self.params["ngram_range"])}
-        self._vec = TfidfVectorizer(sublinear_tf=True, vocabulary={t: i for i, t in enumerate(self.vocabulary)}, **params)
+        self._vec = TfidfVectorizer(
+            sublinear_tf=True, vocabulary={t: i for i, t in enumerate(self.vocabulary)}, **params
+        )
         self._vec.idf_ = np.asarray(self.idf, dtype=np.float64)
 
     @property
