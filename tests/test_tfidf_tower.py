@@ -73,3 +73,22 @@ def test_tfidf_tower_fits_binds_trains_and_exports(tmp_path):
 def test_tfidf_tower_needs_a_vocabulary_cap():
     with pytest.raises(ValueError, match="feature_dim"):
         load_model_config("features", {"image": {"feature_dim": 8}, "text": {"kind": "tfidf", "feature_dim": 0}})
+
+
+def test_training_fits_the_vectoriser_on_the_train_split_once(synthetic_dataset, tmp_path):
+    from fgcmr.dataset import iter_samples, open_dataset
+    from fgcmr.distributed import DistEnv
+    from fgcmr.train.config import DataConfig
+    from fgcmr.train.loop import with_tokenizer
+
+    dataset = open_dataset(synthetic_dataset)
+    cfg = load_model_config("features", {"image": {"feature_dim": 8}, "text": {"kind": "tfidf", "feature_dim": 50}})
+    bound = with_tokenizer(cfg, dataset, tmp_path, DistEnv(), DataConfig())
+    path = tmp_path / "tokenizer" / TFIDF_FILE
+    enc = TfidfEncoder.load(path.parent)
+    assert bound.text.tokenizer_dir == str(path.parent) and bound.text.feature_dim == enc.dim <= 50
+    train = [t for shard in dataset.shards("train") for s in iter_samples(shard) for t in s.texts]
+    assert enc.vocabulary == TfidfEncoder.fit(train, 50).vocabulary  # fitted on the train texts
+    stamp = path.stat().st_mtime_ns
+    assert with_tokenizer(cfg, dataset, tmp_path, DistEnv(), DataConfig()) == bound  # a resume reuses it
+    assert path.stat().st_mtime_ns == stamp
