@@ -235,17 +235,21 @@ class CachedRunner:
         import torch
 
         from fgcmr.dataset import open_dataset
+        from fgcmr.distributed import DistEnv
         from fgcmr.pipeline import resolve_experiment, run_pipeline, stage_configs
         from fgcmr.train.cached import cache_split
         from fgcmr.train.config import load_model_config
+        from fgcmr.train.loop import with_tokenizer
 
         overrides = {**args.set, "data_dir": str(args.data_dir)}
         prep = str(args.out / "prep")
         run_pipeline(args.experiment, nproc=args.nproc, out=prep, overrides=overrides, until="infer")
         exp, _ = resolve_experiment(args.experiment, prep, overrides)
         self.train_cfg = stage_configs(exp)["train"]
-        self.model_cfg = load_model_config(self.train_cfg.model, self.train_cfg.model_overrides)
         self.dataset = open_dataset(self.train_cfg.shards)
+        model_cfg = load_model_config(self.train_cfg.model, self.train_cfg.model_overrides)
+        # a tfidf text tower's vectoriser, fitted on the train split as ``fgcmr train`` does
+        self.model_cfg = with_tokenizer(model_cfg, self.dataset, Path(prep), DistEnv(), self.train_cfg.data)
         split = args.split or exp["eval"].get("split", "test")
         cache = args.data_dir / "cached"
         self.train = cache_split(self.dataset, self.train_cfg.data.split, self.model_cfg, self.train_cfg.labels, cache)

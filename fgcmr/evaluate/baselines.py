@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 from scipy import sparse
 
+from fgcmr.model.tfidf import fit_vectorizer, is_cjk  # noqa: F401  (is_cjk: part of this module's interface)
+
 REG_GRID = (1e-2, 0.1, 1.0, 10.0)  # inverse regularisation strengths tried by 3-fold CV
 
 
@@ -52,20 +54,10 @@ def dense_features(train: np.ndarray, test: np.ndarray, hellinger: bool = False)
 
 def tfidf_features(train_texts: Sequence[str], test_texts: Sequence[str]) -> Features:
     """Sublinear TF-IDF over terms seen in at least two train texts: words (English stop words removed),
-    or character 1–2-grams when the texts are mostly CJK (no spaces between words)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    if is_cjk(train_texts):
-        vec = TfidfVectorizer(sublinear_tf=True, min_df=2, analyzer="char", ngram_range=(1, 2))
-    else:
-        vec = TfidfVectorizer(sublinear_tf=True, min_df=2, stop_words="english")
-    return Features(vec.fit_transform(train_texts), vec.transform(test_texts))
-
-
-def is_cjk(texts: Sequence[str], sample: int = 200) -> bool:
-    """Whether most letters of (the first ``sample``) texts are CJK ideographs."""
-    chars = [c for t in texts[:sample] for c in t if c.isalpha()]
-    return bool(chars) and sum("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" for c in chars) > 0.5 * len(chars)
+    or character 1–2-grams when the texts are mostly CJK (no spaces between words); ``fgcmr.model.tfidf``,
+    the vectoriser a ``tfidf`` text tower reads too."""
+    vec = fit_vectorizer(train_texts)
+    return Features(vec.transform(train_texts), vec.transform(test_texts))
 
 
 def svd_features(f: Features, dim: int, seed: int = 0) -> Features:

@@ -3,7 +3,7 @@
 - ``ModelConfig`` (``fgcmr.model.config``): ``image`` (``ImageTowerConfig``: ``kind`` timm | feature,
   timm ``name``, ``pretrained`` flag, local ``checkpoint`` file, ``model_kwargs``, ``image_size``,
   ``feature_dim``/``hidden_dim``/``feature_sqrt``/``dropout`` for the feature MLP, ``grad_checkpointing``), ``text``
-  (``TextTowerConfig``: ``kind`` transformers | feature, transformers ``config`` (with ``model_type``)
+  (``TextTowerConfig``: ``kind`` transformers | feature | tfidf, transformers ``config`` (with ``model_type``)
   or local ``pretrained_dir``, ``tokenizer_dir``, ``max_length``, ``pooling``, feature MLP dims,
   ``grad_checkpointing``), ``embed_dim``, ``projection_norm``; properties ``tokenizer_dir`` and ``max_text_length``.
 - ``build_model(cfg) -> TwoTower``: ``encode_image(images) -> [N, D]``, ``encode_text(text_batch) -> [M, D]``
@@ -11,11 +11,13 @@
 - ``build_inputs(cfg, train=False) -> Inputs``: ``image(sample) -> Tensor`` (PIL decode by content +
   timm's transform for the model, or the ``img.npy`` feature), the same as uint8 ``pixels(sample)``
   plus ``normalize(pixels)`` (once per batch, on the device), ``text(sample, k) -> Tensor`` (token ids
-  of the k-th text, or the ``txt.npy`` feature), ``collate_texts(items) -> text_batch``.
+  of the k-th text, its TF-IDF vector, or the ``txt.npy`` feature), ``collate_texts(items) -> text_batch``.
 - ``save_export(dir, model, cfg)`` / ``load_export(dir) -> (model, cfg, inputs)``: safetensors +
   ``model_config.json`` + ``tokenizer/``; loads without DeepSpeed on any world size.
 - ``fit_tokenizer(text_cfg, texts, dir)``: an offline tokenizer for configs without a pretrained one, bound
-  to the text tower (``bind_tokenizer(text_cfg, dir)``: its ``tokenizer_dir`` and ``config["vocab_size"]``).
+  to the text tower (``bind_tokenizer(text_cfg, dir)``: its ``tokenizer_dir`` and ``config["vocab_size"]``);
+  for ``kind: tfidf`` a TF-IDF vectoriser (``fgcmr.model.tfidf``, semantic matching's) of at most ``feature_dim``
+  terms, which binding sets to the fitted vocabulary's size.
 """
 
 from fgcmr.model.config import ImageTowerConfig, ModelConfig, TextTowerConfig

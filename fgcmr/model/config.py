@@ -45,24 +45,28 @@ class ImageTowerConfig:
 
 @dataclasses.dataclass
 class TextTowerConfig:
-    """A transformers encoder (from a config or a local pretrained dir), or an MLP over ``txt.npy``."""
+    """A transformers encoder (from a config or a local pretrained dir), an MLP over ``txt.npy``, or an MLP over
+    the text's TF-IDF vector (``fgcmr.model.tfidf``: semantic matching's input, fitted on the train split)."""
 
-    # transformers encoder, or an MLP over the txt.npy feature
-    kind: Literal["transformers", "feature"] = "transformers"
+    # transformers encoder, an MLP over the txt.npy feature, or an MLP over the text's TF-IDF vector
+    kind: Literal["transformers", "feature", "tfidf"] = "transformers"
     pretrained_dir: str | None = None  # local HF model dir (AutoModel.from_pretrained)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)  # AutoConfig.for_model kwargs, with vocab_size
-    tokenizer_dir: str | None = None  # local HF tokenizer dir; default: pretrained_dir; trained on the data if absent
+    # local HF tokenizer dir (tfidf kind: the fitted vectoriser's); default: pretrained_dir; else fitted on the data
+    tokenizer_dir: str | None = None
     max_length: int = 32  # tokens per caption (longer ones are cut)
     pooling: Literal["mean", "cls"] = "mean"  # sentence vector: mean of tokens or the [CLS] token
-    feature_dim: int = 0  # input dim (feature kind)
-    hidden_dim: int = 512  # MLP hidden width (feature kind)
+    feature_dim: int = 0  # input dim (feature kind); tfidf kind: most terms kept when fitted, their count once bound
+    hidden_dim: int = 512  # MLP hidden width (feature and tfidf kinds)
     feature_sqrt: bool = False  # feature kind: square-root the input first (Hellinger map)
-    dropout: float = 0.0  # feature kind: dropout after the MLP's hidden layer
+    dropout: float = 0.0  # feature and tfidf kinds: dropout after the MLP's hidden layer
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, more compute)
 
     def validate(self) -> None:
-        if self.kind == "feature" and self.feature_dim <= 0:
-            raise ValueError("text.kind=feature needs text.feature_dim > 0")
+        if self.kind in ("feature", "tfidf") and self.feature_dim <= 0:
+            raise ValueError(f"text.kind={self.kind} needs text.feature_dim > 0")
+        if self.kind == "tfidf" and self.pretrained_dir:
+            raise ValueError("text.kind=tfidf reads a fitted vectoriser (text.tokenizer_dir), not text.pretrained_dir")
         if self.kind == "transformers" and not self.pretrained_dir and "model_type" not in self.config:
             raise ValueError("text.kind=transformers needs text.pretrained_dir or text.config.model_type")
         has_vocab = self.pretrained_dir or self.tokenizer_dir or "vocab_size" in self.config

@@ -47,6 +47,8 @@ def standalone_config(model: TwoTower, cfg: ModelConfig) -> ModelConfig:
     if text.kind == "transformers":
         arch = _architecture(model.text_tower.encoder.config)
         text = dataclasses.replace(text, pretrained_dir=None, config=arch, tokenizer_dir=TOKENIZER)
+    elif text.kind == "tfidf":
+        text = dataclasses.replace(text, tokenizer_dir=TOKENIZER)
     return dataclasses.replace(cfg, image=image, text=text)
 
 
@@ -76,7 +78,7 @@ def export_config(model: TwoTower, cfg: ModelConfig, provenance: dict | None = N
         "version": fgcmr.__version__,
         "embed_dim": cfg.embed_dim,
         "max_text_length": cfg.max_text_length,
-        "tokenizer": TOKENIZER if cfg.text.kind == "transformers" else None,
+        "tokenizer": TOKENIZER if cfg.text.kind in ("transformers", "tfidf") else None,
         "provenance": provenance or {},
     }
     return {**to_dict(standalone_config(model, cfg)), INFO: info}
@@ -108,7 +110,7 @@ def save_export(
             state,
             metadata={"format": "pt", "fgcmr_version": fgcmr.__version__, "model_config": json.dumps(config)},
         )
-        if cfg.text.kind == "transformers":
+        if cfg.text.kind in ("transformers", "tfidf"):
             shutil.copytree(cfg.tokenizer_dir, tmp / TOKENIZER)
         atomic_write_json(tmp / CONFIG, config)
         if extra is not None:

@@ -18,6 +18,7 @@ import torch
 
 from fgcmr.dataset import Sample
 from fgcmr.model.config import ModelConfig
+from fgcmr.model.tfidf import TfidfEncoder
 from fgcmr.text import load_tokenizer
 
 if TYPE_CHECKING:
@@ -59,6 +60,11 @@ class Inputs:
             self._encoder = self.tokenizer.backend_tokenizer
             self._encoder.enable_truncation(cfg.max_text_length)
             self._encoder.no_padding()
+        self.tfidf = None
+        if cfg.text.kind == "tfidf":
+            if not cfg.tokenizer_dir:
+                raise ValueError("the tfidf text tower needs its fitted vectoriser: set text.tokenizer_dir")
+            self.tfidf = TfidfEncoder.load(cfg.tokenizer_dir)
 
     def pixels(self, sample: Sample) -> torch.Tensor:
         """uint8 ``[3, H, W]`` from the image bytes (format detected from content), or the ``img.npy``
@@ -88,7 +94,10 @@ class Inputs:
         return self.normalize(self.pixels(sample))
 
     def text(self, sample: Sample, k: int) -> torch.Tensor:
-        """The k-th text of the sample: token ids ``[L]`` (≤ max length), or its ``txt.npy`` feature row."""
+        """The k-th text of the sample: token ids ``[L]`` (≤ max length), its TF-IDF vector, or its ``txt.npy``
+        feature row."""
+        if self.tfidf is not None:
+            return torch.from_numpy(self.tfidf.encode(sample.texts[k]))
         if self.tokenizer is None:
             feat = sample.text_feature
             if feat is None:
@@ -99,7 +108,7 @@ class Inputs:
 
     def num_texts(self, sample: Sample) -> int:
         """How many texts the text tower sees for a sample: its captions, or the rows of its ``txt.npy`` feature."""
-        if self.tokenizer is None and sample.text_feature is not None:
+        if self.cfg.text.kind == "feature" and sample.text_feature is not None:
             return 1 if sample.text_feature.ndim == 1 else len(sample.text_feature)
         return len(sample.texts)
 

@@ -97,7 +97,7 @@ def build_image_tower(cfg: ImageTowerConfig) -> nn.Module:
 
 
 def build_text_tower(cfg: TextTowerConfig) -> nn.Module:
-    return _feature_mlp(cfg) if cfg.kind == "feature" else HFTextTower(cfg)
+    return _feature_mlp(cfg) if cfg.kind in ("feature", "tfidf") else HFTextTower(cfg)
 
 
 def load_weights_in_order(module: nn.Module, path: str | Path) -> None:

@@ -55,7 +55,7 @@ class CachedSplit:
 
 
 def frozen(tower_kind: str) -> bool:
-    return tower_kind != "feature"
+    return tower_kind not in ("feature", "tfidf")
 
 
 def check_cacheable(cfg: ModelConfig) -> None:

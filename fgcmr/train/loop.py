@@ -27,10 +27,10 @@ from fgcmr.labels import read_head
 from fgcmr.losses import LossConfig, RetrievalLoss
 from fgcmr.model import ModelConfig, TwoTower, bind_tokenizer, build_inputs, build_model, fit_tokenizer
 from fgcmr.model.export import WEIGHTS
+from fgcmr.model.tokenizer import tokenizer_file
 from fgcmr.model.partitioned import load_into, open_weights, partitioned_construction
 from fgcmr.run import record_requeue
 from fgcmr.train import checkpoint, state
-from fgcmr.text import TOKENIZER_FILE
 from fgcmr.train.config import DataConfig, TrainConfig, load_model_config
 from fgcmr.train.data import build_loader
 from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config, init_distributed
@@ -72,17 +72,18 @@ def with_tokenizer(
     model_cfg: ModelConfig, dataset: DatasetInfo, run_dir: Path, env: DistEnv, data: DataConfig
 ) -> ModelConfig:
     """A transformers tower built from a config is bound (``bind_tokenizer``) to its given tokenizer, or to a
-    WordPiece tokenizer fitted on the split's texts (once, by rank 0, kept in the run dir for resumes and export)."""
+    WordPiece tokenizer fitted on the split's texts (once, by rank 0, kept in the run dir for resumes and export);
+    a tfidf tower likewise to its TF-IDF vectoriser."""
     text = model_cfg.text
-    if text.kind != "transformers" or text.pretrained_dir:
+    if text.kind == "feature" or (text.kind == "transformers" and text.pretrained_dir):
         return model_cfg
     if text.tokenizer_dir:
         return dataclasses.replace(model_cfg, text=bind_tokenizer(text, text.tokenizer_dir))
     tok_dir = run_dir / "tokenizer"
-    if env.is_main and not (tok_dir / TOKENIZER_FILE).is_file():
+    if env.is_main and not (tok_dir / tokenizer_file(text)).is_file():
         samples = (t for shard in dataset.shards(data.split) for s in iter_samples(shard) for t in s.texts)
         fit_tokenizer(text, itertools.islice(samples, data.tokenizer_samples), tok_dir)
-        log.info("trained a WordPiece tokenizer on %s texts → %s", data.split, tok_dir)
+        log.info("fitted the %s text tower's tokenizer on %s texts → %s", text.kind, data.split, tok_dir)
     barrier()
     return dataclasses.replace(model_cfg, text=bind_tokenizer(text, tok_dir))
 
