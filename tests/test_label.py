@@ -165,6 +165,24 @@ def test_balanced_bce_weights_classes_equally():
     torch.testing.assert_close(train.balanced_bce(logits, y, valid), expected)
 
 
+def test_early_stopping_fires_after_patience_evaluations_without_a_better_auc():
+    stop = train.EarlyStopping(patience=3, min_delta=0.01)
+    curve = [(25, 0.70), (50, 0.80), (75, 0.805), (100, 0.81), (125, 0.84), (150, 0.845), (175, 0.83), (200, 0.849)]
+    seen = [stop.update(step, auc) for step, auc in curve]
+    assert [better for better, _ in seen] == [True, True, False, False, True, False, False, False]
+    assert [s for s, (_, halt) in zip(curve, seen) if halt] == [(200, 0.849)]  # 3rd stale in a row after 125
+    assert (stop.best, stop.best_step) == (0.84, 125)  # gains below min_delta do not reset patience
+    # the configs that ship can stop before max_steps (wikipedia's could not: 150 steps, 3 × 50)
+    from fgcmr.pipeline import resolve_experiment, stage_configs
+
+    shipped = [
+        load_config(train.LabelTrainConfig, REPO / "configs/labelers" / f"{n}.yaml", {"shards": "s", "out": "o"})
+        for n in ("tiny", "scratch", "minilm")
+    ]
+    shipped.append(stage_configs(resolve_experiment(REPO / "configs/experiments/wikipedia.yaml", "o", {})[0])["label"])
+    assert all(train.earliest_stop(cfg) < cfg.max_steps for cfg in shipped), shipped
+
+
 @pytest.mark.slow
 def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_dataset, free_port, tmp_path):
     ds = open_dataset(synthetic_dataset)

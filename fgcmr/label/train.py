@@ -311,12 +311,45 @@ def run(cfg: LabelTrainConfig) -> dict:
     return metrics
 
 
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stop after ``patience`` evaluations in a row without a validation AUC above the best by ``min_delta``."""
+
+    patience: int
+    min_delta: float
+    best: float = float("-inf")
+    best_step: int = 0
+    stale: int = 0
+
+    def update(self, step: int, auc: float) -> tuple[bool, bool]:
+        """Record one evaluation: (is it the new best, should training stop now)."""
+        if auc > self.best + self.min_delta or self.best_step == 0:
+            self.best, self.best_step, self.stale = auc, step, 0
+            return True, False
+        self.stale += 1
+        return False, self.stale >= self.patience
+
+
+def earliest_stop(cfg: LabelTrainConfig) -> int:
+    """The first step at which early stopping can end training: best at the first evaluation, then
+    ``patience`` evaluations without a better one."""
+    return (cfg.patience + 1) * cfg.eval_every
+
+
 def fit(engine: Any, labeling: Labeling, train: TextSet, val: TextSet, monitor: Monitor, d: DistEnv) -> tuple[int, int]:
     """Train until ``max_steps`` or early stopping; the model is left with its best validation weights.
     Returns (the last step trained, the best step)."""
     cfg, model = labeling.cfg, labeling.model
     sampler = PairSampler(train, cfg.seed + 1000 * d.rank)
-    best_auc, best_state, best_step, stale = float("nan"), None, 0, 0
+    stopping, best_state = EarlyStopping(cfg.patience, cfg.min_delta), None
+    if earliest_stop(cfg) >= cfg.max_steps and d.is_main:
+        log.warning(
+            "label train: early stopping cannot end training before max_steps=%d (patience %d × eval_every %d); "
+            "raise max_steps or lower eval_every to let it",
+            cfg.max_steps,
+            cfg.patience,
+            cfg.eval_every,
+        )
     step = 0
     with Progress(cfg.max_steps, "label train", unit="step", enabled=d.is_main) as progress:
         for step in range(1, cfg.max_steps + 1):
@@ -330,18 +363,19 @@ def fit(engine: Any, labeling: Labeling, train: TextSet, val: TextSet, monitor: 
             val_auc = labeling.evaluate(val).auc
             monitor.scalars("label", {"val_auc": val_auc}, step)
             log.info("label train step %d: loss %.4f val AUC %.4f", step, loss.item(), val_auc)
-            if best_state is None or val_auc > best_auc + cfg.min_delta:
-                best_auc, best_step, stale = val_auc, step, 0
+            better, stop = stopping.update(step, val_auc)
+            if better:
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    log.info(
-                        "label train: early stop at step %d (best val AUC %.4f at step %d)", step, best_auc, best_step
-                    )
-                    break
+            if stop:
+                log.info(
+                    "label train: early stop at step %d (best val AUC %.4f at step %d)",
+                    step,
+                    stopping.best,
+                    stopping.best_step,
+                )
+                break
     model.load_state_dict(best_state)
-    return step, best_step
+    return step, stopping.best_step
 
 
 def final_metrics(labeling: Labeling, parts: dict[str, TextSet | None], monitor: Monitor, step: int) -> dict:

@@ -9,9 +9,11 @@ and generation streams, so memory does not grow with the number of items.
 
 Two knobs plant pairs whose hardness the labels can know about (both 0 by default, which leaves the
 corpus byte-identical): ``atypical`` is the chance that a caption names its shape by a rare
-paraphrase (``RARE``; paraphrases of a confusable pair share words, so they are hard positives and
-make hard negatives), ``mislabel`` the chance that a caption names the confusable partner's shape
-instead (a wrong text: a suspected mismatch that down-weighting should discount).
+paraphrase (``RARE``; paraphrases of a confusable pair share words, so they make hard negatives: the
+category labeler scores a planted caption against the partner shape at p ≈ 0.36, a plain one at 0.20,
+other shapes at 0.01; it learns the paraphrases themselves, so they are no harder positives than plain
+captions), ``mislabel`` the chance that a caption names the confusable partner's shape instead (a
+wrong text: a suspected mismatch that down-weighting should discount).
 """
 
 from __future__ import annotations
