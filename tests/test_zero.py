@@ -81,7 +81,7 @@ def test_fp16_refused_where_deepspeed_cannot_run_it():
 
     from fgcmr.config import ConfigError
     from fgcmr.train.config import OptimConfig
-    from fgcmr.train.engine import check_supported, deepspeed_config
+    from fgcmr.runtime.engine import check_supported, deepspeed_config
 
     check_supported(deepspeed_config("zero2_bf16", 2, OptimConfig()))
     if get_accelerator().is_fp16_supported():

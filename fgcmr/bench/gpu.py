@@ -179,7 +179,7 @@ def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
     from fgcmr.bench.host import machine
     from fgcmr.bench.train import synthetic_batches
     from fgcmr.train.config import OptimConfig
-    from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
+    from fgcmr.runtime.engine import build_engine, compute_dtype, deepspeed_config
     from fgcmr.train.loop import init_distributed
     from fgcmr.train.step import micro_step, to_device
 

@@ -39,8 +39,8 @@ from fgcmr.progress import Progress, figure
 from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 from fgcmr.text import ensure_tokenizer, load_tokenizer
 from fgcmr.train.config import OptimConfig
-from fgcmr.train.engine import build_engine, deepspeed_config, init_distributed
-from fgcmr.train.monitor import Monitor
+from fgcmr.runtime.engine import build_engine, deepspeed_config, init_distributed
+from fgcmr.runtime.monitor import Monitor
 
 log = logging.getLogger("fgcmr.label")
 

@@ -34,7 +34,7 @@ from fgcmr.model.towers import build_image_tower, build_text_tower
 from fgcmr.model.two_tower import _projection
 from fgcmr.train.config import TrainConfig
 from fgcmr.train.data import LabelJoin, key_id
-from fgcmr.train.engine import param_groups, warmup_cosine
+from fgcmr.runtime.engine import param_groups, warmup_cosine
 
 log = logging.getLogger("fgcmr.train.cached")
 CHUNK = 64  # samples per frozen-tower forward while caching
