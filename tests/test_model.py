@@ -22,7 +22,8 @@ from fgcmr.model import (
 )
 from fgcmr.model.config import resolve_path
 from fgcmr.text import ensure_tokenizer
-from fgcmr.train.config import OptimConfig, load_model_config
+from fgcmr.runtime.optim import OptimConfig
+from fgcmr.train.config import load_model_config
 from fgcmr.runtime.engine import param_groups, warmup_cosine
 
 TEXTS = [
@@ -159,7 +160,7 @@ def test_param_groups_and_schedule(tiny):
 
 def test_every_shipped_config_resolves():
     from fgcmr.model.inputs import image_data_config
-    from fgcmr.train.config import CONFIGS
+    from fgcmr.config import CONFIGS
     from fgcmr.runtime.engine import compute_dtype, deepspeed_config
 
     for path in sorted((CONFIGS / "models").glob("*.yaml")):

@@ -197,7 +197,8 @@ def measure(cfg: BenchMemoryConfig) -> dict[str, Any]:
     from fgcmr.bench.train import synthetic_batches
     from fgcmr.losses import LossConfig, RetrievalLoss
     from fgcmr.model.partitioned import full_numel
-    from fgcmr.train.config import OptimConfig, load_model_config
+    from fgcmr.runtime.optim import OptimConfig
+    from fgcmr.train.config import load_model_config
     from fgcmr.runtime.engine import build_engine, compute_dtype, deepspeed_config
     from fgcmr.train.loop import build_model_for, init_distributed
     from fgcmr.train.step import micro_step, to_device

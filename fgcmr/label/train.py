@@ -10,8 +10,8 @@ hardness it will later report; then the head's scale and offset are calibrated o
 test goes to ``metrics.json`` and TensorBoard, the final ones at the last step trained.
 
 It trains through fgcmr's one training stack, as the two-tower model does (the labeler is just another
-model and loss): ``fgcmr.train.engine`` (the DeepSpeed engine, which averages gradients across ranks,
-and the warm-up/cosine schedule) and ``fgcmr.train.monitor`` (TensorBoard).
+model and loss): ``fgcmr.runtime.engine`` (the DeepSpeed engine, which averages gradients across ranks,
+and the warm-up/cosine schedule) and ``fgcmr.runtime.monitor`` (TensorBoard).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from fgcmr.labels import relevance
 from fgcmr.progress import Progress, figure
 from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 from fgcmr.text import ensure_tokenizer, load_tokenizer
-from fgcmr.train.config import OptimConfig
 from fgcmr.runtime.engine import build_engine, deepspeed_config, init_distributed
 from fgcmr.runtime.monitor import Monitor
+from fgcmr.runtime.optim import OptimConfig
 
 log = logging.getLogger("fgcmr.label")
 
