@@ -159,8 +159,8 @@ def test_param_groups_and_schedule(tiny):
 
 
 def test_every_shipped_config_resolves():
-    from fgcmr.model.inputs import image_data_config
     from fgcmr.config import CONFIGS
+    from fgcmr.model.inputs import image_data_config
     from fgcmr.runtime.engine import compute_dtype, deepspeed_config
 
     for path in sorted((CONFIGS / "models").glob("*.yaml")):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fgcmr.config import dump_yaml
+from fgcmr.config import Validated, dump_yaml
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import DistEnv, all_gather_objects, barrier, init, shard_slice
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json, sha256_file
@@ -51,9 +51,9 @@ log = logging.getLogger("fgcmr.label")
 
 
 @dataclasses.dataclass
-class LabelInferConfig:
-    shards: str = ""  # dataset dir (fgcmr shard output)
-    labeler: str = ""  # labeler dir (fgcmr label train output)
+class LabelInferConfig(Validated):
+    shards: str  # dataset dir (fgcmr shard output)
+    labeler: str  # labeler dir (fgcmr label train output)
     name: str | None = None  # labels/<name>/; default: the labeler directory's name
     batch_size: int = 64  # texts per forward
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
@@ -66,8 +66,6 @@ class LabelInferConfig:
     prefetch_batches: int = 8  # batches tokenised ahead of the encoder
 
     def validate(self) -> None:
-        if not self.shards or not self.labeler:
-            raise ValueError("--shards=<dataset dir> and --labeler=<labeler dir> are required")
         for name in ("batch_size", "window_batches", "prefetch_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")

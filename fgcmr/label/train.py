@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from fgcmr.config import ConfigError, dump_yaml
+from fgcmr.config import ConfigError, Validated, dump_yaml
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import DistEnv, all_gather_with_grad, barrier
 from fgcmr.io import atomic_write_json, atomic_write_text
@@ -46,9 +46,9 @@ log = logging.getLogger("fgcmr.label")
 
 
 @dataclasses.dataclass
-class LabelTrainConfig:
-    shards: str = ""  # dataset dir (fgcmr shard output)
-    out: str = ""  # labeler dir written
+class LabelTrainConfig(Validated):
+    shards: str  # dataset dir (fgcmr shard output)
+    out: str  # labeler dir written
     init: str | None = None  # local pretrained encoder dir (its tokenizer is used unless --tokenizer)
     tokenizer: str | None = None  # local tokenizer dir; default: trained on the train split
     vocab_size: int = 8000  # size of a tokenizer trained on the train split
@@ -76,8 +76,6 @@ class LabelTrainConfig:
     threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
 
     def validate(self) -> None:
-        if not self.shards or not self.out:
-            raise ValueError("--shards=<dataset dir> and --out=<labeler dir> are required")
         if self.batch_size < 4 or self.batch_size % 2:
             raise ValueError(f"batch_size={self.batch_size} must be even and ≥ 4")
         if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
