@@ -94,45 +94,39 @@ def embed_shard(
 
 
 def finish_shard(
-    end: ShardEnd,
-    pieces: list[tuple[torch.Tensor, torch.Tensor]],
-    dim: int,
-    seconds: float,
-    waited: float,
-    cfg: LabelInferConfig,
-    d: DistEnv,
-    identity: str,
+    end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]], dim: int, cfg: LabelInferConfig, identity: str
 ) -> dict:
     """Write an embedded shard's sidecar (unless kept); returns its manifest record, with categories for histograms."""
     data, path = end.data, sidecar_path(cfg.shards, cfg.labeler_name, end.shard.name)
-    n_texts = sum(len(t) for t in data.texts)
     empty = sum(1 for t in data.texts if not t)
     if empty:
         log.warning("label infer: %s: %d samples without text get a zero description", end.shard.name, empty)
     if not end.kept:
         write_sidecar(path, data.keys, *embed_shard(data, pieces, dim), labeler=identity)
-    status = "kept" if end.kept else "written"
+    return {
+        "file": path.name,
+        "items": len(data.keys),
+        "texts": sum(len(t) for t in data.texts),
+        "empty": empty,
+        "status": "kept" if end.kept else "written",
+        "sha256": sha256_file(path),
+        "categories": data.categories,
+    }
+
+
+def _log_shard(d: DistEnv, name: str, record: dict, seconds: float, waited: float) -> None:
     log.info(
         "label infer rank %d/%d: %s %s: %d samples, %d texts, %.1fs (%.1f samples/s; %.1fs waiting for input)",
         d.rank,
         d.world_size,
-        end.shard.name,
-        status,
-        len(data.keys),
-        n_texts,
+        name,
+        record["status"],
+        record["items"],
+        record["texts"],
         seconds,
-        len(data.keys) / max(seconds, 1e-9),
+        record["items"] / max(seconds, 1e-9),
         waited,
     )
-    return {
-        "file": path.name,
-        "items": len(data.keys),
-        "texts": n_texts,
-        "empty": empty,
-        "status": status,
-        "sha256": sha256_file(path),
-        "categories": data.categories,
-    }
 
 
 def sidecar_check(cfg: LabelInferConfig, shard: Path, identity: str) -> Callable[[ShardTexts], bool] | None:
@@ -188,11 +182,8 @@ def label_shards(
                 rows, batch = item.batch
                 pieces.append((rows, encode_batch(model, batch, d.device, cfg.dtype)))
             else:
-                records.append(
-                    finish_shard(
-                        item, pieces, model.proj.out_features, time.monotonic() - start, waited, cfg, d, identity
-                    )
-                )
+                records.append(finish_shard(item, pieces, model.proj.out_features, cfg, identity))
+                _log_shard(d, item.shard.name, records[-1], time.monotonic() - start, waited)
                 pieces, waited, start = [], 0.0, time.monotonic()
             t = time.monotonic()
     return records
