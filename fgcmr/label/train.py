@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from fgcmr.text import ensure_tokenizer, load_tokenizer
 from fgcmr.runtime.engine import build_engine, deepspeed_config, init_distributed
 from fgcmr.runtime.monitor import Monitor
 from fgcmr.runtime.optim import OptimConfig
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 log = logging.getLogger("fgcmr.label")
 
@@ -188,7 +191,7 @@ class Labeling:
     ):
         self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
 
-    def loss(self, engine: Any, texts: TextSet, idx: np.ndarray) -> torch.Tensor:
+    def loss(self, engine: DeepSpeedEngine, texts: TextSet, idx: np.ndarray) -> torch.Tensor:
         """Loss of one batch: local rows against the texts of every rank (``engine`` wraps ``self.model``)."""
         batch = tokenize(self.tokenizer, [texts.texts[i] for i in idx], self.cfg.model.max_length)
         emb = engine(**{k: v.to(self.device) for k, v in batch.items()})
@@ -309,7 +312,9 @@ def run(cfg: LabelTrainConfig) -> dict:
     return metrics
 
 
-def fit(engine: Any, labeling: Labeling, train: TextSet, val: TextSet, monitor: Monitor, d: DistEnv) -> tuple[int, int]:
+def fit(
+    engine: DeepSpeedEngine, labeling: Labeling, train: TextSet, val: TextSet, monitor: Monitor, d: DistEnv
+) -> tuple[int, int]:
     """Train until ``max_steps`` or early stopping; the model is left with its best validation weights.
     Returns (the last step trained, the best step)."""
     cfg, model = labeling.cfg, labeling.model
