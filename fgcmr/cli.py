@@ -420,11 +420,12 @@ def main() -> None:
     try:
         args = sys.argv[1:]
         words = args[: next((i for i, a in enumerate(args) if a.startswith("-")), len(args))]
-        flags = args[: args.index("--")] if "--" in args else args
-        if {"--help", "-h"} & set(flags) or _members(_resolve(words)[0]):  # ours: listed, complete, never paged
+        # ours, also for fire's own `-- --help`: listed, complete, never paged
+        if {"--help", "-h"} & set(args) or _members(_resolve(words)[0]):
             with contextlib.suppress(BrokenPipeError):  # fgcmr train --help | head
                 print(help_text(words))
             return
+        fire.core.Display = _unpaged  # what fire still prints itself (a usage error's usage, -- --trace)
         fire.Fire(COMMANDS, name="fgcmr")
     except ConfigError as e:
         print(f"fgcmr: config error: {e}", file=sys.stderr)
@@ -441,6 +442,11 @@ def main() -> None:
     except CorruptFileError as e:  # a damaged shard, sidecar or manifest: the message names it and what to do
         print(f"fgcmr: {_own_message(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _unpaged(lines: list[str], out: Any) -> None:
+    """fire's ``Display`` without its pager: on a terminal fire pipes its text through $PAGER or less."""
+    out.write("\n".join(lines) + "\n")
 
 
 def _own_message(e: BaseException) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 T = TypeVar("T")
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: ships in the wheel
 
 
 class ConfigError(ValueError):
@@ -211,3 +212,15 @@ def to_dict(obj: Any) -> Any:
 
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
+
+
+def named_config_path(name: str, kind: str, suffix: str) -> Path:
+    """``name`` as a path if it is one, else the shipped ``configs/<kind>/<name><suffix>``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    path = CONFIGS / kind / f"{name}{suffix}"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (CONFIGS / kind).glob(f"*{suffix}"))
+        raise ConfigError(f"no {kind} config {name!r}; choose a file or one of {', '.join(choices)}")
+    return path

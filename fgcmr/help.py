@@ -16,10 +16,10 @@ import re
 import textwrap
 import tokenize
 import typing
-from pathlib import Path
 from typing import Any, Callable
 
-CONFIGS = Path(__file__).resolve().parent / "configs"  # package data
+from fgcmr.config import CONFIGS
+
 NAMED = re.compile(r"configs/(\w+)/(<name>|\*)(\.\w+)")  # <name>: choices by name; *: as paths
 
 

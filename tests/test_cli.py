@@ -96,9 +96,41 @@ def _on_a_terminal(args: list[str], env: dict) -> str:
 def test_help_never_opens_a_pager(tmp_path):
     marker = tmp_path / "paged"
     env = {**os.environ, "PAGER": f"touch {marker}; cat"}  # fire pipes help through $PAGER on a terminal
-    for args, shown in [(["--help"], "Commands:"), (["label"], "tokenizer"), (["submit", "status", "--help"], "--out")]:
+    for args, shown in [
+        (["--help"], "Commands:"),
+        (["label"], "tokenizer"),
+        (["submit", "status", "--help"], "--out"),
+        (["verify", "--", "--help"], "Usage: fgcmr verify"),  # fire's own help flag, on a command
+    ]:
         text = _on_a_terminal(args, env)
         assert shown in text and not marker.exists(), (args, text[-500:])
+
+
+def test_every_spelling_of_help_prints_ours(monkeypatch, capsys):
+    """--help, -h, fire's ``-- --help`` and a bare group all print fgcmr's help of the words before them."""
+    for args in [
+        ["--help"],
+        ["-h"],
+        ["--", "--help"],
+        ["label"],
+        ["label", "--help"],
+        ["label", "--", "--help"],
+        ["label", "train", "--help"],
+        ["label", "train", "--", "--help"],
+        ["submit"],
+        ["submit", "--help"],
+        ["submit", "pipeline", "--", "--help"],
+        ["bench"],
+        ["bench", "gpu", "-h"],
+        ["pipeline", "--help"],
+        ["pipeline", "--", "--help"],
+        ["verify", "--", "--help"],
+        ["train", "--shards=s", "--help"],
+    ]:
+        monkeypatch.setattr(sys, "argv", ["fgcmr", *args])
+        cli.main()
+        words = args[: next((i for i, a in enumerate(args) if a.startswith("-")), len(args))]
+        assert capsys.readouterr().out == cli.help_text(words) + "\n", args
 
 
 def test_top_level_help_lists_every_stage():

@@ -83,3 +83,50 @@ def test_configs_check_themselves_when_built_in_code_too():
     with pytest.raises(ConfigError, match=r"^missing required config field 'out' \(--out=…\)$"):
         load_config(TrainConfig, None, {"shards": "s", "labels": "l"})  # a required path is a required field
     assert TrainConfig(shards="s", out="o", labels="l").out == "o"
+
+
+def test_label_model_and_index_configs_check_themselves():
+    """The labeler's, tokenizer's, model's and index's configs are ``Validated`` too: built in code or loaded,
+    an invalid one never exists, and their required paths are required fields."""
+    from fgcmr.label.infer import LabelInferConfig
+    from fgcmr.label.model import EncoderConfig
+    from fgcmr.label.tokenizer import TokenizerConfig
+    from fgcmr.label.train import LabelTrainConfig
+    from fgcmr.model.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+    from fgcmr.retrieval.index import IndexConfig, IndexParams
+
+    for cls, values, message in [
+        (LabelTrainConfig, {"shards": "s", "out": "o", "batch_size": 3}, "batch_size=3 must be even"),
+        (LabelInferConfig, {"shards": "s", "labeler": "l", "window_batches": 0}, "window_batches=0 must be ≥ 1"),
+        (TokenizerConfig, {"shards": "s", "out": "o", "vocab_size": 3}, "vocab_size=3 is too small"),
+        (EncoderConfig, {"hidden_size": 10, "num_heads": 4}, "must be divisible by num_heads=4"),
+        (ImageTowerConfig, {"kind": "feature"}, "needs image.feature_dim > 0"),
+        (TextTowerConfig, {"kind": "transformers"}, "needs text.pretrained_dir or text.config.model_type"),
+        (ModelConfig, {"embed_dim": 0}, "embed_dim=0 must be ≥ 1"),
+        (IndexConfig, {"embeddings": "e", "out": "o", "target_recall": 2.0}, r"target_recall must be in \(0, 1\]"),
+        (IndexParams, {"target_recall": 0.0}, r"target_recall must be in \(0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cls(**values)
+    with pytest.raises(ValueError, match=r"^model: hidden_size=10 must be divisible"):
+        load_config(LabelTrainConfig, None, {"shards": "s", "out": "o", "model.hidden_size": 10})
+    for cls, given, missing in [
+        (LabelTrainConfig, {"out": "o"}, "shards"),
+        (LabelInferConfig, {"shards": "s"}, "labeler"),
+        (TokenizerConfig, {"shards": "s"}, "out"),
+        (IndexConfig, {"out": "o"}, "embeddings"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^missing required config field '{missing}' \(--{missing}=…\)$"):
+            load_config(cls, None, given)
+
+
+def test_every_shipped_labeler_and_train_config_loads():
+    from fgcmr.config import CONFIGS
+    from fgcmr.label.train import LabelTrainConfig
+    from fgcmr.train.config import TrainConfig
+
+    for kind, cls, paths in (("labelers", LabelTrainConfig, {}), ("train", TrainConfig, {"labels": "l"})):
+        files = sorted((CONFIGS / kind).glob("*.yaml"))
+        assert files, kind
+        for path in files:
+            assert load_config(cls, path, {"shards": "s", "out": "o", **paths}).out == "o", path

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from fgcmr.evaluate.job import SCALARS, _log_tensorboard, format_table
+from fgcmr.evaluate.job import SCALARS, Embedded, _log_tensorboard, format_table
 from fgcmr.evaluate.metrics import retrieval_metrics
 from fgcmr.evaluate.report import draw_report, pick_text_queries, top_images
 
@@ -41,11 +41,12 @@ def test_report_with_thumbnails_and_feature_only(tmp_path, case):
         return _png((20 * i, 0, 0))
 
     texts = [f"text {j}" for j in range(24)]
-    with_images = draw_report(tmp_path / "a.png", metrics, img, txt, cat, owner, texts, load, "t", queries=2)
+    emb = Embedded([str(i) for i in range(len(img))], img, txt, cat, owner, texts, None, None, 0)
+    with_images = draw_report(tmp_path / "a.png", metrics, emb, load, "t", queries=2)
     queries = pick_text_queries(owner, 2)
     assert len(set(owner[queries])) == 2
     assert sorted(asked) == sorted(top_images(img, txt, queries).ravel().tolist())
-    feature_only = draw_report(tmp_path / "b.png", metrics, img, txt, cat, owner, texts, None, "t", queries=2)
+    feature_only = draw_report(tmp_path / "b.png", metrics, emb, None, "t", queries=2)
     for path in (with_images, feature_only):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -22,8 +22,9 @@ from fgcmr.model import (
 )
 from fgcmr.model.config import resolve_path
 from fgcmr.text import ensure_tokenizer
-from fgcmr.train.config import OptimConfig, load_model_config
-from fgcmr.train.engine import param_groups, warmup_cosine
+from fgcmr.runtime.optim import OptimConfig
+from fgcmr.train.config import load_model_config
+from fgcmr.runtime.engine import param_groups, warmup_cosine
 
 TEXTS = [
     "a small red circle in the top left",
@@ -158,9 +159,9 @@ def test_param_groups_and_schedule(tiny):
 
 
 def test_every_shipped_config_resolves():
+    from fgcmr.config import CONFIGS
     from fgcmr.model.inputs import image_data_config
-    from fgcmr.train.config import CONFIGS
-    from fgcmr.train.engine import compute_dtype, deepspeed_config
+    from fgcmr.runtime.engine import compute_dtype, deepspeed_config
 
     for path in sorted((CONFIGS / "models").glob("*.yaml")):
         cfg = load_model_config(path.stem)

@@ -99,6 +99,7 @@ def test_experiment_configs_resolve():
     for path in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
         resolved, _ = resolve_experiment(path, "/tmp/unused", None)
         assert resolved["train"]["shards"], path
+        assert set(stage_configs(resolved)) >= {"shard", "train", "export", "eval"}, path  # every stage's builds
 
 
 @pytest.mark.slow

@@ -155,7 +155,7 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
     ]  # ZeRO-2 partitions: a usage error
     assert "written by 2 ranks under ZeRO stage 2" in logs(third) and "Resume it with 2 ranks" in logs(third)
     lr = dict(scalars(run, "train/lr"))
-    from fgcmr.train.engine import warmup_cosine
+    from fgcmr.runtime.engine import warmup_cosine
 
     factor = warmup_cosine(12, 2, 0.0)
     assert [lr[s] for s in range(1, 13)] == pytest.approx(

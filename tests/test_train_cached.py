@@ -14,7 +14,8 @@ from fgcmr.dataset import DatasetInfo
 from fgcmr.labels import join_labels, write_head
 from fgcmr.losses import LossConfig
 from fgcmr.train.cached import CachedSplit, check_cacheable, leave_one_out, train_and_score
-from fgcmr.train.config import DataConfig, OptimConfig, TrainConfig, load_model_config
+from fgcmr.runtime.optim import OptimConfig
+from fgcmr.train.config import DataConfig, TrainConfig, load_model_config
 
 
 def planted(n: int, seed: int, captions: int = 2) -> CachedSplit:

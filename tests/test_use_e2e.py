@@ -186,9 +186,9 @@ def serve_once(w: dict, argv: list[str]) -> str:
 
 def test_wheel_install_runs_the_demo_path(demo: dict):
     code = (
-        "import fgcmr, fgcmr.slurm.chain as chain, fgcmr.train.config as tc, json; "
+        "import fgcmr, fgcmr.config as fc, fgcmr.slurm.chain as chain, fgcmr.train.config as tc, json; "
         "cfg = tc.load_model_config('tiny'); m = fgcmr.load('run/export', device='cpu'); "
-        "print(json.dumps({'pkg': fgcmr.__file__, 'configs': str(tc.CONFIGS), 'templates': str(chain.TEMPLATES), "
+        "print(json.dumps({'pkg': fgcmr.__file__, 'configs': str(fc.CONFIGS), 'templates': str(chain.TEMPLATES), "
         "'templates_n': len(list(chain.TEMPLATES.iterdir())), 'embed_dim': cfg.embed_dim, "
         "'shape': list(m.encode_text(['a red circle']).shape), 'step': m.info['provenance']['step']}))"
     )

@@ -20,7 +20,8 @@ from fgcmr.distributed import local_rank_envs
 from fgcmr.model import build_model
 from fgcmr.model.partitioned import load_into, open_weights
 from fgcmr.text import ensure_tokenizer
-from fgcmr.train.config import CONFIGS, load_model_config
+from fgcmr.config import CONFIGS
+from fgcmr.train.config import load_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,8 +81,8 @@ def test_fp16_refused_where_deepspeed_cannot_run_it():
     from deepspeed.accelerator import get_accelerator
 
     from fgcmr.config import ConfigError
-    from fgcmr.train.config import OptimConfig
-    from fgcmr.train.engine import check_supported, deepspeed_config
+    from fgcmr.runtime.optim import OptimConfig
+    from fgcmr.runtime.engine import check_supported, deepspeed_config
 
     check_supported(deepspeed_config("zero2_bf16", 2, OptimConfig()))
     if get_accelerator().is_fp16_supported():

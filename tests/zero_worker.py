@@ -25,8 +25,10 @@ from fgcmr.model import ModelConfig, save_export
 from fgcmr.model.partitioned import full_numel, is_partitioned, local_numel
 from fgcmr.text import ensure_tokenizer
 from fgcmr.train import checkpoint
-from fgcmr.train.config import CONFIGS, OptimConfig, load_model_config
-from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
+from fgcmr.config import CONFIGS
+from fgcmr.runtime.optim import OptimConfig
+from fgcmr.train.config import load_model_config
+from fgcmr.runtime.engine import build_engine, compute_dtype, deepspeed_config
 from fgcmr.train.loop import build_model_for, init_distributed
 from fgcmr.train.step import micro_step, to_device
 

@@ -1,6 +1,6 @@
 """``fgcmr bench gpu``: absolute training throughput of one process, with model FLOPs utilisation (MFU).
 
-One rank, fgcmr's own DeepSpeed engine and micro-step (``fgcmr.train.engine`` / ``fgcmr.train.step``),
+One rank, fgcmr's own DeepSpeed engine and micro-step (``fgcmr.runtime.engine`` / ``fgcmr.train.step``),
 measured twice: on synthetic in-memory batches (the compute ceiling) and on WebDataset shards through
 the training input pipeline (``fgcmr.train.data``), so the gap between the two is the data pipeline's.
 
@@ -178,8 +178,8 @@ def shard_batches(
 def measure(cfg: BenchGpuConfig, work: Path) -> dict[str, Any]:
     from fgcmr.bench.host import machine
     from fgcmr.bench.train import synthetic_batches
-    from fgcmr.train.config import OptimConfig
-    from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
+    from fgcmr.runtime.optim import OptimConfig
+    from fgcmr.runtime.engine import build_engine, compute_dtype, deepspeed_config
     from fgcmr.train.loop import init_distributed
     from fgcmr.train.step import micro_step, to_device
 

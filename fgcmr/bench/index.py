@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from fgcmr.retrieval.index import IndexConfig, build_index
+from fgcmr.retrieval.index import IndexParams, build_index
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ def run(cfg: BenchIndexConfig) -> dict:
     vectors = synthetic(cfg.vectors, cfg.dim, centres, cfg.noise, rng)
     queries = synthetic(cfg.queries, cfg.dim, centres, cfg.noise, rng)
     rss0 = _peak_rss()
-    index, report = build_index(vectors, queries, IndexConfig(target_recall=cfg.target_recall, seed=cfg.seed))
+    index, report = build_index(vectors, queries, IndexParams(target_recall=cfg.target_recall, seed=cfg.seed))
     latencies = []
     for q in queries[: cfg.latency_queries]:
         t0 = time.perf_counter()

@@ -37,13 +37,16 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fgcmr.config import Validated
 from fgcmr.bench.ranks import relaunch
 from fgcmr.distributed import all_gather_objects, barrier
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 MB = 2**20
 OUT_ENV = "FGCMR_BENCH_MEMORY_OUT"  # rank 0 writes its JSON result there when a parent collects several runs
@@ -134,7 +137,7 @@ def _tensors(value: Any, depth: int = 3) -> Iterator[torch.Tensor]:
             yield from _tensors(v, depth - 1)
 
 
-def tensor_census(engine, exclude: list[torch.Tensor]) -> dict[str, int]:
+def tensor_census(engine: DeepSpeedEngine, exclude: list[torch.Tensor]) -> dict[str, int]:
     """What the rank's tensors hold, in bytes: ``params``, ``grads``, ``optimizer``, ``other`` (every other
     live tensor: DeepSpeed's buckets and buffers); ``exclude`` (the input batches) is not counted."""
     from fgcmr.model.partitioned import is_partitioned
@@ -197,8 +200,9 @@ def measure(cfg: BenchMemoryConfig) -> dict[str, Any]:
     from fgcmr.bench.train import synthetic_batches
     from fgcmr.losses import LossConfig, RetrievalLoss
     from fgcmr.model.partitioned import full_numel
-    from fgcmr.train.config import OptimConfig, load_model_config
-    from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config
+    from fgcmr.runtime.optim import OptimConfig
+    from fgcmr.train.config import load_model_config
+    from fgcmr.runtime.engine import build_engine, compute_dtype, deepspeed_config
     from fgcmr.train.loop import build_model_for, init_distributed
     from fgcmr.train.step import micro_step, to_device
 

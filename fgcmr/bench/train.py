@@ -25,10 +25,11 @@ from fgcmr.bench.ranks import relaunch
 from fgcmr.distributed import all_gather_objects, barrier
 from fgcmr.losses import LossConfig, RetrievalLoss
 from fgcmr.model import ModelConfig
-from fgcmr.train.config import OptimConfig, load_model_config
-from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config, param_groups
+from fgcmr.train.config import load_model_config
+from fgcmr.runtime.engine import build_engine, compute_dtype, deepspeed_config, param_groups
 from fgcmr.train.loop import Trainer, build_model_for, init_distributed
-from fgcmr.train.monitor import Monitor
+from fgcmr.runtime.monitor import Monitor
+from fgcmr.runtime.optim import OptimConfig
 from fgcmr.train.signals import StopRequest
 
 

@@ -373,17 +373,8 @@ def _draw(path: Path, dataset: DatasetInfo, cfg: EvalConfig, emb: Embedded, metr
         }
         images = _read_images(dataset, cfg.split, {emb.keys[i] for i in wanted})
         loader = lambda i: images.get(emb.keys[i])  # noqa: E731
-    draw_report(
-        path,
-        metrics,
-        emb.img_emb,
-        emb.txt_emb,
-        emb.img_cat,
-        emb.txt_owner,
-        emb.texts,
-        loader,
-        title=f"{'/'.join(run_dir.resolve().parts[-2:])} on {dataset.name}/{cfg.split}",
-    )
+    title = f"{'/'.join(run_dir.resolve().parts[-2:])} on {dataset.name}/{cfg.split}"
+    draw_report(path, metrics, emb, loader, title, cfg.report_queries)
 
 
 def _split_has_pixels(dataset: DatasetInfo, split: str) -> bool:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import io
 import textwrap
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from fgcmr.evaluate.metrics import PR_POINTS, rank_order, relevance_by_category
 from fgcmr.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from fgcmr.evaluate.job import Embedded
 
 TOP_K = 5
 
@@ -47,27 +50,23 @@ def pair_similarities(img_emb, txt_emb, img_cat, txt_owner, max_pairs: int = 200
 def draw_report(
     path: str | Path,
     metrics: dict,
-    img_emb: np.ndarray,
-    txt_emb: np.ndarray,
-    img_cat: np.ndarray,
-    txt_owner: np.ndarray,
-    texts: list[str],
+    emb: Embedded,
     load_image: Callable[[int], bytes | None] | None,
     title: str,
     queries: int = 3,
 ) -> Path:
-    """Draw the report to ``path`` (atomically). ``load_image(i)`` returns image i's bytes, or None."""
+    """Draw the report of split ``emb`` to ``path`` (atomically). ``load_image(i)`` returns image i's bytes, or None."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    q = pick_text_queries(txt_owner, queries) if load_image is not None else np.zeros(0, np.int64)
+    q = pick_text_queries(emb.txt_owner, queries) if load_image is not None else np.zeros(0, np.int64)
     rows = max(len(q), 1)
     fig = plt.figure(figsize=(13, 4.2 + (2.2 * len(q) if len(q) else 0.8)))
     grid = fig.add_gridspec(1 + rows, TOP_K + 1, height_ratios=[2.0] + ([1.0] * len(q) if len(q) else [0.3]))
     _pr_panel(fig.add_subplot(grid[0, :3]), metrics)
-    _hist_panel(fig.add_subplot(grid[0, 3:]), *pair_similarities(img_emb, txt_emb, img_cat, txt_owner))
+    _hist_panel(fig.add_subplot(grid[0, 3:]), *pair_similarities(emb.img_emb, emb.txt_emb, emb.img_cat, emb.txt_owner))
     if load_image is None:
         ax = fig.add_subplot(grid[1:, :])
         ax.axis("off")
@@ -80,9 +79,8 @@ def draw_report(
             fontsize=13,
         )
     else:
-        tops = top_images(img_emb, txt_emb, q)
-        for row, (t, top) in enumerate(zip(q, tops), start=1):
-            _query_row(fig, grid, row, texts[t], top, img_cat, int(txt_owner[t]), load_image)
+        for row, t in enumerate(q, start=1):
+            _query_row(fig, grid, row, emb, int(t), load_image)
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -110,11 +108,13 @@ def _hist_panel(ax, pos: np.ndarray, neg: np.ndarray) -> None:
     ax.legend(fontsize=8)
 
 
-def _query_row(fig, grid, row, text, top, img_cat, owner, load_image) -> None:
+def _query_row(fig, grid, row: int, emb: Embedded, t: int, load_image: Callable[[int], bytes | None]) -> None:
+    """Row ``row``: text query ``t`` and the images retrieved first for it, framed by relevance."""
     ax = fig.add_subplot(grid[row, 0])
     ax.axis("off")
-    ax.text(0, 0.5, "\n".join(textwrap.wrap(" ".join(text.split())[:160], 28)), fontsize=7, va="center")
-    for col, i in enumerate(top, start=1):
+    ax.text(0, 0.5, "\n".join(textwrap.wrap(" ".join(emb.texts[t].split())[:160], 28)), fontsize=7, va="center")
+    owner, img_cat = int(emb.txt_owner[t]), emb.img_cat
+    for col, i in enumerate(top_images(emb.img_emb, emb.txt_emb, np.array([t]))[0], start=1):
         ax = fig.add_subplot(grid[row, col])
         ax.set_xticks([])
         ax.set_yticks([])

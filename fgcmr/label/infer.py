@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fgcmr.config import dump_yaml
+from fgcmr.config import Validated, dump_yaml
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import DistEnv, all_gather_objects, barrier, init, shard_slice
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json, sha256_file
@@ -51,9 +51,9 @@ log = logging.getLogger("fgcmr.label")
 
 
 @dataclasses.dataclass
-class LabelInferConfig:
-    shards: str = ""  # dataset dir (fgcmr shard output)
-    labeler: str = ""  # labeler dir (fgcmr label train output)
+class LabelInferConfig(Validated):
+    shards: str  # dataset dir (fgcmr shard output)
+    labeler: str  # labeler dir (fgcmr label train output)
     name: str | None = None  # labels/<name>/; default: the labeler directory's name
     batch_size: int = 64  # texts per forward
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
@@ -66,8 +66,6 @@ class LabelInferConfig:
     prefetch_batches: int = 8  # batches tokenised ahead of the encoder
 
     def validate(self) -> None:
-        if not self.shards or not self.labeler:
-            raise ValueError("--shards=<dataset dir> and --labeler=<labeler dir> are required")
         for name in ("batch_size", "window_batches", "prefetch_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
@@ -96,45 +94,39 @@ def embed_shard(
 
 
 def finish_shard(
-    end: ShardEnd,
-    pieces: list[tuple[torch.Tensor, torch.Tensor]],
-    dim: int,
-    seconds: float,
-    waited: float,
-    cfg: LabelInferConfig,
-    d: DistEnv,
-    identity: str,
+    end: ShardEnd, pieces: list[tuple[torch.Tensor, torch.Tensor]], dim: int, cfg: LabelInferConfig, identity: str
 ) -> dict:
     """Write an embedded shard's sidecar (unless kept); returns its manifest record, with categories for histograms."""
     data, path = end.data, sidecar_path(cfg.shards, cfg.labeler_name, end.shard.name)
-    n_texts = sum(len(t) for t in data.texts)
     empty = sum(1 for t in data.texts if not t)
     if empty:
         log.warning("label infer: %s: %d samples without text get a zero description", end.shard.name, empty)
     if not end.kept:
         write_sidecar(path, data.keys, *embed_shard(data, pieces, dim), labeler=identity)
-    status = "kept" if end.kept else "written"
+    return {
+        "file": path.name,
+        "items": len(data.keys),
+        "texts": sum(len(t) for t in data.texts),
+        "empty": empty,
+        "status": "kept" if end.kept else "written",
+        "sha256": sha256_file(path),
+        "categories": data.categories,
+    }
+
+
+def _log_shard(d: DistEnv, name: str, record: dict, seconds: float, waited: float) -> None:
     log.info(
         "label infer rank %d/%d: %s %s: %d samples, %d texts, %.1fs (%.1f samples/s; %.1fs waiting for input)",
         d.rank,
         d.world_size,
-        end.shard.name,
-        status,
-        len(data.keys),
-        n_texts,
+        name,
+        record["status"],
+        record["items"],
+        record["texts"],
         seconds,
-        len(data.keys) / max(seconds, 1e-9),
+        record["items"] / max(seconds, 1e-9),
         waited,
     )
-    return {
-        "file": path.name,
-        "items": len(data.keys),
-        "texts": n_texts,
-        "empty": empty,
-        "status": status,
-        "sha256": sha256_file(path),
-        "categories": data.categories,
-    }
 
 
 def sidecar_check(cfg: LabelInferConfig, shard: Path, identity: str) -> Callable[[ShardTexts], bool] | None:
@@ -190,11 +182,8 @@ def label_shards(
                 rows, batch = item.batch
                 pieces.append((rows, encode_batch(model, batch, d.device, cfg.dtype)))
             else:
-                records.append(
-                    finish_shard(
-                        item, pieces, model.proj.out_features, time.monotonic() - start, waited, cfg, d, identity
-                    )
-                )
+                records.append(finish_shard(item, pieces, model.proj.out_features, cfg, identity))
+                _log_shard(d, item.shard.name, records[-1], time.monotonic() - start, waited)
                 pieces, waited, start = [], 0.0, time.monotonic()
             t = time.monotonic()
     return records

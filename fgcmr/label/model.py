@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
+from fgcmr.config import Validated
 from fgcmr.io import atomic_write_json, read_json
 from fgcmr.labels import pair_logits
 from fgcmr.text import pool_tokens
 
 
 @dataclasses.dataclass
-class EncoderConfig:
+class EncoderConfig(Validated):
     """Architecture of an encoder built from scratch (ignored for hidden sizes when ``--init`` is given)."""
 
     model_type: str = "bert"  # transformers model type (AutoConfig.for_model)

@@ -32,19 +32,19 @@ class ShardTexts:
     texts: list[list[str]]
     categories: list[int]  # −1 = none
 
-    def add(self, key: str, texts: list[str], category: int | None) -> None:
+    def add(self, key: str, texts: list[str], category: int) -> None:
         self.keys.append(key)
         self.texts.append(list(texts))
-        self.categories.append(-1 if category is None else int(category))
+        self.categories.append(category)
 
-    def records(self) -> Iterator[tuple[str, list[str], int | None]]:
-        return zip(self.keys, self.texts, (None if c < 0 else c for c in self.categories))
+    def records(self) -> Iterator[tuple[str, list[str], int]]:
+        return zip(self.keys, self.texts, self.categories)
 
     @classmethod
     def read(cls, shard: Path) -> "ShardTexts":
         out = cls([], [], [])
         for s in iter_samples(shard, TEXT_FIELDS):
-            out.add(s.key, s.texts, s.category)
+            out.add(s.key, s.texts, s.category_id)
         return out
 
 
@@ -87,7 +87,7 @@ def shard_items(
     """
     data = ShardTexts([], [], [])
     if kept is None:
-        records = ((s.key, s.texts, s.category) for s in iter_samples(shard, TEXT_FIELDS))
+        records = ((s.key, s.texts, s.category_id) for s in iter_samples(shard, TEXT_FIELDS))
     else:
         whole = ShardTexts.read(shard)
         if kept(whole):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from fgcmr.config import dump_yaml
+from fgcmr.config import Validated, dump_yaml
 from fgcmr.io import atomic_write_text
 from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 from fgcmr.text import SPECIAL_TOKENS, ensure_tokenizer, load_tokenizer
@@ -17,17 +17,15 @@ log = logging.getLogger("fgcmr.label")
 
 
 @dataclasses.dataclass
-class TokenizerConfig:
-    shards: str = ""  # dataset dir (fgcmr shard output)
-    out: str = ""  # tokenizer dir written
+class TokenizerConfig(Validated):
+    shards: str  # dataset dir (fgcmr shard output)
+    out: str  # tokenizer dir written
     vocab_size: int = 8000  # WordPiece vocabulary size
     min_frequency: int = 2  # words seen fewer times are not in it
     lowercase: bool = True  # lowercase texts first
     split: str = "train"  # the split whose texts it is fitted on
 
     def validate(self) -> None:
-        if not self.shards or not self.out:
-            raise ValueError("--shards=<dataset dir> and --out=<tokenizer dir> are required")
         if self.vocab_size < len(SPECIAL_TOKENS) + 1:
             raise ValueError(f"vocab_size={self.vocab_size} is too small")
 

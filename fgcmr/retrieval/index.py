@@ -21,29 +21,34 @@ from pathlib import Path
 
 import numpy as np
 
+from fgcmr.config import Validated
 from fgcmr.io import atomic_open, atomic_write_json
 
 log = logging.getLogger("fgcmr.index")
 RECALL_K = 10
 
 
-@dataclasses.dataclass
-class IndexConfig:
-    embeddings: str = ""  # fgcmr embed output dir
-    out: str = ""  # index dir
-    splits: list[str] = dataclasses.field(default_factory=list)  # default: every embedded split
+@dataclasses.dataclass(kw_only=True)
+class IndexParams(Validated):
+    """How an index is built over a set of vectors: by ``fgcmr index`` and, on synthetic ones, ``fgcmr bench index``."""
+
     exact_below: int = 50_000  # vectors; an exact IndexFlatIP below, IVF above
     target_recall: float = 0.95  # recall@10 vs exact search that nprobe is raised to reach
-    queries: int = 1000  # held-out queries for that measurement
     train_per_list: int = 64  # k-means training vectors per inverted list
-    threads: int | None = None  # faiss OpenMP threads (default: all cores)
     seed: int = 0  # seed of the k-means training sample and the held-out queries
 
     def validate(self) -> None:
-        if not self.embeddings or not self.out:
-            raise ValueError("--embeddings=<embed output> and --out=<index dir> are required")
         if not 0 < self.target_recall <= 1:
             raise ValueError("target_recall must be in (0, 1]")
+
+
+@dataclasses.dataclass(kw_only=True)
+class IndexConfig(IndexParams):
+    embeddings: str  # fgcmr embed output dir
+    out: str  # index dir
+    splits: list[str] = dataclasses.field(default_factory=list)  # default: every embedded split
+    queries: int = 1000  # held-out queries for the recall measurement
+    threads: int | None = None  # faiss OpenMP threads (default: all cores)
 
 
 def nlist_for(n: int) -> int:
@@ -51,7 +56,7 @@ def nlist_for(n: int) -> int:
     return max(16, 2 ** round(math.log2(2 * math.sqrt(max(n, 1)))))
 
 
-def build_index(vectors: np.ndarray, queries: np.ndarray, params: IndexConfig):
+def build_index(vectors: np.ndarray, queries: np.ndarray, params: IndexParams):
     """The index over ``vectors`` (unit rows, fp32) and its report: kind, factory, nprobe, recall@10, bytes, seconds."""
     import faiss
 

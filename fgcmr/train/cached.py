@@ -34,7 +34,7 @@ from fgcmr.model.towers import build_image_tower, build_text_tower
 from fgcmr.model.two_tower import _projection
 from fgcmr.train.config import TrainConfig
 from fgcmr.train.data import LabelJoin, key_id
-from fgcmr.train.engine import param_groups, warmup_cosine
+from fgcmr.runtime.engine import param_groups, warmup_cosine
 
 log = logging.getLogger("fgcmr.train.cached")
 CHUNK = 64  # samples per frozen-tower forward while caching
@@ -111,7 +111,7 @@ def _read_split(dataset: DatasetInfo, split: str, cfg: ModelConfig, labeler: str
             pending_images.append(inputs.image(sample))
             pending_texts.extend(inputs.text(sample, k) for k in range(len(sample.texts)))
             owner.extend([len(category)] * len(sample.texts))
-            category.append(-1 if sample.category is None else int(sample.category))
+            category.append(sample.category_id)
             ids.append(key_id(key))
             if join is not None:
                 labels.append(join(str(url), key)[0])

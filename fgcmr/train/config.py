@@ -1,16 +1,14 @@
-"""The training job's configuration (``fgcmr train``), and where named model / DeepSpeed configs live."""
+"""The training job's configuration (``fgcmr train``) and its named model configs (``configs/models/``)."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Literal
 
-from fgcmr.config import ConfigError, Validated, apply_overrides, build, read_yaml
+from fgcmr.config import Validated, apply_overrides, build, named_config_path, read_yaml
 from fgcmr.losses import LossConfig
 from fgcmr.model.config import ModelConfig
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # package data: ships in the wheel
+from fgcmr.runtime.optim import OptimConfig
 
 
 @dataclasses.dataclass
@@ -24,19 +22,6 @@ class DataConfig:
     split: str = "train"  # the split trained on
     tokenizer_samples: int = 100_000  # texts read to train a tokenizer when the model has none
     on_corrupt: Literal["error", "skip"] = "error"  # a shard that differs from the manifest: fail, or skip it (logged)
-
-
-@dataclasses.dataclass
-class OptimConfig:
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    weight_decay: float = 0.05  # AdamW weight decay
-    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
-    eps: float = 1e-6  # AdamW eps
-    warmup_steps: int = 20  # linear warmup steps before the cosine decay
-    min_lr_ratio: float = 0.0  # cosine decays to lr × this
-    tower_lr_mult: float = 1.0  # lr multiplier of the (pretrained) towers vs the new projection heads
-    grad_accum: int = 1  # micro-batches per optimizer step
-    grad_clip: float = 1.0  # 0 disables
 
 
 @dataclasses.dataclass
@@ -71,18 +56,6 @@ class TrainConfig(Validated):
         for name in ("checkpoint_every", "keep_last", "log_every", "hist_every", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1")
-
-
-def named_config_path(name: str, kind: str, suffix: str) -> Path:
-    """``name`` as a path if it is one, else ``configs/<kind>/<name><suffix>``."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    path = CONFIGS / kind / f"{name}{suffix}"
-    if not path.is_file():
-        choices = sorted(p.stem for p in (CONFIGS / kind).glob(f"*{suffix}"))
-        raise ConfigError(f"no {kind} config {name!r}; choose a file or one of {', '.join(choices)}")
-    return path
 
 
 def load_model_config(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:

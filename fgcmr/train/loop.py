@@ -33,8 +33,8 @@ from fgcmr.run import record_requeue
 from fgcmr.train import checkpoint, state
 from fgcmr.train.config import DataConfig, TrainConfig, load_model_config
 from fgcmr.train.data import build_loader
-from fgcmr.train.engine import build_engine, compute_dtype, deepspeed_config, init_distributed
-from fgcmr.train.monitor import Monitor
+from fgcmr.runtime.engine import build_engine, compute_dtype, deepspeed_config, init_distributed
+from fgcmr.runtime.monitor import Monitor
 from fgcmr.train.signals import EXIT_REQUEUE, StopRequest
 from fgcmr.train.step import micro_step, to_device
 from fgcmr.train.validate import Validator, validation_split

@@ -13,9 +13,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from fgcmr.config import ConfigError, to_dict
+from fgcmr.config import ConfigError, named_config_path, to_dict
 from fgcmr.run import Check, Fingerprint, check_stamp, file_hash, fingerprint, read_stamp, write_stamp
-from fgcmr.train.config import TrainConfig, load_model_config, named_config_path
+from fgcmr.train.config import TrainConfig, load_model_config
 
 # Options that change how a run is watched or where it is kept, never the model it trains.
 EXECUTION_FIELDS = ("out", "resume", "checkpoint_every", "keep_last", "log_every", "hist_every")

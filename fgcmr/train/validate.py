@@ -19,7 +19,7 @@ from fgcmr.dataset import DatasetInfo, iter_samples
 from fgcmr.evaluate.metrics import retrieval_metrics
 from fgcmr.model.inputs import Batch, Inputs, embed_batch
 from fgcmr.model.two_tower import TwoTower
-from fgcmr.train.monitor import Monitor
+from fgcmr.runtime.monitor import Monitor
 
 log = logging.getLogger("fgcmr.train")
 LOGGED = ("map_i2t", "map_t2i", "map_avg", "r1_i2t", "r1_t2i", "r10_i2t", "r10_t2i", "chance_map")

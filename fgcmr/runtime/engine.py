@@ -1,4 +1,4 @@
-"""The DeepSpeed engine: a ZeRO/precision JSON from ``configs/deepspeed/`` completed by the train config.
+"""The DeepSpeed engine: a ZeRO/precision JSON from ``configs/deepspeed/`` completed by ``runtime.optim`` settings.
 
 The one training stack of fgcmr: the two-tower model (``train.loop``) and the siamese labeler
 (``label.train``) join the process group, build their engine and its warm-up/cosine schedule here.
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fgcmr.config import ConfigError
+from fgcmr.config import ConfigError, named_config_path
 from fgcmr.distributed import DistEnv, collective_timeout, free_port, init
 from fgcmr.model.partitioned import full_shape
 from fgcmr.model.two_tower import TwoTower
 from fgcmr.progress import quiet_prints
-from fgcmr.train.config import OptimConfig, named_config_path
+from fgcmr.runtime.optim import OptimConfig
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
