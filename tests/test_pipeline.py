@@ -112,6 +112,7 @@ REPRODUCED = (  # what a second run of the same experiment must give byte for by
     "run/tokenizer/tokenizer.json",
     "run/checkpoints/step_*/mp_rank_*_model_states.pt",
     "run/checkpoints/step_*/rng_rank*.pt",  # every RNG seeded (Python's drives timm's augmentation)
+    "run/checkpoints/step_*/complete.json",
     "run/eval/metrics.json",  # with the exported tensors' sha256
 )
 
