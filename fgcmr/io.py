@@ -59,12 +59,13 @@ def honour_umask(root: str | Path) -> None:
             os.chmod(path, _DIR_MODE if path.is_dir() else _FILE_MODE)
 
 
-def clean_leftovers(*dirs: str | Path) -> list[Path]:
+def clean_leftovers(*dirs: str | Path, name: str = "*") -> list[Path]:
     """Remove the temporary files of writers killed mid-write (``.<name>.*.tmp``) in ``dirs``; call it
-    before any writer of this job starts there. Returns what was removed."""
+    before any writer of this job starts there (``name``: only those of that file, where other jobs may be
+    writing other files in the same directory). Returns what was removed."""
     removed = []
     for d in map(Path, dirs):
-        for path in d.glob(".*.tmp") if d.is_dir() else []:
+        for path in d.glob(".*.tmp" if name == "*" else f".{name}.*.tmp") if d.is_dir() else []:
             if path.is_file() or path.is_symlink():
                 path.unlink(missing_ok=True)
                 removed.append(path)

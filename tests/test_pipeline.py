@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -102,13 +103,45 @@ def test_experiment_configs_resolve():
         assert set(stage_configs(resolved)) >= {"shard", "train", "export", "eval"}, path  # every stage's builds
 
 
-@pytest.mark.slow
-def test_two_process_pipeline_runs_then_reruns_only_what_changed(tmp_path, monkeypatch, capsys):
-    cfg = _write(tmp_path / "tiny.yaml", TINY)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "fgcmr.cli", "pipeline", f"--config={cfg}", "--nproc=2", f"--out={out}"]
-    done = run_following(cmd, cwd=REPO)
+REPRODUCED = (  # what a second run of the same experiment must give byte for byte (the rest holds paths or times)
+    "data/shards/manifest.json",
+    "data/shards/*.tar",
+    "data/labeler/tokenizer/tokenizer.json",
+    "data/labeler/encoder/model.safetensors",
+    "data/labeler/head.safetensors",
+    "data/shards/labels/labeler/*.npz",
+    "run/tokenizer/tokenizer.json",
+    "run/checkpoints/step_*/mp_rank_*_model_states.pt",
+    "run/checkpoints/step_*/rng_rank*.pt",  # every RNG seeded (Python's drives timm's augmentation)
+    "run/checkpoints/step_*/complete.json",
+    "run/eval/metrics.json",  # with the exported tensors' sha256
+)
+
+
+def reproduced(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for pattern in REPRODUCED for p in sorted(out.glob(pattern))}
+
+
+def pipeline_cmd(cfg: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "fgcmr.cli", "pipeline", f"--config={cfg}", "--nproc=2", f"--out={out}"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict:
+    """The tiny experiment run once by ``fgcmr pipeline`` on 2 ranks, with the bytes of ``REPRODUCED`` read before
+    any test changes the run. No DeepSpeed op is compiled on the way (issue 11: a first start JIT-built one)."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    cfg, out, ops = _write(tmp / "tiny.yaml", TINY), tmp / "out", tmp / "torch_extensions"
+    done = run_following(pipeline_cmd(cfg, out), cwd=REPO, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ops)})
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not ops.exists(), list(ops.iterdir())
+    return {"cfg": cfg, "out": out, "done": done, "files": reproduced(out)}
+
+
+@pytest.mark.slow
+def test_two_process_pipeline_runs_then_reruns_only_what_changed(tiny_run, tmp_path, monkeypatch, capsys):
+    cfg, out, done = tiny_run["cfg"], tiny_run["out"], tiny_run["done"]
+    cmd = pipeline_cmd(cfg, out)
     metrics = json.loads((out / "run" / "eval" / "metrics.json").read_text())
     for key in (
         "map_i2t",
@@ -195,6 +228,46 @@ def test_two_process_pipeline_runs_then_reruns_only_what_changed(tmp_path, monke
     assert single["eval"]["world_size"] == 1
     keys = ("map_i2t", "map_t2i", "map_avg", "r1_i2t", "r10_t2i", "medr_i2t")
     assert {k: single[k] for k in keys} == pytest.approx({k: new[k] for k in keys}, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_second_run_killed_in_export_and_eval_gives_the_same_bytes(tiny_run, tmp_path):
+    """Issue 11: the job SIGKILLed while export writes its files, then while eval has written metrics.json but not
+    report.png; each rerun redoes what the kill left unfinished, nothing more, and the finished run equals the
+    uninterrupted one byte for byte (metrics.json, shards, both tokenizers, the labeler, the sidecars)."""
+    from kills import kill_when_paused, paused_env, start
+
+    out = (tmp_path / "out").resolve()
+    cmd, marker = pipeline_cmd(tiny_run["cfg"], out), tmp_path / "paused.json"
+    exp, layout = resolve_experiment(tiny_run["cfg"], str(out), None)
+
+    def not_done() -> dict[str, str]:
+        return {stage.name: c.reason for stage, c in plan(exp, layout, stage_configs(exp)) if not c.done}
+
+    # 1. Killed in export: weights and tokenizer written into its hidden folder, model_config.json not yet.
+    log = tmp_path / "1-export.log"
+    env = paused_env(f"{layout.run}/.export.*/model_config.json", marker)
+    kill_when_paused(start(cmd, log, env, REPO), marker, [log, out])
+    assert not layout.export.exists() and list(layout.run.glob(".export.*/model.safetensors"))
+    assert list(not_done()) == ["export", "eval"]
+
+    # 2. Killed in eval between metrics.json and report.png (rank 0 paused; torchrun and both ranks killed).
+    log = tmp_path / "2-eval.log"
+    env = paused_env(f"{layout.eval}/report.png", marker)
+    kill_when_paused(start(cmd, log, env, REPO), marker, [log, out])
+    assert (layout.eval / "metrics.json").is_file() and list(layout.eval.glob(".report.png.*.tmp"))
+    assert not_done() == {"eval": f"no finished evaluation in {layout.eval}"}
+    assert [p.name for p in layout.run.glob(".export.*")] == [os.readlink(layout.export)]  # the killed one's: gone
+
+    # 3. The rerun does eval only; the finished run is the uninterrupted one's, byte for byte.
+    final = run_following(cmd, cwd=REPO)
+    assert final.returncode == 0, final.stderr[-3000:]
+    stages = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert [s for s, v in stages.items() if v["status"] == "ran"] == ["eval"]
+    assert not not_done() and not list(out.rglob(".*.tmp"))
+    got, want = reproduced(out), tiny_run["files"]
+    assert sorted(got) == sorted(want) and len(want) > 10
+    assert [name for name in want if got[name] != want[name]] == []
 
 
 def _cli(monkeypatch, capsys, args: list[str]) -> tuple[int, str, str]:

@@ -89,20 +89,37 @@ def test_frozen_towers_must_be_pretrained():
 
 @pytest.mark.slow  # real pretrained weights
 def test_pretrained_towers_are_run_once_and_the_result_kept(synthetic_dataset, tmp_path: Path):
+    """Also (issue 11): a run SIGKILLed as it puts its cache file in place leaves none; the rerun writes it whole."""
+    import sys
+
+    from kills import kill_when_paused, paused_env, start
+
     from fgcmr.dataset import open_dataset
     from fgcmr.train.cached import cache_split
 
-    cfg = load_model_config("pretrained_lite0_minilm", {"image": {"image_size": 32}, "text": {"max_length": 16}})
+    overrides = {"image": {"image_size": 32}, "text": {"max_length": 16}}
+    cache, log, marker = tmp_path / "cache", tmp_path / "killed.log", tmp_path / "paused.json"
+    code = (
+        "import sys; from fgcmr.dataset import open_dataset; from fgcmr.train.cached import cache_split; "
+        "from fgcmr.train.config import load_model_config; cache_split(open_dataset(sys.argv[1]), 'test', "
+        f"load_model_config('pretrained_lite0_minilm', {overrides!r}), None, sys.argv[2])"
+    )
+    env = paused_env(f"{cache}/test-*.pt", marker)
+    kill_when_paused(start([sys.executable, "-c", code, str(synthetic_dataset), str(cache)], log, env), marker, [log])
+    assert not list(cache.glob("test-*.pt")) and len(list(cache.glob(".test-*.pt.*.tmp"))) == 1  # written, not put
+
+    cfg = load_model_config("pretrained_lite0_minilm", overrides)
     dataset = open_dataset(synthetic_dataset)
-    first = cache_split(dataset, "test", cfg, None, tmp_path)
+    first = cache_split(dataset, "test", cfg, None, cache)  # the rerun
     assert first.image.shape == (dataset.items("test"), 1280) and first.text.shape[1] == 384  # tower outputs
     assert torch.equal(first.owner, torch.sort(first.owner).values) and first.desc_emb is None
-    assert len(list(tmp_path.glob("test-*.pt"))) == 1
-    again = cache_split(dataset, "test", cfg, None, tmp_path)  # from the file
+    assert [p.name for p in cache.iterdir()] == [p.name for p in cache.glob("test-*.pt")]  # the leftover is gone
+    again = cache_split(dataset, "test", cfg, None, cache)  # from the file
     assert torch.equal(again.image, first.image) and torch.equal(again.text, first.text)
     other = dataclasses.replace(cfg, embed_dim=128)  # another model config: another cache entry
-    cache_split(dataset, "test", other, None, tmp_path)
-    assert len(list(tmp_path.glob("test-*.pt"))) == 2
+    uninterrupted = cache_split(dataset, "test", other, None, cache)  # of the same frozen towers' outputs
+    assert torch.equal(uninterrupted.image, first.image) and torch.equal(uninterrupted.text, first.text)
+    assert len(list(cache.glob("test-*.pt"))) == 2
 
 
 def test_pipeline_until_names_a_stage(tmp_path: Path):

@@ -36,7 +36,7 @@ import torch
 from fgcmr.config import Validated
 from fgcmr import distributed
 from fgcmr.dataset import DatasetInfo, Sample, iter_samples, open_dataset
-from fgcmr.io import atomic_open, atomic_write_json, read_json, sha256_file
+from fgcmr.io import atomic_open, atomic_write_json, clean_leftovers, read_json, sha256_file
 from fgcmr.progress import Progress
 
 if TYPE_CHECKING:  # the model (and transformers) load only when embedding, not for search and index
@@ -63,6 +63,9 @@ class EmbedConfig(Validated):
             raise ValueError("batch_size and prefetch_batches must be ≥ 1")
 
 
+KINDS = ("img", "text", "meta", "caption", "captions", "record")  # a part's files (``Part.name``)
+
+
 @dataclasses.dataclass(frozen=True)
 class Part:
     index: int
@@ -71,7 +74,7 @@ class Part:
     sha256: str
     items: int
 
-    def name(self, kind: str) -> str:
+    def name(self, kind: str) -> str:  # kind: one of KINDS
         return {
             "img": f"img_emb/img_emb_{self.index:04d}.npy",
             "text": f"text_emb/text_emb_{self.index:04d}.npy",
@@ -101,6 +104,8 @@ def run(cfg: EmbedConfig) -> dict | None:
     model, model_cfg, inputs = load_export(cfg.export, device=env.device)
     started, mine = time.time(), distributed.shard_slice(parts, env.rank, env.world_size)
     todo = [p for p in mine if not _kept(out, p, export_sha, cfg.dtype)]
+    for path in (out / p.name(kind) for p in todo for kind in KINDS):  # left by a write killed before its rename
+        clean_leftovers(path.parent, name=path.name)  # of these parts only: other ranks write the others
     log.info("embed rank %d: %d parts, %d kept, %d to embed", env.rank, len(mine), len(mine) - len(todo), len(todo))
     with Progress(sum(p.items for p in todo), f"embed rank{env.rank}", "samples", enabled=env.is_main) as progress:
         parts_done = embed_parts(todo, model, inputs, env.device, cfg.batch_size, cfg.prefetch_batches, progress)
@@ -126,6 +131,7 @@ def run(cfg: EmbedConfig) -> dict | None:
     }
     manifest["images"] = sum(r["images"] for r in manifest["parts"])
     manifest["texts"] = sum(r["texts"] for r in manifest["parts"])
+    clean_leftovers(out, name=MANIFEST)
     atomic_write_json(out / MANIFEST, manifest)
     log.info("embedded %d images, %d texts in %d parts → %s", manifest["images"], manifest["texts"], len(parts), out)
     return manifest

@@ -25,7 +25,7 @@ from torch import nn
 from fgcmr.config import ConfigError, to_dict
 from fgcmr.dataset import DatasetInfo, iter_records, sample_from_fields
 from fgcmr.evaluate.metrics import retrieval_metrics
-from fgcmr.io import atomic_open
+from fgcmr.io import atomic_open, clean_leftovers
 from fgcmr.labels import read_head, read_head_with_identity
 from fgcmr.losses import RetrievalLoss
 from fgcmr.model.config import ModelConfig
@@ -80,6 +80,7 @@ def cache_split(
     path = Path(cache_dir) / f"{split}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
         return CachedSplit(**torch.load(path))
+    clean_leftovers(path.parent, name=path.name)  # a write killed before its rename (another split's may be going on)
     out = _read_split(dataset, split, cfg, labeler)
     with atomic_open(path) as f:
         torch.save(dataclasses.asdict(out), f)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import random
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from fgcmr import startup
@@ -197,7 +199,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         cfg.max_steps,
     )
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same initial weights
+    random.seed(cfg.seed + env.rank)  # timm's augmentation draws from Python's RNG (in the rank when workers=0)
+    np.random.seed(cfg.seed + env.rank)
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.data.micro_batch, cfg.optim)
     engine, _ = build_engine(
         build_model_for(model_cfg, cfg.loss, ds_cfg, cfg.init_from), ds_cfg, cfg.optim, sched.total_steps
