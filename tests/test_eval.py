@@ -68,13 +68,16 @@ def test_tensorboard_scalars_and_table(tmp_path, case):
         "splits": {"test": metrics},
         "baselines": {"cca": {"map_i2t": 0.2, "map_t2i": 0.1, "map_avg": 0.15}, "sm": {"skipped": "x"}},
     }
-    _log_tensorboard(tmp_path / "tb", metrics, step=7)
+    _log_tensorboard(tmp_path / "tb", {**metrics, "splits": {"test": {**metrics, "map_avg": -1.0}}}, step=7)
+    _log_tensorboard(tmp_path / "tb", metrics, step=7)  # a redone eval: its scalars replace the first's
+    assert len(list((tmp_path / "tb").glob("events.*"))) == 1
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {f"eval/test/{k}" for k in SCALARS} <= tags and "baseline/cca/map_avg" in tags
     assert (
-        acc.Scalars("eval/test/map_avg")[0].value == pytest.approx(metrics["map_avg"])
+        len(acc.Scalars("eval/test/map_avg")) == 1
+        and acc.Scalars("eval/test/map_avg")[0].value == pytest.approx(metrics["map_avg"])
         and acc.Scalars("eval/test/map_avg")[0].step == 7
     )
     table = format_table(metrics)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -327,8 +328,10 @@ SCALARS = (
 
 
 def _log_tensorboard(logdir: Path, metrics: dict, step: int) -> None:
+    """The scalars of this eval only: a redone or killed eval's events file goes, so no scalar shows twice."""
     from torch.utils.tensorboard import SummaryWriter
 
+    shutil.rmtree(logdir, ignore_errors=True)
     with SummaryWriter(str(logdir)) as writer:
         for split, m in metrics["splits"].items():
             for key in SCALARS:
