@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from fgcmr.config import load_config
 from fgcmr.dataset import iter_samples, open_dataset
+from fgcmr.distributed import torchrun_command
 from fgcmr.io import read_json, sha256_file
 from fgcmr.label import infer, train
 from fgcmr.label.encode import embed_texts
@@ -52,21 +52,8 @@ def infer_cfg(dataset: Path, labeler: Path, **kw) -> infer.LabelInferConfig:
     )
 
 
-def torchrun(port: int, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(port),
-        "-m",
-        "fgcmr.cli",
-        "label",
-        "infer",
-        *args,
-    ]
+def infer_on_two_ranks(*args: str) -> list[str]:
+    return torchrun_command(2, ["-m", "fgcmr.cli", "label", "infer", *args])
 
 
 def ranks_of(pid: int) -> list[int]:
@@ -184,7 +171,7 @@ def test_early_stopping_fires_after_patience_evaluations_without_a_better_auc():
 
 
 @pytest.mark.slow
-def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_dataset, free_port, tmp_path):
+def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_dataset, tmp_path):
     ds = open_dataset(synthetic_dataset)
     shards = [s for split in ds.split_names for s in ds.shards(split)]
     run_one = infer.run(infer_cfg(synthetic_dataset, labeler[0], name="one"))
@@ -201,7 +188,7 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
     out_two = labels_dir(synthetic_dataset, "two")
     args = [f"--shards={synthetic_dataset}", f"--labeler={labeler[0]}", "--name=two", "--threads=1"]
     job = subprocess.Popen(
-        torchrun(free_port, *args, "--batch_size=1"),
+        infer_on_two_ranks(*args, "--batch_size=1"),
         env=ENV,
         cwd=tmp_path,
         start_new_session=True,
@@ -218,7 +205,7 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
 
     # Killed again, one rank only this time (SIGKILL), once it has written more: torchrun ends the other rank.
     job = subprocess.Popen(
-        torchrun(free_port + 2, *args, "--batch_size=1"),
+        infer_on_two_ranks(*args, "--batch_size=1"),
         env=ENV,
         cwd=tmp_path,
         start_new_session=True,
@@ -240,7 +227,7 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
         for pid in ranks
         if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
     ]
-    done = run_following(torchrun(free_port + 1, *args), env=ENV, cwd=tmp_path)
+    done = run_following(infer_on_two_ranks(*args), env=ENV, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kept" in done.stderr
     manifest = read_json(out_two / "manifest.json")
@@ -277,30 +264,26 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
 
 
 @pytest.mark.slow
-def test_train_on_two_ranks(synthetic_dataset, free_port, tmp_path):
+def test_train_on_two_ranks(synthetic_dataset, tmp_path):
     """Both ranks score against each other's texts (gathered with gradients) and average gradients."""
     out = tmp_path / "tiny2"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port),
-        "-m",
-        "fgcmr.cli",
-        "label",
-        "train",
-        f"--config={REPO / 'configs/labelers/tiny.yaml'}",
-        f"--shards={synthetic_dataset}",
-        f"--out={out}",
-        "--max_steps=6",
-        "--eval_every=3",
-        "--max_eval_texts=100",
-        "--threads=1",
-        "--tensorboard=false",
-    ]
+    cmd = torchrun_command(
+        2,
+        [
+            "-m",
+            "fgcmr.cli",
+            "label",
+            "train",
+            f"--config={REPO / 'configs/labelers/tiny.yaml'}",
+            f"--shards={synthetic_dataset}",
+            f"--out={out}",
+            "--max_steps=6",
+            "--eval_every=3",
+            "--max_eval_texts=100",
+            "--threads=1",
+            "--tensorboard=false",
+        ],
+    )
     done = run_following(cmd, env=ENV, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_json(out / "metrics.json")
