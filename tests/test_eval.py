@@ -69,8 +69,12 @@ def test_tensorboard_scalars_and_table(tmp_path, case):
         "baselines": {"cca": {"map_i2t": 0.2, "map_t2i": 0.1, "map_avg": 0.15}, "sm": {"skipped": "x"}},
     }
     _log_tensorboard(tmp_path / "tb", {**metrics, "splits": {"test": {**metrics, "map_avg": -1.0}}}, step=7)
+    (tmp_path / "tb" / "events.out.tfevents.1.train").write_bytes(b"")  # another writer's file in the same folder
     _log_tensorboard(tmp_path / "tb", metrics, step=7)  # a redone eval: its scalars replace the first's
-    assert len(list((tmp_path / "tb").glob("events.*"))) == 1
+    assert (
+        len(list((tmp_path / "tb").glob("events.*"))) == 2
+        and (tmp_path / "tb" / "events.out.tfevents.1.train").exists()
+    )
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -327,12 +326,17 @@ SCALARS = (
 )
 
 
+EVENTS_SUFFIX = ".fgcmr-eval"
+
+
 def _log_tensorboard(logdir: Path, metrics: dict, step: int) -> None:
-    """The scalars of this eval only: a redone or killed eval's events file goes, so no scalar shows twice."""
+    """The scalars of this eval only: a redone or killed eval's events file goes, so no scalar shows twice
+    (only eval's own files, marked by their suffix: ``--out`` may share a folder with other writers)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    shutil.rmtree(logdir, ignore_errors=True)
-    with SummaryWriter(str(logdir)) as writer:
+    for old in logdir.glob(f"events.out.tfevents.*{EVENTS_SUFFIX}"):
+        old.unlink()
+    with SummaryWriter(str(logdir), filename_suffix=EVENTS_SUFFIX) as writer:
         for split, m in metrics["splits"].items():
             for key in SCALARS:
                 writer.add_scalar(f"eval/{split}/{key}", m[key], step)
