@@ -63,7 +63,14 @@ class EmbedConfig(Validated):
             raise ValueError("batch_size and prefetch_batches must be ≥ 1")
 
 
-KINDS = ("img", "text", "meta", "caption", "captions", "record")  # a part's files (``Part.name``)
+PART_FILES = {  # a part's files by kind, from its index
+    "img": "img_emb/img_emb_{:04d}.npy",
+    "text": "text_emb/text_emb_{:04d}.npy",
+    "meta": "metadata/metadata_{:04d}.parquet",
+    "caption": "captions/caption_emb_{:04d}.npy",
+    "captions": "captions/captions_{:04d}.parquet",
+    "record": "parts/part_{:04d}.json",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +81,8 @@ class Part:
     sha256: str
     items: int
 
-    def name(self, kind: str) -> str:  # kind: one of KINDS
-        return {
-            "img": f"img_emb/img_emb_{self.index:04d}.npy",
-            "text": f"text_emb/text_emb_{self.index:04d}.npy",
-            "meta": f"metadata/metadata_{self.index:04d}.parquet",
-            "caption": f"captions/caption_emb_{self.index:04d}.npy",
-            "captions": f"captions/captions_{self.index:04d}.parquet",
-            "record": f"parts/part_{self.index:04d}.json",
-        }[kind]
+    def name(self, kind: str) -> str:
+        return PART_FILES[kind].format(self.index)
 
 
 def plan(dataset: DatasetInfo, splits: list[str]) -> list[Part]:
@@ -104,7 +104,7 @@ def run(cfg: EmbedConfig) -> dict | None:
     model, model_cfg, inputs = load_export(cfg.export, device=env.device)
     started, mine = time.time(), distributed.shard_slice(parts, env.rank, env.world_size)
     todo = [p for p in mine if not _kept(out, p, export_sha, cfg.dtype)]
-    for path in (out / p.name(kind) for p in todo for kind in KINDS):  # left by a write killed before its rename
+    for path in (out / p.name(kind) for p in todo for kind in PART_FILES):  # left by a write killed before its rename
         clean_leftovers(path.parent, name=path.name)  # of these parts only: other ranks write the others
     log.info("embed rank %d: %d parts, %d kept, %d to embed", env.rank, len(mine), len(mine) - len(todo), len(todo))
     with Progress(sum(p.items for p in todo), f"embed rank{env.rank}", "samples", enabled=env.is_main) as progress:
