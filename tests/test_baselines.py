@@ -9,6 +9,7 @@ import pytest
 
 from fgcmr.evaluate import baselines as B
 from fgcmr.evaluate.metrics import retrieval_metrics
+from fgcmr.model.tfidf import is_cjk
 
 
 def _planted(rng, n, cats=4):
@@ -82,7 +83,7 @@ def test_published_figures_on_real_wikipedia_features(data_root):
 
 def test_cjk_texts_get_character_tfidf():
     zh = ["北京今天下雨了", "上海的天气很好", "北京的天气下雨", "今天上海很好"]
-    assert B.is_cjk(zh) and not B.is_cjk(["a red circle", "北京 is a city name"])
+    assert is_cjk(zh) and not is_cjk(["a red circle", "北京 is a city name"])
     f = B.tfidf_features(zh, ["北京下雨"])
     assert f.test.nnz > 0  # character n-grams match without word boundaries
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from scipy import sparse
 
-from fgcmr.model.tfidf import fit_vectorizer, is_cjk  # noqa: F401  (is_cjk: part of this module's interface)
+from fgcmr.model.tfidf import fit_vectorizer
 
 REG_GRID = (1e-2, 0.1, 1.0, 10.0)  # inverse regularisation strengths tried by 3-fold CV
 
