@@ -191,7 +191,7 @@ def local_rank_envs(nproc: int, port: int | None = None) -> list[dict[str, str]]
 
 def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
     """torchrun running ``python <args>`` on ``nproc`` ranks of this host, rendezvous on a free local port
-    (``launchers/torchrun.sh`` is the same for people, and for several nodes)."""
+    (``launchers/torchrun.sh`` is the same for people, and for several nodes); run it in ``launch_env``."""
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
     return [
@@ -204,16 +204,30 @@ def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
     ]
 
 
+def cores_per_rank(local_ranks: int) -> int:
+    """This process's usable cores shared among ``local_ranks`` ranks on this node (never oversubscribe)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_ranks))
+
+
+def launch_env(nproc: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment to start ``nproc`` local ranks in (with ``torchrun_command``): ``OMP_NUM_THREADS`` is
+    the cores per rank unless the caller set it, since torchrun would set 1 (and print a banner about it),
+    which a rank cannot tell from a user's 1: a 2-rank run on a 64-core node would compute on 2 cores."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("OMP_NUM_THREADS", str(cores_per_rank(nproc)))
+    return env
+
+
 def thread_count(d: DistEnv, environ: Mapping[str, str] | None = None) -> int:
     """Intra-op threads per rank: Slurm's CPUs per task, else a launcher's ``OMP_NUM_THREADS``,
-    else this process's usable cores shared among the ranks on this node (never oversubscribe)."""
+    else the cores per rank on this node."""
     env = os.environ if environ is None else environ
     if d.cpus:
         return d.cpus
     if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
         return int(env["OMP_NUM_THREADS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, d.local_world_size))
+    return cores_per_rank(d.local_world_size)
 
 
 def collective_timeout(environ: Mapping[str, str] | None = None) -> datetime.timedelta:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fgcmr.config import ConfigError, apply_overrides, dump_yaml, read_yaml
-from fgcmr.distributed import torchrun_command
+from fgcmr.distributed import launch_env, torchrun_command
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json
 from fgcmr.run import EXIT_REQUEUE, LABELER, REQUEUE_FILE_ENV, Check, Layout
 from fgcmr.stages import SECTIONS, STAGES, Stage
@@ -238,7 +238,8 @@ def run_pipeline(
         cmd = stage_command(stage, layout.experiment, nproc)
         log.info("pipeline: %s: %s", stage.name, " ".join(cmd))
         t0 = time.monotonic()
-        rc, interrupted = run_stage(cmd, env, layout.out / f".requeue-{stage.name}")
+        stage_env = launch_env(nproc, env) if stage.distributed else env
+        rc, interrupted = run_stage(cmd, stage_env, layout.out / f".requeue-{stage.name}")
         status[stage.name] = {"status": "ran", "seconds": round(time.monotonic() - t0, 1), "returncode": rc}
         _write_status(layout, config_path, nproc, overrides, status, started)
         if rc == EXIT_REQUEUE:

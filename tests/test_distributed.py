@@ -18,6 +18,7 @@ from fgcmr.config import ConfigError
 from fgcmr.distributed import (
     DistEnv,
     first_slurm_host,
+    launch_env,
     resolve_env,
     slurm_port,
     tasks_on_node,
@@ -127,6 +128,13 @@ def test_thread_counts():
     cores = len(os.sched_getaffinity(0))
     assert thread_count(DistEnv(local_world_size=2), {}) == max(1, cores // 2)
     assert thread_count(DistEnv(local_world_size=10 * cores), {}) == 1
+
+
+def test_launch_env_shares_the_cores_unless_the_caller_set_threads(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert launch_env(2, {})["OMP_NUM_THREADS"] == "32"  # torchrun would give each rank 1
+    assert launch_env(128, {})["OMP_NUM_THREADS"] == "1"
+    assert launch_env(2, {"OMP_NUM_THREADS": "3", "A": "b"}) == {"OMP_NUM_THREADS": "3", "A": "b"}
 
 
 def test_scratch_holds_each_ranks_temporary_files(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -22,3 +23,17 @@ def test_all_reduce_under_launcher(tmp_path, launcher):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     _check_two_ranks(tmp_path, launcher)
+    assert "OMP_NUM_THREADS" not in done.stderr, "the launcher sets the threads per rank (no torchrun banner)"
+
+
+def test_launchers_share_the_cores_among_the_ranks():
+    def threads(nproc: int, preset: str = "") -> str:
+        script = (
+            f"nproc() {{ echo 64; }}; . launchers/common.sh; {preset} parse_args -n {nproc} x.py; echo $OMP_NUM_THREADS"
+        )
+        env = {k: v for k, v in _clean_env().items() if k != "OMP_NUM_THREADS"}
+        return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True).stdout.strip()
+
+    assert threads(2) == "32"
+    assert threads(128) == "1"
+    assert threads(2, "export OMP_NUM_THREADS=3;") == "3"

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fgcmr.config import Validated, dump_yaml, to_dict
-from fgcmr.distributed import torchrun_command
+from fgcmr.distributed import launch_env, torchrun_command
 from fgcmr.model import ModelConfig
 from fgcmr.train.config import load_model_config
 
@@ -241,8 +241,8 @@ def shard_pattern(shards: list[Path]) -> str:
     return "::".join(str(s) for s in shards)
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+def _env(nproc: int) -> dict[str, str]:
+    return launch_env(nproc, dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false"))
 
 
 def run_open_clip_peer(
@@ -314,7 +314,12 @@ def run_open_clip_peer(
     ]  # logs go to <work>/logs (an explicit --logs trips torchrun's parser)
     cmd = torchrun_command(nproc, args)
     points = timed_steps(
-        cmd, _env(), OPEN_CLIP_LINE, lambda samples: samples // (batch_size * nproc), work / "open_clip.log", cwd=work
+        cmd,
+        _env(nproc),
+        OPEN_CLIP_LINE,
+        lambda samples: samples // (batch_size * nproc),
+        work / "open_clip.log",
+        cwd=work,
     )
     return {
         **throughput(points, warmup, batch_size * nproc),
@@ -364,7 +369,7 @@ def run_fgcmr_train(
         "--optim.warmup_steps=20",
     ]
     cmd = torchrun_command(nproc, args)
-    points = timed_steps(cmd, _env(), FGCMR_LINE, int, work / "fgcmr.log")
+    points = timed_steps(cmd, _env(nproc), FGCMR_LINE, int, work / "fgcmr.log")
     return {
         **throughput(points, warmup, batch_size * nproc),
         "processes": nproc,
