@@ -13,14 +13,13 @@ import json
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import torch
 
 from fgcmr.config import ConfigError, named_config_path
 from fgcmr.distributed import DistEnv, collective_timeout, free_port, init
 from fgcmr.model.partitioned import full_shape
-from fgcmr.model.two_tower import TwoTower
 from fgcmr.progress import quiet_prints
 from fgcmr.runtime.optim import OptimConfig
 
@@ -69,7 +68,16 @@ def compute_dtype(ds_cfg: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
-def param_groups(model: TwoTower, optim: OptimConfig) -> list[dict[str, Any]]:
+class HasTowers(Protocol):
+    """A model whose backbones may be pretrained (``TwoTower``, the cached trainer's projections)."""
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def tower_parameters(self) -> set[int]: ...
+
+
+def param_groups(model: HasTowers, optim: OptimConfig) -> list[dict[str, Any]]:
+    """Backbone parameters at ``tower_lr_mult`` × lr; weight decay on matrices only (not biases, norms, scales)."""
     towers = model.tower_parameters()
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for p in model.parameters():
@@ -135,7 +143,7 @@ def build_engine(
     groups: list[dict[str, Any]] | None = None,
 ) -> tuple[DeepSpeedEngine, torch.optim.lr_scheduler.LRScheduler]:
     """The engine and its schedule (``warmup_cosine``); ``groups``: the optimizer's parameter groups,
-    by default the two-tower's ``param_groups``."""
+    by default ``param_groups``."""
     import deepspeed
 
     check_supported(ds_cfg)
