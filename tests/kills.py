@@ -36,6 +36,27 @@ def start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = Non
     )
 
 
+def torchrun_and_ranks(pid: int) -> tuple[psutil.Process | None, list[psutil.Process]]:
+    """The torchrun process at or below ``pid`` (``torchrun`` or ``python -m torch.distributed.run``) and the
+    ranks it has started so far (not their data workers); ``(None, [])`` before it starts or once it is gone."""
+    try:
+        family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        for p in family:
+            if any(arg.endswith("torchrun") or arg == "torch.distributed.run" for arg in p.cmdline()[:3]):
+                return p, p.children()
+    except psutil.NoSuchProcess:  # a short-lived process (a subshell) ended while looked at
+        pass
+    return None, []
+
+
+def running(p: psutil.Process) -> bool:
+    """Still running: neither gone nor a zombie waiting for its parent to reap it."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def kill_when_paused(proc: subprocess.Popen, marker: Path, watch: Iterable[Path]) -> dict:
     """Wait (following ``watch``) until a process of the job is paused at the hook, then SIGKILL them all;
     returns the marker (``pid``, ``target``: the path it was about to write)."""

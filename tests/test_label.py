@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ from fgcmr.label.encode import embed_texts
 from fgcmr.label.model import load_labeler
 from fgcmr.label.texts import TextSet
 from fgcmr.labels import SidecarError, labels_dir, read_head, read_sidecar, sidecar_path, verify_labels
+from kills import running, torchrun_and_ranks
 from waits import run_following, wait_procs, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,19 +56,6 @@ def infer_cfg(dataset: Path, labeler: Path, **kw) -> infer.LabelInferConfig:
 
 def infer_on_two_ranks(*args: str) -> list[str]:
     return torchrun_command(2, ["-m", "fgcmr.cli", "label", "infer", *args])
-
-
-def ranks_of(pid: int) -> list[int]:
-    """The fgcmr processes started below ``pid`` (torchrun's ranks)."""
-    found = []
-    for p in Path("/proc").iterdir():
-        try:
-            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                found += [int(p.name)] if b"fgcmr.cli" in (p / "cmdline").read_bytes() else ranks_of(int(p.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
 
 
 def test_train_writes_a_self_contained_labeler(labeler, synthetic_dataset):
@@ -212,21 +201,17 @@ def test_infer_one_rank_equals_two_ranks_killed_and_resumed(labeler, synthetic_d
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    ranks: list[int] = []
+    ranks: list[psutil.Process] = []
 
     def rank_wrote() -> bool:
-        ranks[:] = ranks_of(job.pid)
+        ranks[:] = torchrun_and_ranks(job.pid)[1]
         return (len(ranks) == 2 and len(list(out_two.glob("*-*.npz"))) > written) or job.poll() is not None
 
     wait_until(rank_wrote, [job], [out_two.parent], early_exit_ok=True)
     assert len(ranks) == 2, f"the job ended before a rank could be killed ({job.poll()})"
-    os.kill(ranks[1], signal.SIGKILL)
+    ranks[1].kill()
     assert wait_procs([job], [out_two.parent]) != [0]
-    assert not [
-        pid
-        for pid in ranks
-        if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
-    ]
+    assert not [p for p in ranks if running(p)], "torchrun left a rank running after the other was killed"
     done = run_following(infer_on_two_ranks(*args), env=ENV, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kept" in done.stderr

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from fgcmr.train import checkpoint
+from kills import torchrun_and_ranks
 from test_train import scalars, train_args
 
 pytestmark = pytest.mark.slow
@@ -59,17 +60,13 @@ def wait_until(pred, proc: subprocess.Popen, log: Path, what: str) -> None:
 
 
 def ranks_of(proc: subprocess.Popen) -> tuple[psutil.Process, list[psutil.Process]]:
-    """(torchrun, its rank processes) under the launcher script."""
+    """(torchrun, its two ranks) under the launcher script, once both have started."""
     end = time.monotonic() + GUARD
     while True:
-        for child in psutil.Process(proc.pid).children():
-            try:  # the script's short-lived children (subshells) may end while looked at
-                ranks = child.children()
-            except psutil.NoSuchProcess:
-                continue
-            if len(ranks) == 2:
-                return child, ranks
-        assert time.monotonic() < end
+        torchrun, ranks = torchrun_and_ranks(proc.pid)
+        if torchrun is not None and len(ranks) == 2:
+            return torchrun, ranks
+        assert proc.poll() is None and time.monotonic() < end, f"no torchrun with two ranks (launcher: {proc.poll()})"
         time.sleep(0.1)
 
 
