@@ -285,9 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     args.data_dir = (args.data_dir or args.out / "data").absolute()
     names = args.variants.split(",")
     variants = [Variant.parse(n) for n in names]
-    for required in (BASELINE, CONTROL):
-        if required not in names:
-            raise SystemExit(f"--variants must include {required} (every verdict is paired against it)")
+    planned = {n: {0: 0.0} for n in names}  # which controls this run will have scored
+    needed = {BASELINE} | {control_of(n, planned) for n in names if n != BASELINE and not n.startswith("shuffled")}
+    if missing := sorted(needed - set(names)):
+        raise SystemExit(f"--variants must include {', '.join(missing)} (the verdicts are paired against them)")
     scores: dict[str, dict[int, float]] = {}
     runner = CachedRunner(args) if args.cached and not args.dry_run else None
     for seed in range(args.seeds):  # seed-major: a stopped ablation already has complete pairs

@@ -81,5 +81,9 @@ def test_dry_run_prints_paired_commands(tmp_path, capsys):
     assert len(lines) == 4
     assert all(f"--data_dir={tmp_path / 'data'}" in line for line in lines)  # one set of shards and sidecars
     assert sum("--train.seed=1" in line for line in lines) == 2
-    with pytest.raises(SystemExit):
-        ablate.main(["--experiment=x.yaml", "--variants=normalised-a1", "--dry_run"])
+    for variants in ("normalised-a1", "alpha0,normalised-a1", "alpha0,down-a1,shuffled-a4"):  # a control missing
+        with pytest.raises(SystemExit, match="must include"):
+            ablate.main(["--experiment=x.yaml", f"--variants={variants}", "--dry_run"])
+    # down judged against its own control needs no shuffled-a1
+    args = ["--experiment=configs/experiments/synthetic-tiny.yaml", "--seeds=1", f"--out={tmp_path}", "--dry_run"]
+    assert ablate.main([*args, "--variants=alpha0,down-a1,shuffled_down-a1"]) == 0
