@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from fgcmr.config import ConfigError
+from fgcmr.label.train import earliest_stop
 from fgcmr.pipeline import plan, resolve_experiment, stage_configs
 from waits import run_following
 
@@ -100,7 +101,10 @@ def test_experiment_configs_resolve():
     for path in sorted((REPO / "configs" / "experiments").glob("*.yaml")):
         resolved, _ = resolve_experiment(path, "/tmp/unused", None)
         assert resolved["train"]["shards"], path
-        assert set(stage_configs(resolved)) >= {"shard", "train", "export", "eval"}, path  # every stage's builds
+        configs = stage_configs(resolved)
+        assert set(configs) >= {"shard", "train", "export", "eval"}, path  # every stage's builds
+        if "label" in configs:  # the labeler's early stopping can end it before its cap (issue 16)
+            assert earliest_stop(configs["label"]) < configs["label"].max_steps, path
 
 
 REPRODUCED = (  # what a second run of the same experiment must give byte for byte (the rest holds paths or times)
