@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import random
 import re
 import shutil
 import socket
@@ -306,11 +307,31 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ``bind(0)`` and outgoing connections (Linux's default where it cannot be read)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return low, high
+
+
 def free_port() -> int:
-    """A TCP port free on this host now, for a local rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on this host now, for a local rendezvous: drawn above the ephemeral range (``slurm_port``
+    keeps below it), since a port from ``bind(0)`` is free only until the kernel hands it on, and concurrent
+    jobs' gloo connections take ephemeral ports by the hundred (a test saw EADDRINUSE that way)."""
+    low, high = ephemeral_ports()
+    first, last = (high + 1, 65535) if 65535 - high >= 1000 else (1024, low - 1)
+    draw = random.SystemRandom()
+    for _ in range(200):
+        port = draw.randint(first, last)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {first}-{last} after 200 tries")
 
 
 def barrier() -> None:

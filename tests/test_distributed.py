@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ import pytest
 from fgcmr.config import ConfigError
 from fgcmr.distributed import (
     DistEnv,
+    ephemeral_ports,
     first_slurm_host,
+    free_port,
     launch_env,
     resolve_env,
     slurm_port,
@@ -120,6 +123,16 @@ def test_slurm_ports_differ_per_job_and_step_and_avoid_ephemeral_range():
     ports = {slurm_port(j, s) for j in range(1000, 1100) for s in range(4)}
     assert len(ports) == 400
     assert all(10000 <= p < 32768 for p in ports)
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_bindable():
+    low, high = ephemeral_ports()
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(not low <= p <= high and p >= 1024 for p in ports)
+    if 65535 - high >= 1000:  # the usual kernel range leaves room above it: slurm_port's range stays Slurm's
+        assert all(p > high for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # free when drawn
 
 
 def test_thread_counts():

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fgcmr.distributed import free_port
 from fgcmr.dataset import iter_samples, open_dataset
 
 pytestmark = pytest.mark.slow
@@ -104,7 +105,7 @@ def flickr8k(data_root: Path, tmp_path_factory) -> dict:
 
     run = root / "run"
     single = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    single["MASTER_PORT"] = str(_free_port())
+    single["MASTER_PORT"] = str(free_port())
     cli(
         "train",
         f"--shards={root / 'shards'}",
@@ -191,11 +192,3 @@ def test_flickr8k_run_exports_embeds_indexes_and_finds_its_images(flickr8k: dict
     finally:
         server.shutdown()
         server.server_close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
