@@ -1,4 +1,4 @@
-"""Shared fixtures (the real-data root, free ports, one synthetic dataset per session) and the test groups."""
+"""Shared fixtures: the real-data root, free ports, and one synthetic dataset per session."""
 
 from __future__ import annotations
 
@@ -8,15 +8,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Groups for ``pytest -n 2 --dist loadgroup``: one per test file, so a file's module fixtures are made
-    once, and one for every Slurm test, so they never compete for the cluster's two nodes."""
-    for item in items:
-        uses_cluster = "slurm" in item.fixturenames or item.get_closest_marker("slurm")
-        group = "slurm" if uses_cluster else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
