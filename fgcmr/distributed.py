@@ -319,7 +319,7 @@ def ephemeral_ports() -> tuple[int, int]:
 def free_port() -> int:
     """A TCP port free on this host now, for a local rendezvous: drawn above the ephemeral range (``slurm_port``
     keeps below it), since a port from ``bind(0)`` is free only until the kernel hands it on, and concurrent
-    jobs' gloo connections take ephemeral ports by the hundred (a test saw EADDRINUSE that way)."""
+    jobs' gloo connections take ephemeral ports by the hundred."""
     low, high = ephemeral_ports()
     first, last = (high + 1, 65535) if 65535 - high >= 1000 else (1024, low - 1)
     draw = random.SystemRandom()
