@@ -239,8 +239,14 @@ def collective_timeout(environ: Mapping[str, str] | None = None) -> datetime.tim
     return datetime.timedelta(seconds=float(env.get(TIMEOUT_ENV) or 900))
 
 
-def init(threads: int | None = None) -> DistEnv:
-    """Resolve the topology, pin the GPU, set thread counts and join the process group (if > 1 rank)."""
+def init(threads: int | None = None, *, group_of_one: bool = False) -> DistEnv:
+    """Resolve the topology, pin the GPU, set thread counts and join the process group (if > 1 rank, or
+    ``group_of_one`` for a lone process, which DeepSpeed needs).
+
+    A lone process's group lives in an in-memory store, not on ``MASTER_PORT``: it binds no port, so
+    parallel single runs cannot collide, and a process that runs a stage in-process and then starts others
+    (which inherit the variables ``export_env`` published) hands them no port that it holds.
+    """
     d = resolve_env()
     export_env(d)
     setup_logging(d.rank)  # the CLI set up rank 0's format before the rank was known
@@ -252,6 +258,10 @@ def init(threads: int | None = None) -> DistEnv:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for worker processes started later
     if d.distributed and not dist.is_initialized():
         dist.init_process_group(backend=d.backend, rank=d.rank, world_size=d.world_size, timeout=collective_timeout())
+    elif group_of_one and not dist.is_initialized():
+        dist.init_process_group(
+            backend=d.backend, store=dist.HashStore(), rank=0, world_size=1, timeout=collective_timeout()
+        )
     atexit.register(_leave_process_group)
     if d.is_main:
         log.info(

@@ -187,6 +187,30 @@ def test_cli_scratch_option_reaches_the_environment(tmp_path, monkeypatch):
     assert options == {"out": "x"} and os.environ["FGCMR_SCRATCH"] == str(tmp_path)
 
 
+LONE = """
+import os, socket, subprocess, sys
+import torch.distributed as dist
+from fgcmr.runtime.engine import init_distributed
+
+d = init_distributed(1)
+assert (d.world_size, dist.get_world_size()) == (1, 1)
+if sys.argv[1] == "parent":
+    with socket.socket() as s:  # the group holds no port: the one it published is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
+    child = subprocess.run([sys.executable, "-c", sys.argv[2], "child"], env=os.environ)  # inherits the variables
+    sys.exit(child.returncode)
+"""
+
+
+def test_a_lone_rank_binds_no_port_so_its_children_can_join_too():
+    """A stage run in-process as a lone rank (DeepSpeed's group of one) published ``MASTER_PORT``/``RANK``;
+    on a TCP store it kept listening there, and a process it started next, inheriting them, failed EADDRINUSE."""
+    env = {**_clean_env(), "MASTER_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, "-c", LONE, "parent", LONE], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 WORKER = """
 import json, sys, torch, torch.distributed as dist
 from fgcmr.distributed import init

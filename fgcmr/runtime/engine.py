@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import torch
 
 from fgcmr.config import ConfigError, named_config_path
-from fgcmr.distributed import DistEnv, collective_timeout, free_port, init
+from fgcmr.distributed import DistEnv, collective_timeout, init
 from fgcmr.model.partitioned import full_shape
 from fgcmr.progress import quiet_prints
 from fgcmr.runtime.optim import OptimConfig
@@ -28,12 +27,10 @@ if TYPE_CHECKING:
 
 
 def init_distributed(threads: int | None = None) -> DistEnv:
-    """Join the process group (a free port for a lone process, so parallel single runs do not collide)."""
+    """Join the process group, a group of one for a lone process (DeepSpeed then uses it as it is)."""
     import deepspeed
 
-    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-    env = init(threads)
+    env = init(threads, group_of_one=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if env.backend == "gloo":
         # DeepSpeed loads its CPU shared-memory all-reduce op here, JIT-compiling it on a fresh machine (30-170 s)
