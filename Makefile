@@ -29,5 +29,8 @@ setup: $(BIN)/fgcmr $(I2D_VENV)/bin/img2dataset
 demo: setup
 	$(BIN)/fgcmr pipeline --config=configs/experiments/synthetic.yaml --nproc=2 --out=runs/demo
 
+# Test files run on TEST_WORKERS pytest-xdist workers, a file at a time per worker, heaviest first; every Slurm
+# test on one (tests/conftest.py). On 2 cores the ranks of one test leave gaps (start-up, waits) that another fills.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests

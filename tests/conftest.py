@@ -1,13 +1,27 @@
-"""Shared fixtures: the real-data root, free ports, and one synthetic dataset per session."""
+"""Shared fixtures (the real-data root, free ports, one synthetic dataset per session) and the test groups."""
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n 2 --dist loadgroup --no-loadscope-reorder`` (``make test``): one per test file,
+    so a file's module fixtures are made once, and one for every Slurm test, so they never compete for the
+    cluster's two nodes. Groups with more slow tests run first, so that no long one starts last."""
+    groups = {}
+    for item in items:
+        uses_cluster = "slurm" in item.fixturenames or item.get_closest_marker("slurm")
+        groups[item] = "slurm" if uses_cluster else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    slow = collections.Counter(groups[item] for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[groups[item]])  # stable: files keep their order within a weight
 
 
 @pytest.fixture(scope="session")
