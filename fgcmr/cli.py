@@ -389,6 +389,11 @@ class Bench:
         """Per-rank peak memory of a few steps, model state vs activations, vs ZeRO's bytes/param:
         --model= --deepspeed= --nproc=."""
 
+    @configured(Spec(target="fgcmr.bench.startup:BenchStartupConfig:run"))
+    def startup(self, config: str | None = None, **options: Any) -> None:
+        """A training job's time from launch to its first step (and each phase's share) vs torchrun ranks
+        that only import torch and join a gloo group: --nproc=2 --repeats=3."""
+
     @configured(Spec(target="fgcmr.bench.gpu:BenchGpuConfig:run", configs="bench"))
     def gpu(self, config: str | None = None, **options: Any) -> None:
         """Training samples/s, step time, peak memory and MFU of one process: --config=configs/bench/gpu_h200.yaml."""

@@ -145,6 +145,18 @@ def test_zero2_weighted_sigterm_resume_export(synthetic_dataset: Path, tmp_path:
     second.mkdir()
     assert wait(launch([*args, "--resume=auto"], free_port(), second), second) == [0, 0], logs(second)
     assert f"at step {stopped}" in logs(second)
+    from fgcmr.bench.startup import first_step
+
+    said = first_step(logs(second))  # where the start-up went, as `fgcmr bench startup` reads it
+    assert list(said["phases"]) == [
+        "python + imports",
+        "process group",
+        "tokenizer",
+        "model + DeepSpeed",
+        "loader + resume",
+        "first step",
+    ]
+    assert said["total_s"] == pytest.approx(sum(said["phases"].values()), abs=0.35)  # each rounded to 0.1
     tags = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert tags[-1] == "step_00000012" and len(tags) == 2  # keep_last
     assert _adam_steps(run / "checkpoints" / "step_00000012") == {12}  # optimizer state carried over the resume
