@@ -25,6 +25,9 @@ $(I2D_VENV)/bin/img2dataset:
 	touch $@
 
 setup: $(BIN)/fgcmr $(I2D_VENV)/bin/img2dataset
+	@# Bytecode up front: where PYTHONDONTWRITEBYTECODE is set (as on this project's machines), every process of a
+	@# stage or test would otherwise compile fgcmr's modules again.
+	$(BIN)/python -m compileall -q fgcmr tests
 
 demo: setup
 	$(BIN)/fgcmr pipeline --config=configs/experiments/synthetic.yaml --nproc=2 --out=runs/demo

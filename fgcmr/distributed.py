@@ -21,12 +21,9 @@ import dataclasses
 import datetime
 import logging
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -36,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from fgcmr.config import ConfigError
+from fgcmr.launch import cores_per_rank, rank_variables
 from fgcmr.progress import setup_logging
 
 log = logging.getLogger("fgcmr.distributed")
@@ -164,60 +162,13 @@ def _int(value: str | None) -> int | None:
 
 
 def rank_env(d: DistEnv) -> dict[str, str]:
-    """``d`` in torchrun's variables, which DeepSpeed and torch read (and ``resolve_env`` reads back)."""
-    return {
-        "RANK": str(d.rank),
-        "WORLD_SIZE": str(d.world_size),
-        "LOCAL_RANK": str(d.local_rank),
-        "LOCAL_WORLD_SIZE": str(d.local_world_size),
-        "MASTER_ADDR": d.master_addr,
-        "MASTER_PORT": str(d.master_port),
-    }
+    """``d`` in torchrun's variables (which ``resolve_env`` reads back)."""
+    return rank_variables(d.rank, d.world_size, d.local_rank, d.local_world_size, d.master_addr, d.master_port)
 
 
 def export_env(d: DistEnv) -> None:
     """Publish the resolved topology in torchrun's variables."""
     os.environ.update(rank_env(d))
-
-
-def local_rank_envs(nproc: int, port: int | None = None) -> list[dict[str, str]]:
-    """torchrun's variables for ``nproc`` processes started directly on this host, one rendezvous (on a
-    free port unless ``port``): launching local ranks without a launcher in between."""
-    port = port or free_port()
-    return [
-        rank_env(DistEnv(rank=r, world_size=nproc, local_rank=r, local_world_size=nproc, master_port=port))
-        for r in range(nproc)
-    ]
-
-
-def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
-    """torchrun running ``python <args>`` on ``nproc`` ranks of this host, rendezvous on a free local port
-    (``launchers/torchrun.sh`` is the same for people, and for several nodes); run it in ``launch_env``."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun)] if torchrun.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-    return [
-        *launcher,
-        "--nnodes=1",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        *args,
-    ]
-
-
-def cores_per_rank(local_ranks: int) -> int:
-    """This process's usable cores shared among ``local_ranks`` ranks on this node (never oversubscribe)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_ranks))
-
-
-def launch_env(nproc: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment to start ``nproc`` local ranks in (with ``torchrun_command``): ``OMP_NUM_THREADS`` is
-    the cores per rank unless the caller set it, since torchrun would set 1 (and print a banner about it),
-    which a rank cannot tell from a user's 1: a 2-rank run on a 64-core node would compute on 2 cores."""
-    env = dict(os.environ if environ is None else environ)
-    env.setdefault("OMP_NUM_THREADS", str(cores_per_rank(nproc)))
-    return env
 
 
 def thread_count(d: DistEnv, environ: Mapping[str, str] | None = None) -> int:
@@ -315,33 +266,6 @@ def _leave_process_group() -> None:
     destructors, can abort the process at exit ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range for ``bind(0)`` and outgoing connections (Linux's default where it cannot be read)."""
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999
-    return low, high
-
-
-def free_port() -> int:
-    """A TCP port free on this host now, for a local rendezvous: drawn above the ephemeral range (``slurm_port``
-    keeps below it), since a port from ``bind(0)`` is free only until the kernel hands it on, and concurrent
-    jobs' gloo connections take ephemeral ports by the hundred."""
-    low, high = ephemeral_ports()
-    first, last = (high + 1, 65535) if 65535 - high >= 1000 else (1024, low - 1)
-    draw = random.SystemRandom()
-    for _ in range(200):
-        port = draw.randint(first, last)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free TCP port in {first}-{last} after 200 tries")
 
 
 def barrier() -> None:

@@ -16,7 +16,7 @@ One experiment file drives it. Its sections are named like the CLI's config sect
 
 The pipeline fills in every path between stages, writes the resolved file to ``<out>/experiment.yaml``
 (so any stage can be rerun by hand: ``fgcmr train --config=<out>/experiment.yaml``), and runs each
-stage as a subprocess (``torchrun --nproc_per_node N`` for the distributed ones). Every stage's config
+stage as a subprocess (on N ranks under ``fgcmr.launch`` for the distributed ones). Every stage's config
 is built and validated before anything runs. A stage is skipped when its ``done`` check (``fgcmr.stages``)
 says its output is complete and made from the same config and inputs, so a rerun after a crash continues
 where it stopped. Otherwise it runs, saying why ("eval: config changed (split test→val), redoing"), and
@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from fgcmr.config import ConfigError, apply_overrides, dump_yaml, read_yaml
-from fgcmr.distributed import launch_env, torchrun_command
+from fgcmr.launch import launch_env, local_command
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json
-from fgcmr.run import EXIT_REQUEUE, LABELER, REQUEUE_FILE_ENV, Check, Layout
+from fgcmr.run import EXIT_REQUEUE, LABELER, Check, Layout
 from fgcmr.stages import SECTIONS, STAGES, Stage
 
 log = logging.getLogger("fgcmr.pipeline")
@@ -162,17 +162,16 @@ def plan(exp: dict, layout: Layout, configs: dict[str, Any], force: bool = False
 
 
 def stage_command(stage: Stage, experiment: Path, nproc: int) -> list[str]:
-    """The subprocess for one stage: ``python -m fgcmr.cli …`` or the same under torchrun."""
+    """The subprocess for one stage: ``python -m fgcmr.cli …``, on ``nproc`` ranks if it is distributed."""
     args = ["-m", "fgcmr.cli", *stage.words, f"--config={experiment}", *stage.rerun_args]
-    return torchrun_command(nproc, args) if stage.distributed else [sys.executable, *args]
+    return local_command(nproc, args) if stage.distributed else [sys.executable, *args]
 
 
-def run_stage(cmd: list[str], env: dict[str, str], requeue_file: Path) -> tuple[int, bool]:
+def run_stage(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
     """Run one stage; SIGTERM/SIGUSR1 to the pipeline go on to it (Ctrl-C reaches it from the terminal).
-    Returns its exit code (``EXIT_REQUEUE`` when a rank recorded one, which torchrun reports as 1) and
-    whether the pipeline was interrupted."""
-    requeue_file.unlink(missing_ok=True)
-    child = subprocess.Popen(cmd, env={**env, REQUEUE_FILE_ENV: str(requeue_file)})
+    Returns its exit code (``fgcmr.launch`` keeps a rank's ``EXIT_REQUEUE``) and whether the pipeline was
+    interrupted."""
+    child = subprocess.Popen(cmd, env=env)
     interrupted = False
 
     def forward(signum, frame) -> None:
@@ -187,9 +186,6 @@ def run_stage(cmd: list[str], env: dict[str, str], requeue_file: Path) -> tuple[
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if requeue_file.is_file():
-        requeue_file.unlink()
-        rc = EXIT_REQUEUE if rc != 0 else rc
     return rc, interrupted
 
 
@@ -239,7 +235,7 @@ def run_pipeline(
         log.info("pipeline: %s: %s", stage.name, " ".join(cmd))
         t0 = time.monotonic()
         stage_env = launch_env(nproc, env) if stage.distributed else env
-        rc, interrupted = run_stage(cmd, stage_env, layout.out / f".requeue-{stage.name}")
+        rc, interrupted = run_stage(cmd, stage_env)
         status[stage.name] = {"status": "ran", "seconds": round(time.monotonic() - t0, 1), "returncode": rc}
         _write_status(layout, config_path, nproc, overrides, status, started)
         if rc == EXIT_REQUEUE:
@@ -297,6 +293,5 @@ def _write_status(
             "stages": status,
             "seconds": round(time.monotonic() - started, 1),
             "python": sys.executable,
-            "torchrun": shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun")),
         },
     )

@@ -2,7 +2,7 @@
 
 ``mark(name)`` records the time a phase ended; ``summary()`` is one log line with every phase's
 duration, measured from the process's own creation (so the interpreter's and the imports' time count),
-and the launcher's share when the parent is ``torchrun`` (its own start and the rank spawn).
+and the launcher's share when the parent is one (its own start and the rank spawn).
 ``fgcmr train`` logs it at its first step; ``fgcmr bench startup`` prints it for a 2-rank launch.
 """
 
@@ -21,14 +21,17 @@ def process_start() -> float:
     return psutil.Process().create_time()
 
 
+LAUNCHERS = ("torchrun", "torch.distributed.run", "fgcmr.launch")
+
+
 def launcher_start() -> float | None:
-    """Creation time of the torchrun agent that spawned this rank, if it is one (else None)."""
+    """Creation time of the launcher (torchrun's agent, ``fgcmr.launch``) that spawned this rank, if any."""
     try:
         parent = psutil.Process(os.getppid())
         cmdline = " ".join(parent.cmdline())
     except (psutil.Error, OSError):
         return None
-    return parent.create_time() if "torchrun" in cmdline or "torch.distributed.run" in cmdline else None
+    return parent.create_time() if any(name in cmdline for name in LAUNCHERS) else None
 
 
 def mark(name: str) -> None:

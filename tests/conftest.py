@@ -36,7 +36,7 @@ def data_root() -> Path:
 @pytest.fixture
 def free_port() -> int:
     """A TCP port free now (``fgcmr.distributed.free_port``)."""
-    from fgcmr.distributed import free_port as port
+    from fgcmr.launch import free_port as port
 
     return port()
 

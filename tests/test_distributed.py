@@ -18,16 +18,14 @@ import pytest
 from fgcmr.config import ConfigError
 from fgcmr.distributed import (
     DistEnv,
-    ephemeral_ports,
     first_slurm_host,
-    free_port,
-    launch_env,
     resolve_env,
     slurm_port,
     tasks_on_node,
     thread_count,
     use_scratch,
 )
+from fgcmr.launch import ephemeral_ports, free_port, launch_env
 
 from slurm_cluster import REPO, slurm, two_nodes  # noqa: F401  (session fixture)
 from waits import run_following

@@ -16,7 +16,7 @@ import torch
 
 from fgcmr.config import load_config
 from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.distributed import torchrun_command
+from fgcmr.launch import torchrun_command
 from fgcmr.io import read_json, sha256_file
 from fgcmr.label import infer, train
 from fgcmr.label.encode import embed_texts

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.distributed import free_port
+from fgcmr.launch import free_port
 from fgcmr.io import read_json
 from fgcmr.labels import labels_dir, read_sidecar, sidecar_path
 from fgcmr.train.data import key_id

@@ -19,7 +19,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.distributed import free_port, local_rank_envs
+from fgcmr.launch import free_port, local_rank_envs
 from fgcmr.labels import read_sidecar, sidecar_path, write_head, write_sidecar
 from waits import run_following, wait_procs, wait_until
 

@@ -131,7 +131,7 @@ def test_readme_example_runs_as_written(export: Path, tmp_path: Path):
 def test_embed_two_ranks_resume_index_search_eval_reuse(export: Path, synthetic_dataset: Path, tmp_path: Path, capsys):
     import pyarrow.parquet as pq
 
-    from fgcmr.distributed import torchrun_command
+    from fgcmr.launch import torchrun_command
     from fgcmr.evaluate.job import embed_split, reuse_embeddings
     from fgcmr.evaluate.metrics import retrieval_metrics
     from fgcmr.retrieval import embed as embed_job

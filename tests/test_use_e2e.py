@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.distributed import local_rank_envs
+from fgcmr.launch import local_rank_envs
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgcmr.distributed import local_rank_envs
+from fgcmr.launch import local_rank_envs
 from fgcmr.model import build_model
 from fgcmr.model.partitioned import load_into, open_weights
 from fgcmr.text import ensure_tokenizer

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fgcmr.config import Validated, dump_yaml, to_dict
-from fgcmr.distributed import launch_env, torchrun_command
+from fgcmr.launch import launch_env, torchrun_command
 from fgcmr.model import ModelConfig
 from fgcmr.train.config import load_model_config
 

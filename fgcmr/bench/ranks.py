@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from fgcmr.distributed import local_rank_envs
+from fgcmr.launch import local_rank_envs
 
 
 def relaunch(command: str, nproc: int, **extra_env: str) -> int:

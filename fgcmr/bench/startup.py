@@ -1,15 +1,15 @@
 """``fgcmr bench startup``: a training job's time to its first step, next to what any torch job pays.
 
-Both sides are launched the same way (``torchrun`` on ``nproc`` local ranks, ``launch_env``) and timed from
-the launch to the moment rank 0 is ready:
+Every side is ``nproc`` local ranks started in ``launch_env`` and timed from the launch to the moment rank 0
+is ready; repeats take the sides in turn (the machine is noisy) and report medians:
 
-- **fgcmr**: ``fgcmr train --max_steps=1`` with the trainer's defaults on the README's synthetic corpus, into a
-  fresh run directory (so it fits its tokenizer, as a first run does); its first-step line (``fgcmr.startup``)
+- **fgcmr train** under **fgcmr.launch** (as ``fgcmr pipeline`` starts a stage) and under **torchrun**:
+  ``fgcmr train --max_steps=1`` with the trainer's defaults on the README's synthetic corpus, into a fresh
+  run directory (so it fits its tokenizer, as a first run does); its first-step line (``fgcmr.startup``)
   gives the phases.
-- **floor**: ranks that import torch and join a gloo group, nothing else: the launcher's, the interpreter's
-  and torch's share, which no torch training job avoids.
+- **floor**: torchrun ranks that import torch and join a gloo group, nothing else: the launcher's, the
+  interpreter's and torch's share, which no torch training job under torchrun avoids.
 
-Repeats alternate the two sides (the machine is noisy) and report medians.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from fgcmr.config import Validated
-from fgcmr.distributed import launch_env, torchrun_command
+from fgcmr.launch import launch_env, local_command, torchrun_command
 
+LAUNCHERS = {"fgcmr.launch": local_command, "torchrun": torchrun_command}
 FIRST_STEP = re.compile(r"first step after ([\d.]+) s \((.*?); of the first step")
 FLOOR_RANK = """
 import time
@@ -64,38 +66,45 @@ def run(cfg: BenchStartupConfig) -> dict:
             shard_run(ShardConfig(source="synthetic", out=str(scratch / "shards"), items=cfg.items))
         floor_script = scratch / "floor_rank.py"
         floor_script.write_text(FLOOR_RANK)
-        fgcmr_runs, floors = [], []
+        runs: dict[str, list[dict]] = {name: [] for name in LAUNCHERS}
+        floors = []
         for i in range(cfg.repeats):
             floors.append(_time_floor(cfg.nproc, floor_script))
-            fgcmr_runs.append(_time_first_step(cfg, scratch / "shards", scratch / f"run{i}"))  # from torchrun's start
-    total = statistics.median(r["total_s"] for r in fgcmr_runs)
+            for name, command in LAUNCHERS.items():  # each run's own line counts from its launcher's start
+                runs[name].append(_time_first_step(cfg, command, scratch / "shards", scratch / f"{name}{i}"))
     floor = statistics.median(floors)
-    phases = {
-        name: round(statistics.median(r["phases"][name] for r in fgcmr_runs), 2) for name in fgcmr_runs[0]["phases"]
-    }
+    sides = {}
+    for name, side in runs.items():
+        sides[name] = {
+            "first_step_s": round(statistics.median(r["total_s"] for r in side), 2),
+            "runs_s": [r["total_s"] for r in side],
+            "phases_s": {k: round(statistics.median(r["phases"][k] for r in side), 2) for k in side[0]["phases"]},
+        }
     result = {
         "nproc": cfg.nproc,
         "model": cfg.model,
         "repeats": cfg.repeats,
-        "first_step_s": round(total, 2),
-        "floor_s": round(floor, 2),
-        "ratio": round(total / floor, 2),
-        "phases_s": phases,
-        "first_step_runs_s": [r["total_s"] for r in fgcmr_runs],
+        "fgcmr_train": sides,
+        "floor_torchrun_s": round(floor, 2),
         "floor_runs_s": floors,
+        "ratio_torchrun_to_floor": round(sides["torchrun"]["first_step_s"] / floor, 2),
         "machine": machine(),
     }
     if cfg.json:
         print(json.dumps(result))
-    else:
-        print(
-            f"fgcmr bench startup on {result['machine']}\n"
-            f"  {cfg.nproc} ranks under torchrun, model {cfg.model}, median of {cfg.repeats}\n"
-            f"  fgcmr train, launch → first step   {total:6.2f} s  (runs: {result['first_step_runs_s']})\n"
-            f"  torch + gloo group, launch → ready {floor:6.2f} s  (runs: {floors})\n"
-            f"  ratio                              {result['ratio']:6.2f}\n"
-            "  fgcmr's phases (s): " + ", ".join(f"{k} {v}" for k, v in phases.items())
+        return result
+    lines = [
+        f"fgcmr bench startup on {result['machine']}",
+        f"  {cfg.nproc} ranks, model {cfg.model}, median of {cfg.repeats}",
+    ]
+    for name, side in sides.items():
+        lines.append(
+            f"  fgcmr train under {name:12s} → first step {side['first_step_s']:6.2f} s (runs: {side['runs_s']})"
         )
+        lines.append("      phases (s): " + ", ".join(f"{k} {v}" for k, v in side["phases_s"].items()))
+    lines.append(f"  torch + gloo group, torchrun  → ready      {floor:6.2f} s (runs: {floors})")
+    lines.append(f"  ratio fgcmr train / floor, both under torchrun: {result['ratio_torchrun_to_floor']:.2f}")
+    print("\n".join(lines))
     return result
 
 
@@ -108,10 +117,10 @@ def _time_floor(nproc: int, script: Path) -> float:
     return round(ready - start, 2)
 
 
-def _time_first_step(cfg: BenchStartupConfig, shards: Path, out: Path) -> dict:
+def _time_first_step(cfg: BenchStartupConfig, command: Callable, shards: Path, out: Path) -> dict:
     args = ["-m", "fgcmr.cli", "train", f"--shards={shards}", f"--out={out}", f"--model={cfg.model}"]
     args += ["--loss.name=pairwise", "--max_steps=1"]  # otherwise the trainer's defaults
-    done = subprocess.run(torchrun_command(cfg.nproc, args), env=launch_env(cfg.nproc), capture_output=True, text=True)
+    done = subprocess.run(command(cfg.nproc, args), env=launch_env(cfg.nproc), capture_output=True, text=True)
     line = first_step(done.stderr + done.stdout)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"fgcmr train failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
