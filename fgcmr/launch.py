@@ -121,7 +121,9 @@ def job_code(codes: Sequence[int], first_failure: int | None) -> int:
 
 def supervise(procs: list[subprocess.Popen], grace_s: float = GRACE_S) -> int:
     """Wait for every rank; signals to this process go on to them; the first failure stops the others."""
-    live = lambda: [p for p in procs if p.poll() is None]  # noqa: E731
+
+    def live() -> list[subprocess.Popen]:
+        return [p for p in procs if p.poll() is None]
 
     def forward(signum, frame) -> None:
         for p in live():
@@ -153,10 +155,11 @@ def supervise(procs: list[subprocess.Popen], grace_s: float = GRACE_S) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or not argv[0].startswith("--nproc=") or not argv[0].removeprefix("--nproc=").isdigit():
+    nproc = argv[0].removeprefix("--nproc=") if argv and argv[0].startswith("--nproc=") else ""
+    if not nproc.isdigit() or int(nproc) < 1 or len(argv) < 2:
         print("usage: python -m fgcmr.launch --nproc=N <python args>  (e.g. -m fgcmr.cli train ...)", file=sys.stderr)
         return 2
-    nproc, args = int(argv[0].removeprefix("--nproc=")), argv[1:]
+    nproc, args = int(nproc), argv[1:]
     envs = local_rank_envs(nproc)
     procs = [subprocess.Popen([sys.executable, *args], env={**os.environ, **env}) for env in envs]
     return supervise(procs)

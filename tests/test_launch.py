@@ -95,7 +95,8 @@ def test_job_codes():
 
 
 def test_usage_and_no_torch_before_the_ranks():
-    usage = subprocess.run([sys.executable, "-m", "fgcmr.launch", "train"], capture_output=True, text=True)
-    assert usage.returncode == 2 and "--nproc=N" in usage.stderr
+    for wrong in (["train"], ["--nproc=0", "x.py"], ["--nproc=2"]):
+        usage = subprocess.run([sys.executable, "-m", "fgcmr.launch", *wrong], capture_output=True, text=True)
+        assert usage.returncode == 2 and "--nproc=N" in usage.stderr, wrong
     light = "import sys, fgcmr.launch, fgcmr.pipeline; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", light], capture_output=True, text=True).stdout.strip() == "False"
