@@ -1,7 +1,7 @@
 # Shared argument handling for the local launchers (sourced, not run).
 # Sets PYTHON, NPROC, TARGET (a script path, or -m fgcmr.cli) and ARGS (the rest), and exports
 # OMP_NUM_THREADS (the cores per rank) unless it is set: torchrun would set 1, which a rank cannot tell
-# from a user's 1 (fgcmr.distributed.launch_env does the same for fgcmr pipeline).
+# from a user's 1. Ports and the thread share come from fgcmr.launch (torch-free), as for fgcmr pipeline.
 
 PYTHON=${PYTHON:-python}
 
@@ -10,7 +10,7 @@ gpu_count() {
 }
 
 free_port() {
-    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+    "$PYTHON" -c 'from fgcmr.launch import free_port; print(free_port())'
 }
 
 parse_args() {
@@ -26,8 +26,8 @@ parse_args() {
     fi
     if [[ $1 == *.py ]]; then TARGET=("$1"); shift; else TARGET=(-m fgcmr.cli); fi
     ARGS=("$@")
-    local per_rank=$(( $(nproc) / NPROC ))
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( per_rank > 0 ? per_rank : 1 ))}
+    local share="from fgcmr.launch import cores_per_rank; print(cores_per_rank($NPROC))"
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$("$PYTHON" -c "$share")}
 }
 
 # Run "$@" (a launcher) and exit with its code, keeping fgcmr's requeue code 75: torchrun reports a rank's

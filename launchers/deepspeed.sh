@@ -22,7 +22,6 @@ here=$(dirname "$0")
 . "$here/common.sh"
 parse_args "$@"
 
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 [[ ${TARGET[0]} == -m ]] && TARGET=(--module "${TARGET[1]}")
 if [[ -n ${HOSTFILE:-} ]]; then
     [[ -f $HOSTFILE ]] || { echo "deepspeed.sh: HOSTFILE=$HOSTFILE not found" >&2; exit 2; }

@@ -27,13 +27,15 @@ def test_all_reduce_under_launcher(tmp_path, launcher):
 
 
 def test_launchers_share_the_cores_among_the_ranks():
+    """The shell takes the share from ``fgcmr.launch.cores_per_rank`` (tested with 64 cores in test_distributed)."""
+    from fgcmr.launch import cores_per_rank
+
     def threads(nproc: int, preset: str = "") -> str:
-        script = (
-            f"nproc() {{ echo 64; }}; . launchers/common.sh; {preset} parse_args -n {nproc} x.py; echo $OMP_NUM_THREADS"
-        )
+        script = f". launchers/common.sh; {preset} parse_args -n {nproc} x.py; echo $OMP_NUM_THREADS"
         env = {k: v for k, v in _clean_env().items() if k != "OMP_NUM_THREADS"}
+        env["PYTHON"] = sys.executable
         return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True).stdout.strip()
 
-    assert threads(2) == "32"
+    assert threads(1) == str(cores_per_rank(1))
     assert threads(128) == "1"
     assert threads(2, "export OMP_NUM_THREADS=3;") == "3"
