@@ -3,14 +3,16 @@
 ``python -m fgcmr.launch --nproc=N <python args>`` is fgcmr's launcher for one node (what ``fgcmr pipeline``
 uses): it starts ``N`` ranks with torchrun's variables and one rendezvous on a free port, and supervises them
 as torchrun does (signals go on to every rank; when one fails the others get SIGTERM, then SIGKILL after
-``GRACE_S``), but it imports no torch. torchrun's agent spends its first ~3 s of a 2-core machine importing
-torch before it starts a rank. It exits with the first failing rank's code (torchrun says 1 whatever the
-rank said), or ``EXIT_REQUEUE`` when every rank that stopped asked for a requeue. Several nodes: torchrun
-(``launchers/torchrun.sh``) or srun. Nothing here imports torch, so a driver such as ``fgcmr pipeline`` stays light.
+``GRACE_S``; a rank whose launcher is killed gets SIGTERM), but it imports no torch: torchrun's agent spends
+its first ~3 s of a 2-core machine importing torch before it starts a rank. It exits with the first failing
+rank's code (torchrun says 1 whatever the rank said), or ``EXIT_REQUEUE`` when every rank that stopped asked
+for a requeue. Several nodes: torchrun (``launchers/torchrun.sh``) or srun. Nothing here imports torch, so a
+driver such as ``fgcmr pipeline`` stays light.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
@@ -161,8 +163,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     nproc, args = int(nproc), argv[1:]
     envs = local_rank_envs(nproc)
-    procs = [subprocess.Popen([sys.executable, *args], env={**os.environ, **env}) for env in envs]
+    procs = [
+        subprocess.Popen([sys.executable, *args], env={**os.environ, **env}, preexec_fn=_sigterm_when_orphaned)
+        for env in envs
+    ]
     return supervise(procs)
+
+
+def _sigterm_when_orphaned() -> None:
+    """In a rank, before it runs: SIGTERM it if the launcher dies (``kill -9``), so no rank runs on
+    unsupervised; a training rank then checkpoints and exits 75, as on any SIGTERM."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 if __name__ == "__main__":

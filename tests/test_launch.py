@@ -74,6 +74,16 @@ def test_a_signal_goes_on_to_every_rank_and_a_requeue_is_kept(tmp_path):
     assert launcher.wait(timeout=HANG_GUARD) == EXIT_REQUEUE
 
 
+def test_ranks_of_a_killed_launcher_get_sigterm(tmp_path):
+    launcher = _launch(tmp_path, "sleep")
+    wait_until(lambda: len(_ranks(tmp_path)) == 2, [launcher], [tmp_path])
+    launcher.kill()
+    launcher.wait()
+    ranks = [psutil.Process(r["pid"]) for r in _ranks(tmp_path)]
+    _, alive = psutil.wait_procs(ranks, timeout=HANG_GUARD)
+    assert not alive
+
+
 def test_a_rank_that_ignores_sigterm_is_killed_after_the_grace(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(RANK)
