@@ -115,9 +115,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "export",
         ("export",),
-        "fgcmr.train.export:ExportConfig",
+        "fgcmr.train.export_config:ExportConfig",
         "fgcmr.train.export:run",
-        "fgcmr.train.export:done",
+        "fgcmr.train.export_config:done",
         False,
         output="export",
         slurm_job="eval",
@@ -125,9 +125,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "eval",
         ("eval",),
-        "fgcmr.evaluate.job:EvalConfig",
+        "fgcmr.evaluate.config:EvalConfig",
         "fgcmr.evaluate.job:run",
-        "fgcmr.evaluate.job:done",
+        "fgcmr.evaluate.config:done",
         True,
         output="eval",
         slurm_job="eval",
