@@ -2,7 +2,9 @@
 
 Each stage names its experiment section, its config class, its entry point and its ``done`` check
 (``fgcmr.run.Check``, next to its writer) as ``module:attribute`` strings, so that importing this
-table (and ``fgcmr --help``) imports no stage module.
+table (and ``fgcmr --help``) imports no stage module. Config classes and checks live in torch-free modules
+(``fgcmr.shard.config``, ``fgcmr.label.config``, ``fgcmr.train.config``, ...): the pipeline and ``fgcmr submit``
+build, validate and check every stage without loading the training stack.
 """
 
 from __future__ import annotations
