@@ -43,12 +43,15 @@ import dataclasses
 import hashlib
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fgcmr.dataset import ShardError, iter_samples, open_dataset
 from fgcmr.io import CorruptFileError, atomic_write_bytes, read_json, sha256_file
+
+if TYPE_CHECKING:  # the label math takes tensors but calls only their methods: the file checks stay torch-free
+    import torch
 
 SIDECAR_FIELDS = ("keys", "text_emb", "text_offsets", "desc_emb")
 LABELER_FILES = ("labeler.json", "head.safetensors", "encoder", "tokenizer")  # what makes a labeler's embeddings
@@ -155,7 +158,7 @@ def relevance(img_cat: torch.Tensor, txt_cat: torch.Tensor, img_id: torch.Tensor
     same_cat = img_cat[:, None] == txt_cat[None, :]
     has_cat = (img_cat[:, None] >= 0) & (txt_cat[None, :] >= 0)
     same_img = img_id[:, None] == txt_id[None, :]
-    return torch.where(has_cat, same_cat, same_img).float()
+    return same_cat.where(has_cat, same_img).float()
 
 
 def pair_logits(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, c: float | torch.Tensor) -> torch.Tensor:
@@ -168,7 +171,7 @@ def pair_scores(
     desc_emb: torch.Tensor, text_emb: torch.Tensor, w: torch.Tensor, c: float | torch.Tensor
 ) -> torch.Tensor:
     """``p[i, j] = sigmoid(w · (desc_i ⊙ text_j) + c)``."""
-    return torch.sigmoid(pair_logits(desc_emb, text_emb, w, c))
+    return pair_logits(desc_emb, text_emb, w, c).sigmoid()
 
 
 LABEL_FIELDS = ("label_text_emb", "desc_emb", "has_desc")  # what ``join_labels`` adds to a training item
@@ -195,12 +198,12 @@ def label_scores(
     described by (``has_desc`` 0), so that pair carries no hardness."""
     p = pair_scores(desc_emb, text_emb, w, c)
     own = (image_id[:, None] == image_id[None, :]) & (has_desc[:, None] <= 0)
-    return torch.where(own, torch.ones_like(p), p)
+    return p.masked_fill(own, 1.0)
 
 
 def hardness(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``1 − p`` on positives, ``p`` on negatives."""
-    return torch.where(y > 0, 1.0 - p, p)
+    return (1.0 - p).where(y > 0, p)
 
 
 def write_sidecar(

@@ -34,41 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
 import torch
 
-from fgcmr.config import Validated
 from fgcmr.distributed import all_gather_with_grad
 from fgcmr.labels import hardness, label_scores, relevance
+from fgcmr.train.config import LossConfig
 
 LOG_MAX_SCALE = math.log(100.0)  # CLIP clamps the temperature's inverse at 100
-
-
-@dataclasses.dataclass
-class LossConfig(Validated):
-    # the loss: weighted_pairwise needs label sidecars (--labels)
-    name: Literal["weighted_pairwise", "pairwise", "clip", "vse"] = "weighted_pairwise"
-    lam: float = 0.35  # λ: weight of the mean-gap hinge
-    margin: float = 0.8  # m: wanted gap μ₊ − μ₋
-    alpha: float = 1.0  # α: strength of the fine-grained labels (ω = 1 + α·h; graded: α ∈ [0, 1])
-    weighting: Literal["normalised", "unnormalised", "hinge_only", "graded"] = "normalised"  # how labels enter
-    direction: Literal["up", "down"] = "up"  # positives: up = hard ones count more (paper), down = less
-    shuffle_hardness: bool = False  # control: h permuted within relevance class × image category
-    shuffle_seed: int = 0  # seed of that permutation
-    vse_margin: float = 0.2  # vse: the hinge's margin
-
-    def validate(self) -> None:
-        if self.alpha < 0:
-            raise ValueError(f"loss.alpha must be ≥ 0, got {self.alpha}")
-        if self.weighting == "graded" and self.alpha > 1:
-            raise ValueError(
-                f"loss.weighting=graded mixes 0/1 and graded labels: alpha must be in [0, 1], got {self.alpha}"
-            )
-
-    @property
-    def needs_labels(self) -> bool:
-        return self.name == "weighted_pairwise"
 
 
 @dataclasses.dataclass

@@ -2,7 +2,9 @@
 
 Each stage names its experiment section, its config class, its entry point and its ``done`` check
 (``fgcmr.run.Check``, next to its writer) as ``module:attribute`` strings, so that importing this
-table (and ``fgcmr --help``) imports no stage module.
+table (and ``fgcmr --help``) imports no stage module. Config classes and checks live in torch-free modules
+(``fgcmr.shard.config``, ``fgcmr.label.config``, ``fgcmr.train.config``, ...): the pipeline and ``fgcmr submit``
+build, validate and check every stage without loading the training stack.
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "shard",
         ("shard",),
-        "fgcmr.shard.job:ShardConfig",
+        "fgcmr.shard.config:ShardConfig",
         "fgcmr.shard.job:run",
-        "fgcmr.shard.job:done",
+        "fgcmr.shard.config:done",
         False,
         output="shards",
         protect="which other runs may share; delete it or set data_dir elsewhere",
@@ -69,9 +71,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "tokenizer",
         ("label", "tokenizer"),
-        "fgcmr.label.tokenizer:TokenizerConfig",
+        "fgcmr.label.config:TokenizerConfig",
         "fgcmr.label.tokenizer:run",
-        "fgcmr.label.tokenizer:done",
+        "fgcmr.label.config:tokenizer_done",
         False,
         optional=True,
         output="tokenizer",
@@ -80,9 +82,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "label",
         ("label", "train"),
-        "fgcmr.label.train:LabelTrainConfig",
+        "fgcmr.label.config:LabelTrainConfig",
         "fgcmr.label.train:run",
-        "fgcmr.label.train:done",
+        "fgcmr.label.config:labeler_done",
         True,
         optional=True,
         output="labeler",
@@ -91,9 +93,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "infer",
         ("label", "infer"),
-        "fgcmr.label.infer:LabelInferConfig",
+        "fgcmr.label.config:LabelInferConfig",
         "fgcmr.label.infer:run",
-        "fgcmr.label.infer:done",
+        "fgcmr.label.config:infer_done",
         True,
         optional=True,
         output="labeler",
@@ -115,9 +117,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "export",
         ("export",),
-        "fgcmr.train.export:ExportConfig",
+        "fgcmr.train.export_config:ExportConfig",
         "fgcmr.train.export:run",
-        "fgcmr.train.export:done",
+        "fgcmr.train.export_config:done",
         False,
         output="export",
         slurm_job="eval",
@@ -125,9 +127,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "eval",
         ("eval",),
-        "fgcmr.evaluate.job:EvalConfig",
+        "fgcmr.evaluate.config:EvalConfig",
         "fgcmr.evaluate.job:run",
-        "fgcmr.evaluate.job:done",
+        "fgcmr.evaluate.config:done",
         True,
         output="eval",
         slurm_job="eval",

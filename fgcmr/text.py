@@ -5,19 +5,14 @@ Shared by the labeler and the text tower (a library, not a stage). The trained t
 BERT's normalizer and pre-tokenizer, which put spaces around every CJK character, so Chinese text
 becomes one token per character instead of one unknown token per sentence.
 
-The vocabulary is learnt here, not by ``tokenizers``' ``WordPieceTrainer``: that trainer numbers
-its ``##`` pieces in hash-map order, which breaks ties between equally frequent merges differently
-from run to run (huggingface/tokenizers#1794), so two identical runs got different tokenizers.
-``wordpiece_vocab`` runs the same BPE-style merges with every tie broken by the pieces' text: the
-same texts always give a byte-identical ``tokenizer.json``.
+The vocabulary is learnt by ``fgcmr.wordpiece`` (deterministically, unlike ``tokenizers``' trainer).
 """
 
 from __future__ import annotations
 
-import heapq
 import os
 import shutil
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -25,63 +20,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from fgcmr.io import make_temp_dir
-
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-PREFIX = "##"
-
-
-def wordpiece_vocab(word_counts: Counter, vocab_size: int, min_frequency: int = 0) -> list[str]:
-    """Special tokens, the alphabet (word-initial characters and ``##`` continuations, sorted), then
-    merged pieces in merge order: the most frequent adjacent pair first, ties broken by the pair's text."""
-    words = [[w[0]] + [PREFIX + c for c in w[1:]] for w in sorted(word_counts)]
-    counts = [word_counts[w] for w in sorted(word_counts)]
-    vocab = list(SPECIAL_TOKENS) + sorted({p for w in words for p in w} - set(SPECIAL_TOKENS))
-    known = set(vocab)
-    pairs: Counter = Counter()
-    where: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for i, w in enumerate(words):
-        for pair in zip(w, w[1:]):
-            pairs[pair] += counts[i]
-            where[pair].add(i)
-    heap = [(-n, pair) for pair, n in pairs.items()]
-    heapq.heapify(heap)
-    while len(vocab) < vocab_size and heap:
-        neg, pair = heapq.heappop(heap)
-        if pairs.get(pair, 0) != -neg:  # stale entry: the count changed since it was pushed
-            continue
-        if -neg < max(1, min_frequency):
-            break
-        a, b = pair
-        merged = a + b[len(PREFIX) :]
-        if merged not in known:
-            vocab.append(merged)
-            known.add(merged)
-        touched: set[tuple[str, str]] = set()
-        for i in sorted(where.pop(pair, ())):
-            w, n = words[i], counts[i]
-            for old in zip(w, w[1:]):
-                pairs[old] -= n
-                touched.add(old)
-            j, out = 0, []
-            while j < len(w):
-                if j + 1 < len(w) and w[j] == a and w[j + 1] == b:
-                    out.append(merged)
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            words[i] = out
-            for new in zip(out, out[1:]):
-                pairs[new] += n
-                where[new].add(i)
-                touched.add(new)
-        pairs.pop(pair, None)
-        for p in sorted(touched):
-            if pairs.get(p, 0) > 0:
-                heapq.heappush(heap, (-pairs[p], p))
-            else:
-                pairs.pop(p, None)
-    return vocab
+from fgcmr.wordpiece import PREFIX, wordpiece_vocab
 
 
 def train_wordpiece(

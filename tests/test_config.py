@@ -71,7 +71,7 @@ def test_overrides_do_not_mutate_input_and_dump_round_trips(tmp_path):
 def test_configs_check_themselves_when_built_in_code_too():
     """``Validated`` configs validate in ``__post_init__``: built in code, nested (``ShardConfig.data``, which
     the shard config's own check skipped) or from the command line, an invalid one never exists."""
-    from fgcmr.shard.job import DataOptions, ShardConfig
+    from fgcmr.shard.config import DataOptions, ShardConfig
     from fgcmr.train.config import TrainConfig
 
     with pytest.raises(ValueError, match="needs label sidecars"):

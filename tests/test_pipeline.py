@@ -107,6 +107,46 @@ def test_experiment_configs_resolve():
             assert earliest_stop(configs["label"]) < configs["label"].max_steps, path
 
 
+HEAVY = ("torch", "transformers", "timm", "torchvision", "deepspeed")
+LIGHT_DRIVER = """
+import contextlib, io, json, sys
+from pathlib import Path
+from fgcmr import cli
+from fgcmr.pipeline import plan, resolve_experiment, stage_configs
+from fgcmr.slurm.submit import submit_pipeline
+
+rendered = {}
+for path in sorted(Path("configs/experiments").glob("*.yaml")):
+    out = str(Path(sys.argv[1]) / path.stem)
+    exp, layout = resolve_experiment(path, out, None)
+    plan(exp, layout, stage_configs(exp))
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        submit_pipeline(str(path), dry_run=True, out=out)
+    rendered[path.stem] = text.getvalue().count("#SBATCH --job-name")
+sys.argv = ["fgcmr", "pipeline", "--config=configs/experiments/synthetic.yaml", "--train.data.micro_batch=abc"]
+try:
+    cli.main()
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"rendered": rendered, "code": code, "heavy": sorted(m for m in sys.modules if m in HEAVY)}))
+"""
+
+
+def test_pipeline_and_submit_checks_import_no_torch(tmp_path):
+    """Every shipped experiment's stage configs, done checks and Slurm scripts, and a usage error, without the
+    training stack: the driver then starts its first stage in well under a second, not ~10 CPU-s."""
+    script = f"HEAVY = {HEAVY!r}\n{LIGHT_DRIVER}"
+    res = run_following([sys.executable, "-c", script, str(tmp_path)], cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    found = json.loads(res.stdout.splitlines()[-1])
+    assert found["heavy"] == [], found["heavy"]
+    experiments = sorted(p.stem for p in (REPO / "configs" / "experiments").glob("*.yaml"))
+    assert sorted(found["rendered"]) == experiments and all(found["rendered"].values()), found["rendered"]
+    assert found["code"] == 2 and res.stderr.strip().splitlines() == [
+        "fgcmr: config error: train.data.micro_batch must be an integer, got 'abc'"
+    ]
+
+
 REPRODUCED = (  # what a second run of the same experiment must give byte for byte (the rest holds paths or times)
     "data/shards/manifest.json",
     "data/shards/*.tar",

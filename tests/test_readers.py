@@ -13,7 +13,8 @@ from scipy.io import loadmat
 
 from fgcmr.config import ConfigError
 from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.shard.job import Holdout, ShardConfig, run
+from fgcmr.shard.config import Holdout
+from fgcmr.shard.job import ShardConfig, run
 
 WIKI_TRAIN = [138, 272, 244, 248, 202, 178, 186, 144, 214, 347]
 WIKI_TEST = [34, 88, 96, 85, 65, 58, 51, 41, 71, 104]

@@ -17,6 +17,7 @@ from fgcmr.config import ConfigError
 from fgcmr.io import clean_leftovers, sha256_file
 from fgcmr.run import EXIT_REQUEUE, check_stamp, fingerprint, write_stamp
 from fgcmr.train import checkpoint
+from fgcmr.train.tags import latest_tag
 from fgcmr.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_resume_finds_the_newest_complete_tag(tmp_path, caplog):
         f"checkpoint file {ckpt / 'step_00000020' / 'mp_rank_00_model_states.pt'} is damaged (50 bytes, 100 written)"
     )
     assert checkpoint.candidates(ckpt, "auto") == [ckpt / "step_00000010"]
-    assert checkpoint.latest_tag(ckpt) == "step_00000010"  # what export takes by default
+    assert latest_tag(ckpt) == "step_00000010"  # what export takes by default
     assert checkpoint.candidates(ckpt, "step_00000010") == [ckpt / "step_00000010"]  # a tag name
     with pytest.raises(FileNotFoundError, match="cannot resume from .*step_00000030 is incomplete|lacks"):
         (third / checkpoint.COMPLETE).unlink()
@@ -211,7 +212,7 @@ def test_export_is_replaced_atomically_with_the_umask(tmp_path):
 
 def test_eval_is_done_only_with_its_stamp_and_report(synthetic_dataset, tmp_path):
     """Defect 8: an eval killed after metrics.json but before report.png counted as done."""
-    from fgcmr.evaluate.job import EvalConfig, done, eval_fingerprint
+    from fgcmr.evaluate.config import EvalConfig, done, eval_fingerprint
 
     run = tmp_path / "run"
     (run / "export").mkdir(parents=True)

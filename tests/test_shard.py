@@ -16,7 +16,8 @@ import pytest
 
 from fgcmr.config import ConfigError, load_config
 from fgcmr.dataset import iter_samples, open_dataset
-from fgcmr.shard.job import FAIL_AFTER_ENV, Holdout, ShardConfig, run
+from fgcmr.shard.config import Holdout
+from fgcmr.shard.job import FAIL_AFTER_ENV, ShardConfig, run
 from waits import run_following
 
 REPO = Path(__file__).resolve().parents[1]

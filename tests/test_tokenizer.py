@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from fgcmr.text import SPECIAL_TOKENS, wordpiece_vocab
+from fgcmr.wordpiece import SPECIAL_TOKENS, wordpiece_vocab
 from waits import run_following
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from fgcmr.train import checkpoint
+from fgcmr.train.tags import latest_tag
 from kills import torchrun_and_ranks
 from test_train import scalars, train_args
 
@@ -71,7 +72,7 @@ def ranks_of(proc: subprocess.Popen) -> tuple[psutil.Process, list[psutil.Proces
 
 
 def newest_step(run: Path) -> int:
-    tag = checkpoint.latest_tag(run / "checkpoints")
+    tag = latest_tag(run / "checkpoints")
     return int(tag.removeprefix("step_")) if tag else 0
 
 
@@ -141,10 +142,8 @@ def test_interrupted_every_way_then_resumed_counts_like_one_run(synthetic_datase
     proc.wait(GUARD)
     assert "saved (step" not in log.read_text().split("resumed from")[-1]
     for tag in checkpoint.step_tags(ckpt):
-        assert checkpoint.problem(tag) is None or tag.name > checkpoint.latest_tag(ckpt), (
-            tag
-        )  # only the interrupted one
-    assert (ckpt / "latest").read_text().strip() == checkpoint.latest_tag(ckpt)  # never names an incomplete tag
+        assert checkpoint.problem(tag) is None or tag.name > latest_tag(ckpt), tag  # only the interrupted one
+    assert (ckpt / "latest").read_text().strip() == latest_tag(ckpt)  # never names an incomplete tag
 
     # 5. kill -9 of one rank: torchrun ends the other; nothing newer than the last complete tag is trusted.
     log = tmp_path / "5-kill-rank.log"

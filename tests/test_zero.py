@@ -120,7 +120,7 @@ def export_streams_as_whole_gather(ckpt: Path, tmp_path: Path) -> None:
     from test_export_stream import assert_same_file
 
     from fgcmr.model.streaming import write_safetensors
-    from fgcmr.train.checkpoint import latest_tag
+    from fgcmr.train.tags import latest_tag
     from fgcmr.train.export import checkpoint_tensors
 
     tag = latest_tag(ckpt)

@@ -14,20 +14,20 @@ and TensorBoard histograms of ``p`` on relevant vs irrelevant image-text pairs.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fgcmr.config import Validated, dump_yaml
+from fgcmr.config import dump_yaml
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import DistEnv, all_gather_objects, barrier, init, shard_slice
 from fgcmr.io import atomic_write_json, atomic_write_text, read_json, sha256_file
+from fgcmr.label.config import LabelInferConfig, infer_fingerprint
 from fgcmr.label.encode import encode_batch
 from fgcmr.label.model import SiameseLabeler, load_labeler
 from fgcmr.label.stream import ShardEnd, ShardTexts, TextBatch, prefetch, shard_items
@@ -40,39 +40,13 @@ from fgcmr.labels import (
     read_sidecar,
     relevance,
     sidecar_path,
-    sidecars_current,
     verify_labels,
     write_head,
     write_sidecar,
 )
-from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
+from fgcmr.run import clear_stamp, write_stamp
 
 log = logging.getLogger("fgcmr.label")
-
-
-@dataclasses.dataclass
-class LabelInferConfig(Validated):
-    shards: str  # dataset dir (fgcmr shard output)
-    labeler: str  # labeler dir (fgcmr label train output)
-    name: str | None = None  # labels/<name>/; default: the labeler directory's name
-    batch_size: int = 64  # texts per forward
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
-    splits: list[str] = dataclasses.field(default_factory=list)  # default: every split
-    verify_only: bool = False  # report missing/corrupt sidecars and exit non-zero if any
-    hist_max_images: int = 1000  # images per split in the p histograms
-    tensorboard: bool = True  # write the p histograms to TensorBoard
-    threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
-    window_batches: int = 16  # texts are sorted by length within windows of up to this many batches
-    prefetch_batches: int = 8  # batches tokenised ahead of the encoder
-
-    def validate(self) -> None:
-        for name in ("batch_size", "window_batches", "prefetch_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be ≥ 1")
-
-    @property
-    def labeler_name(self) -> str:
-        return self.name or Path(self.labeler).resolve().name
 
 
 def embed_shard(
@@ -187,44 +161,6 @@ def label_shards(
                 pieces, waited, start = [], 0.0, time.monotonic()
             t = time.monotonic()
     return records
-
-
-# Options that change how inference runs, never the sidecars it writes.
-EXECUTION_FIELDS = (
-    "verify_only",
-    "batch_size",
-    "tensorboard",
-    "hist_max_images",
-    "threads",
-    "window_batches",
-    "prefetch_batches",
-)
-
-
-def infer_fingerprint(cfg: LabelInferConfig) -> Fingerprint:
-    labeler = Path(cfg.labeler)  # not trained yet when the pipeline asks up front: no identity, so not done
-    identity = labeler_identity(labeler) if (labeler / "labeler.json").is_file() else None
-    inputs = {"manifest": file_hash(Path(cfg.shards) / "manifest.json"), "labeler": identity}
-    return fingerprint("infer", cfg, inputs, EXECUTION_FIELDS)
-
-
-def done(cfg: LabelInferConfig) -> Check:
-    """Done when the labels were made by this labeler from this dataset and every shard has its sidecar."""
-    out = labels_dir(cfg.shards, cfg.labeler_name)
-    check = check_stamp(out, infer_fingerprint(cfg), "label sidecars")
-    if not check.done:
-        return check
-    ds = open_dataset(cfg.shards)
-    missing = [
-        s.file
-        for split in (cfg.splits or ds.split_names)
-        for s in ds.shard_infos(split)
-        if not sidecar_path(cfg.shards, cfg.labeler_name, s.file).is_file()
-    ]
-    if missing:
-        return Check(False, f"{len(missing)} sidecars missing (first: {missing[0]})", exists=True)
-    problem = sidecars_current(cfg.shards, cfg.labeler_name, cfg.labeler)
-    return Check(False, problem, exists=True) if problem else check
 
 
 def run(cfg: LabelInferConfig) -> dict:

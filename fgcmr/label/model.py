@@ -15,7 +15,6 @@ A labeler directory is self-contained::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -24,30 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
-from fgcmr.config import Validated
 from fgcmr.io import atomic_write_json, read_json
+from fgcmr.label.config import EncoderConfig
 from fgcmr.labels import pair_logits
 from fgcmr.text import pool_tokens
-
-
-@dataclasses.dataclass
-class EncoderConfig(Validated):
-    """Architecture of an encoder built from scratch (ignored for hidden sizes when ``--init`` is given)."""
-
-    model_type: str = "bert"  # transformers model type (AutoConfig.for_model)
-    hidden_size: int = 128  # encoder width
-    num_layers: int = 2  # encoder layers
-    num_heads: int = 4  # attention heads
-    intermediate_size: int = 512  # feed-forward width
-    max_length: int = 128  # tokens per text (longer ones are cut)
-    dim: int = 128  # projected embedding size
-    pooling: Literal["mean", "cls"] = "mean"  # sentence vector: mean of tokens or the [CLS] token
-
-    def validate(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
-        if self.max_length < 4 or self.dim < 1:
-            raise ValueError("max_length must be ≥ 4 and dim ≥ 1")
 
 
 class SiameseLabeler(nn.Module):

@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from fgcmr.config import Validated, dump_yaml
+from fgcmr.config import dump_yaml
 from fgcmr.io import atomic_write_text
-from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
-from fgcmr.text import SPECIAL_TOKENS, ensure_tokenizer, load_tokenizer
+from fgcmr.label.config import TokenizerConfig, tokenizer_fingerprint
+from fgcmr.run import clear_stamp, write_stamp
+from fgcmr.text import ensure_tokenizer, load_tokenizer
 
 log = logging.getLogger("fgcmr.label")
-
-
-@dataclasses.dataclass
-class TokenizerConfig(Validated):
-    shards: str  # dataset dir (fgcmr shard output)
-    out: str  # tokenizer dir written
-    vocab_size: int = 8000  # WordPiece vocabulary size
-    min_frequency: int = 2  # words seen fewer times are not in it
-    lowercase: bool = True  # lowercase texts first
-    split: str = "train"  # the split whose texts it is fitted on
-
-    def validate(self) -> None:
-        if self.vocab_size < len(SPECIAL_TOKENS) + 1:
-            raise ValueError(f"vocab_size={self.vocab_size} is too small")
-
-
-def tokenizer_fingerprint(cfg: TokenizerConfig) -> Fingerprint:
-    return fingerprint("tokenizer", cfg, {"manifest": file_hash(Path(cfg.shards) / "manifest.json")}, ("out",))
-
-
-def done(cfg: TokenizerConfig) -> Check:
-    return check_stamp(Path(cfg.out), tokenizer_fingerprint(cfg), "tokenizer")
 
 
 def run(cfg: TokenizerConfig) -> PreTrainedTokenizerBase:

@@ -19,24 +19,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from fgcmr.config import ConfigError, Validated, dump_yaml
+from fgcmr.config import ConfigError, dump_yaml
 from fgcmr.dataset import open_dataset
 from fgcmr.distributed import DistEnv, all_gather_with_grad, barrier
 from fgcmr.io import atomic_write_json, atomic_write_text
+from fgcmr.label.config import LabelTrainConfig, labeler_fingerprint
 from fgcmr.label.encode import embed_texts
 from fgcmr.label.metrics import PairStats, fit_platt, pair_stats, subsample
-from fgcmr.label.model import EncoderConfig, SiameseLabeler, build_encoder, precision, save_labeler, tokenize
+from fgcmr.label.model import SiameseLabeler, build_encoder, precision, save_labeler, tokenize
 from fgcmr.label.texts import TextSet, read_texts
 from fgcmr.labels import relevance
 from fgcmr.progress import Progress, figure
-from fgcmr.run import Check, Fingerprint, check_stamp, clear_stamp, file_hash, fingerprint, write_stamp
+from fgcmr.run import clear_stamp, write_stamp
 from fgcmr.text import ensure_tokenizer, load_tokenizer
 from fgcmr.runtime.engine import build_engine, deepspeed_config, init_distributed
 from fgcmr.runtime.monitor import Monitor
@@ -46,45 +47,6 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 log = logging.getLogger("fgcmr.label")
-
-
-@dataclasses.dataclass
-class LabelTrainConfig(Validated):
-    shards: str  # dataset dir (fgcmr shard output)
-    out: str  # labeler dir written
-    init: str | None = None  # local pretrained encoder dir (its tokenizer is used unless --tokenizer)
-    tokenizer: str | None = None  # local tokenizer dir; default: trained on the train split
-    vocab_size: int = 8000  # size of a tokenizer trained on the train split
-    model: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
-    batch_size: int = 32  # texts per rank and step: batch_size / 2 anchors + one partner each
-    lr: float = 5e-4  # projection and head
-    encoder_lr: float | None = None  # default: lr
-    freeze_layers: int = 0  # freeze the embeddings and the first N encoder layers (-1: the whole encoder)
-    weight_decay: float = 0.01  # AdamW weight decay
-    max_steps: int = 1000  # optimizer steps at most (early stopping may end sooner)
-    warmup_steps: int = 20  # linear lr warmup steps
-    eval_every: int = 50  # steps between validation AUCs
-    patience: int = 4  # evaluations without a better validation AUC before stopping
-    min_delta: float = 0.001  # a validation AUC must beat the best by this much to count as better
-    calibrate: bool = True  # fit the head's scale and offset on held-out pairs (Platt scaling) after training
-    val_fraction: float = 0.1  # share of the train split (whole images) held out for validation
-    max_eval_texts: int = 1500  # texts per AUC evaluation at most (subsampled)
-    eval_batch_size: int = 64  # texts per forward when evaluating
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # compute precision; auto: fp32 on CPU, bf16 on CUDA
-    train_split: str = "train"  # the split it trains on
-    test_split: str = "test"  # the split the test AUC is measured on
-    test_fraction: float = 0.0  # > 0: carve the test part from the train split instead (data sets with one split)
-    seed: int = 0  # seed of the carve, the batches and the initial weights
-    tensorboard: bool = True  # write TensorBoard scalars under <out>/tensorboard
-    threads: int | None = None  # torch CPU threads per rank (default: cores / local ranks)
-
-    def validate(self) -> None:
-        if self.batch_size < 4 or self.batch_size % 2:
-            raise ValueError(f"batch_size={self.batch_size} must be even and ≥ 4")
-        if not 0 < self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
-            raise ValueError(
-                f"val_fraction={self.val_fraction} must lie in (0, 1) and test_fraction={self.test_fraction} in [0, 1)"
-            )
 
 
 class PairSampler:
@@ -249,19 +211,6 @@ def make_tokenizer(cfg: LabelTrainConfig, train: TextSet, d: DistEnv) -> PreTrai
         ensure_tokenizer(train.texts, path, cfg.vocab_size, refit=True)  # a rerun's split or settings differ
     barrier()
     return load_tokenizer(path)
-
-
-def labeler_fingerprint(cfg: LabelTrainConfig) -> Fingerprint:
-    """The config, the dataset and the tokenizer it is given (``init`` is a path in the config)."""
-    inputs = {
-        "manifest": file_hash(Path(cfg.shards) / "manifest.json"),
-        "tokenizer": file_hash(Path(cfg.tokenizer) / "tokenizer.json") if cfg.tokenizer else None,
-    }
-    return fingerprint("label", cfg, inputs, ("out", "threads", "tensorboard"))
-
-
-def done(cfg: LabelTrainConfig) -> Check:
-    return check_stamp(Path(cfg.out), labeler_fingerprint(cfg), "labeler")
 
 
 def run(cfg: LabelTrainConfig) -> dict:

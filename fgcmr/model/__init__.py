@@ -20,22 +20,28 @@
   terms, which binding sets to the fitted vocabulary's size.
 """
 
-from fgcmr.model.config import ImageTowerConfig, ModelConfig, TextTowerConfig
-from fgcmr.model.export import load_export, save_export
-from fgcmr.model.inputs import Inputs, build_inputs
-from fgcmr.model.tokenizer import bind_tokenizer, fit_tokenizer
-from fgcmr.model.two_tower import TwoTower, build_model
+import importlib
+from typing import Any
 
-__all__ = [
-    "ImageTowerConfig",
-    "Inputs",
-    "ModelConfig",
-    "TextTowerConfig",
-    "TwoTower",
-    "bind_tokenizer",
-    "build_inputs",
-    "build_model",
-    "fit_tokenizer",
-    "load_export",
-    "save_export",
-]
+# Each name's module, imported on first use (PEP 562) so that ``fgcmr.model.config`` (which the pipeline
+# and the CLI read) costs no torch or transformers.
+_HOMES = {
+    "ImageTowerConfig": "fgcmr.model.config",
+    "ModelConfig": "fgcmr.model.config",
+    "TextTowerConfig": "fgcmr.model.config",
+    "load_export": "fgcmr.model.export",
+    "save_export": "fgcmr.model.export",
+    "Inputs": "fgcmr.model.inputs",
+    "build_inputs": "fgcmr.model.inputs",
+    "bind_tokenizer": "fgcmr.model.tokenizer",
+    "fit_tokenizer": "fgcmr.model.tokenizer",
+    "TwoTower": "fgcmr.model.two_tower",
+    "build_model": "fgcmr.model.two_tower",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

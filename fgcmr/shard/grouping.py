@@ -26,7 +26,6 @@ from typing import Any, Iterator
 
 from fgcmr.shard.records import Ref, make_key
 
-GROUP_BY = ("url", "sha256", "none")
 MAX_PARTITION_BYTES = 8 << 20  # spilled JSON per partition read into memory at once
 _FIRST_DIGITS = 2  # 256 partitions on the first pass; each re-split adds one hex digit (16 children)
 _HASH_DIGITS = 16

@@ -18,9 +18,8 @@ from pathlib import Path
 
 from fgcmr.config import ConfigError
 from fgcmr.io import atomic_open, atomic_write_json, atomic_write_text, read_json
+from fgcmr.shard.config import WORK_DIR
 from fgcmr.shard.writer import chunk_stem, verified_record
-
-WORK_DIR = ".parts"
 
 
 def plan_path(work: Path, task_index: int, num_tasks: int) -> Path:

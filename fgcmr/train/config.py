@@ -1,4 +1,5 @@
-"""The training job's configuration (``fgcmr train``) and its named model configs (``configs/models/``)."""
+"""The training job's configuration (``fgcmr train``: its loss, data and optimizer options) and its named model
+configs (``configs/models/``), torch-free so that the pipeline builds and checks it without loading the stack."""
 
 from __future__ import annotations
 
@@ -6,9 +7,34 @@ import dataclasses
 from typing import Any, Literal
 
 from fgcmr.config import Validated, apply_overrides, build, named_config_path, read_yaml
-from fgcmr.losses import LossConfig
 from fgcmr.model.config import ModelConfig
 from fgcmr.runtime.optim import OptimConfig
+
+
+@dataclasses.dataclass
+class LossConfig(Validated):
+    # the loss: weighted_pairwise needs label sidecars (--labels)
+    name: Literal["weighted_pairwise", "pairwise", "clip", "vse"] = "weighted_pairwise"
+    lam: float = 0.35  # λ: weight of the mean-gap hinge
+    margin: float = 0.8  # m: wanted gap μ₊ − μ₋
+    alpha: float = 1.0  # α: strength of the fine-grained labels (ω = 1 + α·h; graded: α ∈ [0, 1])
+    weighting: Literal["normalised", "unnormalised", "hinge_only", "graded"] = "normalised"  # how labels enter
+    direction: Literal["up", "down"] = "up"  # positives: up = hard ones count more (paper), down = less
+    shuffle_hardness: bool = False  # control: h permuted within relevance class × image category
+    shuffle_seed: int = 0  # seed of that permutation
+    vse_margin: float = 0.2  # vse: the hinge's margin
+
+    def validate(self) -> None:
+        if self.alpha < 0:
+            raise ValueError(f"loss.alpha must be ≥ 0, got {self.alpha}")
+        if self.weighting == "graded" and self.alpha > 1:
+            raise ValueError(
+                f"loss.weighting=graded mixes 0/1 and graded labels: alpha must be in [0, 1], got {self.alpha}"
+            )
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.name == "weighted_pairwise"
 
 
 @dataclasses.dataclass

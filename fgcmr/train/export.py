@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,22 +9,16 @@ from typing import Any
 
 import torch
 
-from fgcmr.config import Validated, build, read_yaml
+from fgcmr.config import build, read_yaml
 from fgcmr.io import sha256_file
 from fgcmr.model import ModelConfig, save_export
 from fgcmr.model.export import skeleton
 from fgcmr.progress import setup_logging
-from fgcmr.run import Check, Fingerprint, check_stamp, fingerprint, read_stamp, write_stamp
-from fgcmr.train.checkpoint import latest_tag, problem
+from fgcmr.run import write_stamp
+from fgcmr.train.export_config import ExportConfig, export_dir, export_fingerprint
+from fgcmr.train.tags import problem
 
 log = logging.getLogger("fgcmr.export")
-
-
-@dataclasses.dataclass
-class ExportConfig(Validated):
-    run: str  # run dir of `fgcmr train`
-    tag: str | None = None  # checkpoint tag (default: the newest complete one)
-    out: str | None = None  # default: <run>/export
 
 
 def checkpoint_tensors(ckpt_dir: Path, tag: str) -> Mapping[str, Any]:
@@ -57,22 +50,6 @@ def check_tensors(model: torch.nn.Module, tensors: Mapping[str, Any], source: Pa
     if wrong:
         k = wrong[0]
         raise ValueError(f"{source}: {k} has shape {tuple(tensors[k].shape)}, the model needs {want[k]}")
-
-
-def export_dir(cfg: ExportConfig) -> Path:
-    return Path(cfg.out) if cfg.out else Path(cfg.run) / "export"
-
-
-def export_fingerprint(cfg: ExportConfig) -> Fingerprint:
-    """The training run's fingerprint and the checkpoint tag exported (the newest complete one by default)."""
-    run_dir = Path(cfg.run)
-    train = read_stamp(run_dir) or {}
-    tag = cfg.tag or latest_tag(run_dir / "checkpoints")
-    return fingerprint("export", cfg, {"train": train.get("fingerprint"), "checkpoint": tag}, ("out",))
-
-
-def done(cfg: ExportConfig) -> Check:
-    return check_stamp(export_dir(cfg), export_fingerprint(cfg), "export")
 
 
 def run(cfg: ExportConfig) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 from fgcmr.config import ConfigError, named_config_path, to_dict
 from fgcmr.run import Check, Fingerprint, check_stamp, file_hash, fingerprint, read_stamp, write_stamp
 from fgcmr.train.config import TrainConfig, load_model_config
+from fgcmr.train.tags import AUTO, step_tags
 
 # Options that change how a run is watched or where it is kept, never the model it trains.
 EXECUTION_FIELDS = ("out", "resume", "checkpoint_every", "keep_last", "log_every", "hist_every")
@@ -66,8 +67,6 @@ def done(cfg: TrainConfig) -> Check:
 
 def guard(cfg: TrainConfig, fp: Fingerprint) -> None:
     """Refuse to train over a run directory that holds checkpoints, unless resuming it as it was started."""
-    from fgcmr.train.checkpoint import AUTO, step_tags
-
     run = Path(cfg.out)
     tags = step_tags(run / "checkpoints")
     if not tags:
