@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from fgcmr.run import EXIT_REQUEUE
 
@@ -163,16 +163,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     nproc, args = int(nproc), argv[1:]
     envs = local_rank_envs(nproc)
-    procs = [
-        subprocess.Popen([sys.executable, *args], env={**os.environ, **env}, preexec_fn=_sigterm_when_orphaned)
-        for env in envs
-    ]
-    return supervise(procs)
+    return supervise([start_rank([sys.executable, *args], {**os.environ, **env}) for env in envs])
+
+
+def start_rank(cmd: Sequence[str], env: Mapping[str, str], **popen: Any) -> subprocess.Popen:
+    """One rank, SIGTERMed if its launcher dies (``kill -9``), so that no rank runs on unsupervised."""
+    return subprocess.Popen(cmd, env=env, preexec_fn=_sigterm_when_orphaned, **popen)
 
 
 def _sigterm_when_orphaned() -> None:
-    """In a rank, before it runs: SIGTERM it if the launcher dies (``kill -9``), so no rank runs on
-    unsupervised; a training rank then checkpoints and exits 75, as on any SIGTERM."""
+    """In a rank, before it runs: SIGTERM it when its parent dies; a training rank then checkpoints and
+    exits 75, as on any SIGTERM."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):  # not Linux
